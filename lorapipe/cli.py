@@ -1,0 +1,45 @@
+"""What every scripts/ entry point shares: --rule/--log flags, logging, one-line errors."""
+
+import argparse
+import logging
+import sys
+
+from lorapipe.provenance import Run
+
+log = logging.getLogger("lorapipe")
+
+
+class InputError(ValueError):
+    """Bad input: the message names the file, record or tensor and what was expected."""
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rule", default="manual", help="the Snakemake rule running this step (provenance)")
+    p.add_argument("--log", default=None, help="also write the step's log to this file")
+    return p
+
+
+def setup_logging(log_path=None):
+    """Log to stderr and, when given, to the rule's log file."""
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=handlers, force=True)
+
+
+def start(args, params, **run_kwargs):
+    """Set up logging for a parsed command line and return the provenance Run of this step."""
+    setup_logging(args.log)
+    log.info("%s: %s", args.rule, " ".join(f"{k}={v}" for k, v in params.items()))
+    return Run(args.rule, params, **run_kwargs)
+
+
+def main_guard(main):
+    """Run a script's main(); a bad-input error becomes one clear line on stderr and exit status 1."""
+    try:
+        main()
+    except (InputError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)  # to stderr, and to the log file once setup_logging ran
+        sys.exit(1)

@@ -1,0 +1,161 @@
+"""Provenance manifests: every artifact says exactly what made it.
+
+A step's manifest `<first output>.manifest.json` sits beside its artifacts (so it travels with them
+when they are copied) and records the rule, the parameters that reached it, sha256 of each input and
+output, the project's git commit, the software stack, the device, wall time and peak memory. Paths in
+a manifest are relative to the manifest's directory, so a results tree can be moved as a whole.
+Inputs made by another lorapipe step point at that step's manifest, which is how `scripts/provenance.py`
+walks an artifact's chain back to its sources.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST_SUFFIX = ".manifest.json"
+PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "snakemake", "sentencepiece", "numpy")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_HASH_CHUNK = 16 << 20
+
+
+def sha256_file(path):
+    """Stream a file through sha256 (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(path):
+    """The files an artifact consists of: the file itself, or every file under a directory."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def _rel(path, start):
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(start))
+
+
+def load_manifest(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def find_manifest(path, levels=3):
+    """The manifest of the lorapipe step that wrote `path`, searching its folder and a few above.
+
+    Returns (manifest_path, manifest, entry) or None for a source file no step made.
+    """
+    path = Path(os.path.abspath(path))
+    folder = path.parent
+    for _ in range(levels):
+        for candidate in sorted(folder.glob("*" + MANIFEST_SUFFIX)):
+            try:
+                manifest = load_manifest(candidate)
+            except (OSError, ValueError):
+                continue
+            for rel, entry in manifest.get("outputs", {}).items():
+                if Path(os.path.abspath(candidate.parent / rel)) == path:
+                    return candidate, manifest, entry
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return None
+
+
+def file_record(path, base, reuse_upstream=False):
+    """{sha256, bytes, mtime_ns} for one file; the hash is reused from the upstream manifest when
+    the file's size and mtime are those it recorded (a 15 GB checkpoint is hashed once)."""
+    st = os.stat(path)
+    record = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    found = find_manifest(path) if reuse_upstream else None
+    if found:
+        manifest_path, _, entry = found
+        record["manifest"] = _rel(manifest_path, base)
+        if entry.get("bytes") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            record["sha256"] = entry["sha256"]
+            return record
+    record["sha256"] = sha256_file(path)
+    return record
+
+
+def git_state(root=PROJECT_ROOT):
+    """{commit, dirty} of the project checkout, or None outside a git checkout."""
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def package_versions():
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process and its waited-for children, in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
+
+
+class Run:
+    """One execution of a step; create it when the step starts, hand it to atomic_outputs."""
+
+    def __init__(self, rule, params, device_target="CPU", deterministic=True, note=None):
+        self.rule = rule
+        self.params = params
+        self.device_target = device_target
+        self.deterministic = deterministic
+        self.note = note
+        self.started = time.time()
+
+    @staticmethod
+    def manifest_path(outputs):
+        first = Path(outputs[0])
+        return first.parent / (first.name + MANIFEST_SUFFIX)
+
+    def write_manifest(self, inputs, outputs):
+        path = self.manifest_path(outputs)
+        base = path.parent
+        manifest = {
+            "lorapipe_manifest": 1,
+            "rule": self.rule,
+            "params": self.params,
+            "inputs": {_rel(f, base): file_record(f, base, reuse_upstream=True)
+                       for p in inputs for f in _files(p)},
+            "outputs": {_rel(f, base): file_record(f, base) for p in outputs for f in _files(p)},
+            "deterministic": self.deterministic,
+            "note": self.note,
+            "git": git_state(),
+            "python": platform.python_version(),
+            "packages": package_versions(),
+            "device_target": self.device_target,
+            "host": platform.node(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_seconds": round(time.time() - self.started, 3),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        tmp = base / f".{path.name}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path

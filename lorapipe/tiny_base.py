@@ -1,0 +1,134 @@
+"""The embedded tiny default base model: a small Baichuan2-7B-shaped HF model directory.
+
+It stands in for the 15 GB `baichuan-inc/Baichuan2-7B-Chat` download: the same files and tensor names
+(config.json, pytorch_model.bin with `model.layers.{i}.self_attn.W_pack.weight`, `lm_head.weight`, ...,
+tokenizer.model), at small dimensions, generated deterministically from a seed. The sentencepiece
+tokenizer is trained on the sample conversations with Baichuan2's special pieces: unk 0, bos 1, eos 2,
+and `<reserved_106>` / `<reserved_107>` (the user and assistant markers) as single symbols.
+"""
+
+import io
+import json
+
+import sentencepiece as spm
+import torch
+
+from lorapipe.data import conversation_texts
+from lorapipe.outputs import atomic_outputs
+
+USER_PIECE = "<reserved_106>"
+ASSISTANT_PIECE = "<reserved_107>"
+FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
+         "tokenizer.model")
+
+
+def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+              max_position_embeddings, vocab_size):
+    """config.json as Baichuan2-7B-Chat ships it, with the given dimensions."""
+    return {
+        "architectures": ["BaichuanForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": max_position_embeddings,
+        "model_max_length": max_position_embeddings,
+        "model_type": "baichuan",
+        "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False,
+        "tokenizer_class": "BaichuanTokenizer",
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+
+
+def train_tokenizer(texts, vocab_size):
+    """Train a Baichuan2-style BPE sentencepiece model on `texts`; returns the model bytes.
+
+    Single-threaded and over the texts in their given order, so the bytes are reproducible.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=[USER_PIECE, ASSISTANT_PIECE],
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def random_weights(config, seed, init_std):
+    """Seeded HF-named Baichuan2 state dict (float32). Norm weights are near 1 but not equal to 1, so
+    a mapping that swapped two norms would show in a parity test."""
+    gen = torch.Generator().manual_seed(seed)
+    h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=gen) * init_std
+
+    def norm():
+        return 1.0 + 0.1 * torch.randn(h, generator=gen)
+
+    state = {"model.embed_tokens.weight": normal(v, h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        state[p + "self_attn.W_pack.weight"] = normal(3 * h, h)
+        state[p + "self_attn.o_proj.weight"] = normal(h, h)
+        state[p + "mlp.gate_proj.weight"] = normal(inter, h)
+        state[p + "mlp.down_proj.weight"] = normal(h, inter)
+        state[p + "mlp.up_proj.weight"] = normal(inter, h)
+        state[p + "input_layernorm.weight"] = norm()
+        state[p + "post_attention_layernorm.weight"] = norm()
+    state["model.norm.weight"] = norm()
+    state["lm_head.weight"] = normal(v, h)
+    return state
+
+
+def build_tiny_base(data_file, out_dir, *, seed, hidden_size, num_hidden_layers, num_attention_heads,
+                    intermediate_size, max_position_embeddings, vocab_size, init_std, run=None):
+    """Write the tiny base model directory (FILES) atomically. Same arguments, same bytes."""
+    from pathlib import Path
+
+    if hidden_size % num_attention_heads:
+        raise ValueError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
+                         f"num_attention_heads {num_attention_heads}")
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(conversation_texts(data_file), vocab_size)
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer)
+    config = hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+                       max_position_embeddings, sp.get_piece_size())
+    state = random_weights(config, seed, init_std)
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id":
+                  sp.piece_to_id(USER_PIECE), "assistant_token_id": sp.piece_to_id(ASSISTANT_PIECE)}
+    tokenizer_config = {"tokenizer_class": "BaichuanTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                        "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": False,
+                        "add_eos_token": False, "model_max_length": max_position_embeddings}
+
+    with atomic_outputs([out_dir / f for f in FILES], run=run, inputs=[data_file]) as tmp:
+        paths = dict(zip(FILES, tmp))
+        for name, obj in (("config.json", config), ("generation_config.json", generation),
+                          ("tokenizer_config.json", tokenizer_config)):
+            paths[name].write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        paths["tokenizer.model"].write_bytes(tokenizer)
+        # A file object, not a path: torch names the zip's inner folder after a path, and the
+        # temporary name would then leak into the bytes.
+        with open(paths["pytorch_model.bin"], "wb") as f:
+            torch.save(state, f)
+    return out_dir

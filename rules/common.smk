@@ -1,0 +1,28 @@
+# Small path and parameter helpers shared by the rules. No logic beyond wiring.
+
+import sys
+
+RESULTS = config["results"]
+TINY = config["base_model"]["path"] == "tiny"
+# The interpreter running Snakemake runs the steps too, so a rule never picks up another Python.
+PYTHON = sys.executable
+SCRIPTS = f"{workflow.basedir}/scripts"
+
+
+def log_path(rule):
+    return f"{RESULTS}/logs/{rule}.log"
+
+
+def benchmark_path(rule):
+    return f"{RESULTS}/benchmarks/{rule}.tsv"
+
+
+def base_model_dir():
+    """The HF base model directory: the generated tiny model, or the user's Baichuan2 download."""
+    return f"{RESULTS}/tiny_base" if TINY else config["base_model"]["path"]
+
+
+def cli_flags(section, keys=None):
+    """`--key value` flags for (a subset of) a config section, as the scripts' argparse expects."""
+    items = config[section].items()
+    return " ".join(f"--{k} {v}" for k, v in items if keys is None or k in keys)

@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+SAMPLE_DATA = REPO / "data" / "belle_sample.json"
+
+
+def default_config():
+    """The tiny default config with its data path made absolute (tests run in a temp dir)."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    cfg["data"]["train"] = str(SAMPLE_DATA)
+    return cfg
+
+
+def write_config(path, cfg):
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def snakemake(workdir, *args, configfile=None, check=True):
+    """Run the workflow in `workdir` (its results and .snakemake/ stay there)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    if configfile:
+        cmd += ["--configfile", str(configfile)]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    return write_config(tmp_path / "config.yaml", default_config())

@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+
+from conftest import REPO, default_config, snakemake, write_config
+from lorapipe.config import ConfigError, check_base_model_dir, load_config, load_yaml, validate
+
+
+def test_shipped_configs_are_valid():
+    load_config(REPO / "config" / "config.yaml")
+    real = load_config(REPO / "config" / "baichuan2_7b_910b.yaml")
+    # The real recipe, as MindFormers' run_baichuan2_7b_lora_910b.yaml has it.
+    assert real["data"]["seq_length"] == 512
+    assert real["train"]["batch_size"] == 2 and real["train"]["epochs"] == 1
+    assert real["parallel"]["data_parallel"] == 8 and real["parallel"]["workers"] == 8
+    assert real["lora"] == {"rank": 1, "alpha": 32, "dropout": 0.1, "target_modules": ".*wq|.*wk|.*wv"}
+    assert real["train"]["lr_schedule"]["learning_rate"] == 2e-5
+    assert real["train"]["lr_schedule"]["lr_end"] == 2e-6
+    assert real["train"]["compute_dtype"] == "float16"
+    assert real["device_target"] == "Ascend" and real["parallel"]["max_device_memory"] == "59GB"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["lora"].update(rnak=4), "unknown key lora.rnak"),
+        (lambda c: c.update(seq_length=512), "unknown key seq_length"),
+        (lambda c: c["lora"].update(rank="eight"), "lora.rank: 'eight' is not of type 'integer'"),
+        (lambda c: c["data"].update(on_bad_record="ignore"), "data.on_bad_record: 'ignore' is not one of"),
+        (lambda c: c["train"].pop("epochs"), "missing required key train.epochs"),
+        (lambda c: c.pop("tiny_base"), "missing required key tiny_base"),
+        (lambda c: c["parallel"].update(data_parallel=4), "parallel.data_parallel * model_parallel"),
+    ],
+)
+def test_bad_config_names_the_key(edit, message):
+    cfg = copy.deepcopy(default_config())
+    edit(cfg)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, source="my.yaml")
+    assert message in str(e.value)
+    assert str(e.value).startswith("my.yaml")
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  checkpoint_name_or_path: 7b.ckpt\n  seq: 1\n  checkpoint_name_or_path: 13b.ckpt\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 4: duplicate key 'checkpoint_name_or_path' "
+                                          r"\(first defined on line 2\)"):
+        load_yaml(path)
+
+
+def test_incomplete_base_model_dir(tmp_path):
+    with pytest.raises(ConfigError, match="is not a directory"):
+        check_base_model_dir(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="missing tokenizer.model, pytorch_model.bin or model.safetensors"):
+        check_base_model_dir(tmp_path)
+
+
+def test_workflow_refuses_bad_config_before_any_job(tmp_path):
+    cfg = default_config()
+    cfg["lora"]["rnak"] = 4
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "bad.yaml", cfg), check=False)
+    assert proc.returncode != 0
+    assert "unknown key lora.rnak" in proc.stdout + proc.stderr
+    assert "Job stats" not in proc.stdout + proc.stderr
+
+
+def test_workflow_refuses_duplicate_key(tmp_path):
+    text = (REPO / "config" / "config.yaml").read_text() + "\nresults: elsewhere\n"
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(text)
+    proc = snakemake(tmp_path, "-n", configfile=bad, check=False)
+    assert proc.returncode != 0 and "duplicate key 'results'" in proc.stdout + proc.stderr
+
+
+def test_workflow_refuses_missing_base_model_dir(tmp_path):
+    proc = snakemake(tmp_path, "-n", configfile=REPO / "config" / "baichuan2_7b_910b.yaml", check=False)
+    assert proc.returncode != 0
+    assert "base_model.path: /path/to/Baichuan2-7B-Chat is not a directory" in proc.stdout + proc.stderr

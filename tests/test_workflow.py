@@ -1,0 +1,39 @@
+"""The DAG as Snakemake sees it, and one end-to-end run of the tiny default."""
+
+import json
+import re
+
+import yaml
+
+from conftest import REPO, default_config, snakemake, write_config
+
+
+def planned_jobs(proc):
+    """{rule: count} from a dry run's job stats table."""
+    table = proc.stdout.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
+    proc = snakemake(tmp_path, "-n", configfile=tiny_config)
+    assert planned_jobs(proc) == {"tiny_base": 1, "all": 1}
+
+
+def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
+    # Any complete HF directory stands in for the Baichuan2-7B-Chat download.
+    snakemake(tmp_path, "--cores", "1", "tiny_base", configfile=tiny_config)
+    real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
+    real["base_model"]["path"] = str(tmp_path / "results/tiny/tiny_base")
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "real.yaml", real))
+    assert "tiny_base" not in proc.stdout
+
+
+def test_end_to_end_tiny_default(tmp_path, tiny_config):
+    snakemake(tmp_path, "--cores", "2", configfile=tiny_config)
+    base = tmp_path / "results/tiny/tiny_base"
+    assert (base / "pytorch_model.bin").stat().st_size > 0
+    manifest = json.loads((base / "pytorch_model.bin.manifest.json").read_text())
+    assert manifest["rule"] == "tiny_base"
+    assert (tmp_path / "results/tiny/logs/tiny_base.log").exists()
+    # Nothing is stale after a complete run.
+    assert "Nothing to be done" in snakemake(tmp_path, "-n", configfile=tiny_config).stdout
