@@ -18,6 +18,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import psutil
+
 MANIFEST_SUFFIX = ".manifest.json"
 PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "snakemake", "sentencepiece", "numpy")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +127,7 @@ class Run:
         self.device_target = device_target
         self.deterministic = deterministic
         self.note = note
-        self.started = time.time()
+        self.started = psutil.Process().create_time()  # the step's whole process, imports included
 
     @staticmethod
     def manifest_path(outputs):
@@ -159,3 +161,48 @@ class Run:
             f.write("\n")
         os.replace(tmp, path)
         return path
+
+
+def _abs(manifest_path, rel):
+    return Path(os.path.normpath(Path(manifest_path).parent / rel))
+
+
+def trace(artifact):
+    """The steps that made `artifact`, newest first: [(depth, manifest_path, manifest)].
+
+    Follows each input that a lorapipe step made to that step's manifest; an input without one is a
+    source (base model download, dataset, tokenizer). Each step appears once.
+    """
+    found = find_manifest(artifact)
+    if found is None:
+        raise FileNotFoundError(f"{artifact}: no lorapipe manifest lists this file (looked for "
+                                f"*{MANIFEST_SUFFIX} in its folder and the folders above)")
+    steps, seen = [], set()
+
+    def visit(manifest_path, manifest, depth):
+        key = os.path.abspath(manifest_path)
+        if key in seen:
+            return
+        seen.add(key)
+        steps.append((depth, Path(manifest_path), manifest))
+        for rel, entry in manifest["inputs"].items():
+            if "manifest" in entry:
+                upstream = _abs(manifest_path, entry["manifest"])
+                visit(upstream, load_manifest(upstream), depth + 1)
+
+    visit(found[0], found[1], 0)
+    return steps
+
+
+def verify(steps):
+    """Re-hash every file the steps' manifests list; return [(path, problem)] for files that changed."""
+    problems = []
+    for _, manifest_path, manifest in steps:
+        for section in ("inputs", "outputs"):
+            for rel, entry in manifest[section].items():
+                path = _abs(manifest_path, rel)
+                if not path.is_file():
+                    problems.append((path, "missing"))
+                elif sha256_file(path) != entry["sha256"]:
+                    problems.append((path, f"changed since {manifest['rule']} recorded it"))
+    return sorted(set(problems))

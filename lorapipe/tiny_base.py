@@ -54,6 +54,15 @@ def train_tokenizer(texts, vocab_size):
     Single-threaded and over the texts in their given order, so the bytes are reproducible.
     """
     model = io.BytesIO()
+    try:
+        _train_sentencepiece(texts, vocab_size, model)
+    except RuntimeError as e:  # sentencepiece's own message names its C++ source line, not the key
+        raise ValueError(f"tiny_base.vocab_size {vocab_size} cannot be trained on this data: "
+                         f"{str(e).split('] ')[-1]}") from None
+    return model.getvalue()
+
+
+def _train_sentencepiece(texts, vocab_size, model):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -71,7 +80,6 @@ def train_tokenizer(texts, vocab_size):
         num_threads=1,
         minloglevel=2,
     )
-    return model.getvalue()
 
 
 def random_weights(config, seed, init_std):

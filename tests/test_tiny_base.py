@@ -57,6 +57,9 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny, tmp_path):
 def test_failure_leaves_no_partial_output(tmp_path):
     with pytest.raises(ValueError, match="hidden_size 30 is not a multiple of num_attention_heads 4"):
         build_tiny_base(SAMPLE_DATA, tmp_path / "base", **dict(DIMS, hidden_size=30))
+    with pytest.raises(ValueError, match="tiny_base.vocab_size 300 cannot be trained on this data: "
+                                         "Vocabulary size is smaller than required_chars"):
+        build_tiny_base(SAMPLE_DATA, tmp_path / "base", **dict(DIMS, vocab_size=300))
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2")
     with pytest.raises(ValueError):

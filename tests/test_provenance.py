@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SAMPLE_DATA
+from lorapipe import provenance
+from lorapipe.provenance import Run, sha256_file, trace, verify
+from lorapipe.tiny_base import FILES, build_tiny_base
+
+DIMS = dict(seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, vocab_size=600, init_std=0.02)
+
+
+@pytest.fixture
+def built(tmp_path):
+    base = build_tiny_base(SAMPLE_DATA, tmp_path / "base", run=Run("tiny_base", DIMS), **DIMS)
+    return base, base / "pytorch_model.bin.manifest.json"
+
+
+def test_manifest_records_what_made_the_artifact(built):
+    base, manifest_path = built
+    m = json.loads(manifest_path.read_text())
+    assert m["rule"] == "tiny_base" and m["params"] == DIMS
+    assert set(m["outputs"]) == set(FILES)
+    for name, entry in m["outputs"].items():
+        assert entry["sha256"] == sha256_file(base / name)
+        assert entry["bytes"] == (base / name).stat().st_size
+    (data_rel, data_entry), = m["inputs"].items()
+    assert (manifest_path.parent / data_rel).resolve() == SAMPLE_DATA.resolve()
+    assert data_entry["sha256"] == sha256_file(SAMPLE_DATA) and "manifest" not in data_entry
+    assert set(m["packages"]) >= {"mindspore", "mindformers", "torch", "transformers", "snakemake"}
+    assert m["packages"]["mindspore"] == "2.9.0" and m["packages"]["mindformers"] == "1.9.0"
+    assert len(m["git"]["commit"]) == 40 and isinstance(m["git"]["dirty"], bool)
+    assert m["device_target"] == "CPU" and m["peak_rss_mb"] > 0 and m["wall_seconds"] > 0
+
+
+def test_upstream_hash_is_reused_not_recomputed(built, tmp_path, monkeypatch):
+    base, _ = built
+    hashed = []
+    monkeypatch.setattr(provenance, "sha256_file", lambda p: hashed.append(p) or "recomputed")
+    record = provenance.file_record(base / "pytorch_model.bin", tmp_path, reuse_upstream=True)
+    assert hashed == [] and record["sha256"] != "recomputed"
+    assert record["manifest"] == "base/pytorch_model.bin.manifest.json"
+    # A file changed after its manifest was written is hashed again.
+    (base / "config.json").write_text("{}")
+    record = provenance.file_record(base / "config.json", tmp_path, reuse_upstream=True)
+    assert record["sha256"] == "recomputed"
+
+
+def test_trace_and_verify_catch_a_modified_file(built):
+    base, manifest_path = built
+    steps = trace(base / "tokenizer.model")
+    assert [(d, p, m["rule"]) for d, p, m in steps] == [(0, manifest_path, "tiny_base")]
+    assert verify(steps) == []
+    with open(base / "pytorch_model.bin", "r+b") as f:
+        f.write(b"X")
+    assert verify(steps) == [(base / "pytorch_model.bin", "changed since tiny_base recorded it")]
+    cli = subprocess.run([sys.executable, str(REPO / "scripts/provenance.py"), str(base / "config.json"),
+                          "--verify"], capture_output=True, text=True)
+    assert cli.returncode == 1 and "CHANGED" in cli.stdout and "pytorch_model.bin" in cli.stdout
+
+
+def test_trace_of_a_file_no_step_made(tmp_path):
+    (tmp_path / "x").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no lorapipe manifest lists this file"):
+        trace(tmp_path / "x")
