@@ -32,5 +32,4 @@ include: "rules/weights.smk"
 rule all:
     default_target: True
     input:
-        f"{base_model_dir()}/config.json",
-        f"{base_model_dir()}/tokenizer.model",
+        base_ckpt(),

@@ -26,3 +26,18 @@ def cli_flags(section, keys=None):
     """`--key value` flags for (a subset of) a config section, as the scripts' argparse expects."""
     items = config[section].items()
     return " ".join(f"--{k} {v}" for k, v in items if keys is None or k in keys)
+
+
+def base_model_files():
+    """The base model files the conversion reads: config.json and the weights."""
+    base = base_model_dir()
+    if TINY:
+        return [f"{base}/config.json", f"{base}/pytorch_model.bin"]
+    from lorapipe.weights import weight_files
+
+    return [f"{base}/config.json", *map(str, weight_files(base))]
+
+
+def base_ckpt():
+    """The converted base checkpoint, in the rank_0/ folder MindFormers loads from."""
+    return f"{RESULTS}/ckpt/rank_0/{config['base_model']['name']}.ckpt"

@@ -21,3 +21,23 @@ if TINY:
             "{PYTHON} {input.script} --rule {rule} --log {log} "
             "--data {input.data} --out_dir {RESULTS}/tiny_base {params.flags}"
 
+
+
+rule ckpt:
+    """HF torch weights -> MindSpore checkpoint in rank_0/ (the recipe's convert_weight.py + mv)."""
+    input:
+        base_model_files(),
+        script=f"{SCRIPTS}/convert_weight.py",
+    output:
+        ckpt=base_ckpt(),
+        manifest=base_ckpt() + ".manifest.json",
+    params:
+        dtype=config["base_model"]["dtype"],
+        source=base_model_dir(),
+    log:
+        log_path("ckpt"),
+    benchmark:
+        benchmark_path("ckpt")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --torch_ckpt_path {params.source} "
+        "--mindspore_ckpt_path {output.ckpt} --dtype {params.dtype}"

@@ -1,5 +1,6 @@
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -38,3 +39,18 @@ def snakemake(workdir, *args, configfile=None, check=True):
 @pytest.fixture
 def tiny_config(tmp_path):
     return write_config(tmp_path / "config.yaml", default_config())
+
+
+# MindFormers writes its logs under $LOCAL_DEFAULT_PATH (default ./output); keep them out of the repo.
+os.environ.setdefault("LOCAL_DEFAULT_PATH", str(Path(tempfile.mkdtemp(prefix="lorapipe-mf-"))))
+
+TINY_DIMS = dict(seed=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=88,
+                 max_position_embeddings=128, vocab_size=600, init_std=0.02)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A tiny HF Baichuan2 model directory, built once per test session."""
+    from lorapipe.tiny_base import build_tiny_base
+
+    return build_tiny_base(SAMPLE_DATA, tmp_path_factory.mktemp("tiny_base") / "base", **TINY_DIMS)

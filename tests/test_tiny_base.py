@@ -4,16 +4,13 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, TINY_DIMS as DIMS
 from lorapipe.tiny_base import FILES, build_tiny_base
 
-DIMS = dict(seed=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=88,
-            max_position_embeddings=128, vocab_size=600, init_std=0.02)
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_base(SAMPLE_DATA, tmp_path_factory.mktemp("tiny") / "base", **DIMS)
+@pytest.fixture
+def tiny(tiny_base_dir):
+    return tiny_base_dir
 
 
 def test_files_and_hf_key_names(tiny):

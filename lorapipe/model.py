@@ -1,0 +1,118 @@
+"""The Baichuan2-7B model on MindFormers: LLaMA with a NormHead, registered with MindFormers.
+
+Baichuan2 is MindFormers' `LlamaForCausalLM` except for the output head: NormHead L2-normalizes the
+rows of `lm_head.weight` at every forward. The stored parameter stays un-normalized (HF and MindFormers
+checkpoints both keep it raw), so only the forward differs. Registering the class lets a rendered
+MindFormers YAML name it as `model.arch.type: Baichuan2ForCausalLM`.
+
+Import this module only where MindSpore is wanted: it imports mindformers (seconds, and MindFormers
+writes its log folder under ./output unless LOCAL_DEFAULT_PATH says otherwise).
+"""
+
+import os
+
+# MindFormers reads these when a model is built. ENFORCE_EAGER makes the causal mask and rotary tables
+# follow the actual input length in PyNative mode (otherwise inputs must be exactly seq_length long).
+os.environ.setdefault("ENFORCE_EAGER", "true")
+os.environ.setdefault("GLOG_v", "3")
+
+import mindspore as ms  # noqa: E402
+from mindspore import Parameter, nn, ops  # noqa: E402
+from mindspore.common import dtype as mstype  # noqa: E402
+from mindspore.common.initializer import Normal, initializer  # noqa: E402
+from mindspore.context import ParallelMode  # noqa: E402
+from mindspore.parallel._utils import _get_parallel_mode  # noqa: E402
+from mindformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister  # noqa: E402
+
+MODEL_CLASS = "Baichuan2ForCausalLM"
+
+
+class NormHead(nn.Cell):
+    """logits = x @ normalize_rows(W).T, with W [vocab, hidden] stored un-normalized as `weight`."""
+
+    def __init__(self, hidden_size, vocab_size, compute_dtype=mstype.float32,
+                 param_init_type=mstype.float32, init_std=0.01):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(sigma=init_std), [vocab_size, hidden_size],
+                                            param_init_type), name="weight")
+        self.l2_normalize = ops.L2Normalize(axis=-1, epsilon=1e-12)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def shard(self, strategy_matmul):
+        self.matmul.shard(strategy_matmul)
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.vocab_size,)
+        # Normalize in fp32 even when computing in fp16: a 4096-wide row norm overflows fp16 easily.
+        weight = self.l2_normalize(self.weight.astype(mstype.float32)).astype(self.compute_dtype)
+        x = x.reshape(-1, self.hidden_size).astype(self.compute_dtype)
+        return self.matmul(x, weight).reshape(out_shape)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class Baichuan2ForCausalLM(LlamaForCausalLM):
+    """MindFormers LlamaForCausalLM with Baichuan2's NormHead (`logits = self.lm_head(output)` is the
+    only place the head is used, so replacing the Cell is the whole difference)."""
+
+    def __init__(self, config: LlamaConfig = None):
+        super().__init__(config)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size, config.compute_dtype,
+                                config.param_init_type, config.init_method_std)
+        par = config.parallel_config
+        if _get_parallel_mode() in (ParallelMode.AUTO_PARALLEL, ParallelMode.SEMI_AUTO_PARALLEL):
+            vocab_split = 1 if par.vocab_emb_dp or config.vocab_size % par.model_parallel else par.model_parallel
+            self.lm_head.shard(((par.data_parallel * par.context_parallel, 1), (vocab_split, 1)))
+        if par.pipeline_stage > 1:
+            self.lm_head.pipeline_stage = par.pipeline_stage - 1
+        # The parent loaded checkpoint_name_or_path into the head it had; load again into this one.
+        if config.checkpoint_name_or_path:
+            self.load_checkpoint(config)
+
+
+def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32", **extra):
+    """A MindFormers LlamaConfig (as a dict) for a Baichuan2 HF config.json, CPU-safe by default."""
+    return dict(
+        type="LlamaConfig",
+        batch_size=1,
+        seq_length=seq_length,
+        hidden_size=hf_config["hidden_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=hf_config["num_attention_heads"],
+        intermediate_size=hf_config["intermediate_size"],
+        vocab_size=hf_config["vocab_size"],
+        rms_norm_eps=hf_config["rms_norm_eps"],
+        theta=10000.0,
+        bos_token_id=hf_config.get("bos_token_id", 1),
+        eos_token_id=hf_config.get("eos_token_id", 2),
+        pad_token_id=hf_config.get("pad_token_id", 0),
+        ignore_token_id=-100,
+        compute_dtype=compute_dtype,
+        layernorm_compute_type="float32",
+        softmax_compute_type="float32",
+        rotary_dtype="float32",
+        param_init_type=param_init_type,
+        use_past=False,
+        use_flash_attention=False,
+        fused_rms_norm=False,
+        use_rope_slice=True,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def build_model(model_config, train=False):
+    """Instantiate the registered Baichuan2 model from a llama_config() dict."""
+    cfg = {k: v for k, v in model_config.items() if k != "type"}
+    net = Baichuan2ForCausalLM(LlamaConfig(**cfg))
+    net.set_train(train)
+    return net
+
+
+def logits(net, input_ids):
+    """Raw logits [batch, seq, vocab] (float32 numpy) of a model in eval mode."""
+    out = net(ms.Tensor(input_ids, mstype.int32))
+    return (out[0] if isinstance(out, tuple) else out).asnumpy()

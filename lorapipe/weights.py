@@ -1,0 +1,292 @@
+"""Baichuan2 weights: read HF checkpoints tensor by tensor, map names, write MindSpore checkpoints.
+
+The one place that knows both formats (torchtune's "checkpointer" idea). HF sources are read without
+torch.load or mmap: the torch zip format and safetensors both store each tensor as a contiguous run
+of raw bytes, so we parse the index (the pickle, or the safetensors JSON header) and read one tensor's
+bytes at a time into a numpy array. Peak memory is about two tensors (one read, one converted),
+whatever the model size, and mapped pages never pile up in the resident set.
+"""
+
+import json
+import pickle
+import re
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorapipe.cli import InputError
+from lorapipe.msckpt import CheckpointWriter, bfloat16
+from lorapipe.outputs import atomic_outputs
+from lorapipe.progress import Progress
+
+# -- the name map (DESIGN.md "Model") --------------------------------------------------------------
+
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
+    "model.norm.weight": "model.norm_out.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_PER_LAYER = {
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+W_PACK = "self_attn.W_pack.weight"
+QKV = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def hf_shapes(config):
+    """{HF tensor name: shape} that a Baichuan2 config.json implies."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + W_PACK: (3 * h, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+            p + "mlp.up_proj.weight": (i, h), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def hf_to_mindspore(name, array):
+    """[(MindSpore name, array)] for one HF tensor; W_pack becomes wq, wk, wv (row blocks, views)."""
+    if name in _TOP_LEVEL:
+        return [(_TOP_LEVEL[name], array)]
+    layer, rest = _LAYER_NAME.fullmatch(name).groups()
+    prefix = f"model.layers.{layer}."
+    if rest == W_PACK:
+        h = array.shape[0] // 3
+        return [(prefix + q, array[k * h:(k + 1) * h]) for k, q in enumerate(QKV)]
+    return [(prefix + _PER_LAYER[rest], array)]
+
+
+# -- reading HF checkpoints one tensor at a time ----------------------------------------------------
+
+@dataclass
+class TensorRef:
+    """Where one tensor's bytes lie: `nbytes` at `offset` of `path`, as `dtype` with `shape`."""
+    name: str
+    path: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple
+
+    def read(self):
+        array = np.empty(self.shape, self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+        if got != array.nbytes:
+            raise InputError(f"{self.path}: truncated: tensor {self.name!r} needs {array.nbytes} bytes "
+                             f"at offset {self.offset}, the file has {got}")
+        return array
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _safetensors_refs(path):
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: truncated: not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise InputError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise InputError(f"{path}: corrupt safetensors header") from None
+    refs = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = bfloat16() if info["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        if 8 + header_len + end > size:
+            raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {8 + header_len + end}, "
+                             f"the file has {size}")
+        refs.append(TensorRef(name, path, 8 + header_len + start, dtype, tuple(info["shape"])))
+    return refs
+
+
+_TORCH_STORAGES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
+                   "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+
+class _TorchIndexUnpickler(pickle.Unpickler):
+    """Unpickles a torch zip checkpoint's data.pkl into (storage, offset, shape) records, reading no
+    tensor data. Only the globals a plain state dict needs are allowed, so this is as safe as
+    torch.load(weights_only=True)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self.rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name == "BFloat16Storage":
+            return bfloat16()
+        if module == "torch" and name in _TORCH_STORAGES:
+            return np.dtype(_TORCH_STORAGES[name])
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a state dict")
+
+    def persistent_load(self, pid):
+        _, dtype, key, _location, _numel = pid  # ('storage', dtype, key, location, numel)
+        return key, dtype
+
+    @staticmethod
+    def rebuild_tensor(storage, storage_offset, size, stride, *_):
+        key, dtype = storage
+        shape = tuple(size)
+        contiguous = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        if shape and tuple(stride) != contiguous:
+            raise pickle.UnpicklingError(f"a tensor is stored non-contiguously (stride {tuple(stride)})")
+        return key, dtype, storage_offset * dtype.itemsize, shape
+
+
+def _torch_zip_refs(path):
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise InputError(f"{path}: truncated, or not a torch zip checkpoint (torch.save since 1.6); "
+                         f"the zip directory at its end is missing") from None
+    with archive, open(path, "rb") as raw:
+        pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise InputError(f"{path}: no data.pkl inside; not a torch checkpoint")
+        prefix = pkl[: -len("data.pkl")]
+        members = {}
+        for info in archive.infolist():
+            if info.filename.startswith(prefix + "data/"):
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise InputError(f"{path}: {info.filename} is compressed; torch never compresses tensors")
+                raw.seek(info.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                members[info.filename[len(prefix + "data/"):]] = (
+                    info.header_offset + 30 + name_len + extra_len, info.file_size)
+        with archive.open(pkl) as f:
+            try:
+                state = _TorchIndexUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, ValueError) as e:
+                raise InputError(f"{path}: cannot read its tensor index: {e}") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: holds a {type(state).__name__}, expected a state dict")
+    refs = []
+    for name, (key, dtype, offset, shape) in state.items():
+        start, size = members[key]
+        ref = TensorRef(name, path, start + offset, dtype, shape)
+        if offset + int(np.prod(shape)) * dtype.itemsize > size:
+            raise InputError(f"{path}: tensor {name!r} overruns its storage")
+        refs.append(ref)
+    return refs
+
+
+def _refs_of_file(path):
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_refs(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return _torch_zip_refs(path)
+    raise InputError(f"{path}: unknown weights format (expected .bin, .safetensors, or an "
+                     f"*.index.json of shards)")
+
+
+def weight_files(source):
+    """The weight files of an HF source: a file, an *.index.json of shards, or a model directory."""
+    source = Path(source)
+    if source.is_dir():
+        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                     "pytorch_model.bin"):
+            if (source / name).is_file():
+                return weight_files(source / name)
+        raise InputError(f"{source}: no model.safetensors, pytorch_model.bin or *.index.json in it")
+    if not source.is_file():
+        raise InputError(f"{source}: no such file")
+    if source.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(source.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise InputError(f"{source}: not a sharded-checkpoint index (no weight_map)") from None
+        return [source.parent / f for f in dict.fromkeys(weight_map.values())]
+    return [source]
+
+
+def tensor_refs(source):
+    """TensorRefs of every tensor of an HF source, in file order (reads headers only)."""
+    refs = {}
+    for path in weight_files(source):
+        for ref in _refs_of_file(path):
+            if ref.name in refs:
+                raise InputError(f"{path}: tensor {ref.name!r} also appears in {refs[ref.name].path}")
+            refs[ref.name] = ref
+    return list(refs.values())
+
+
+def find_config(source):
+    """config.json beside an HF source."""
+    source = Path(source)
+    config = (source if source.is_dir() else source.parent) / "config.json"
+    if not config.is_file():
+        raise InputError(f"{config}: missing; needed to check the tensor shapes")
+    return json.loads(config.read_text())
+
+
+def check_tensors(refs, config, where):
+    """Every tensor config.json implies is present, with its shape, and nothing else."""
+    expected = hf_shapes(config)
+    found = {r.name: r for r in refs}
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise InputError(f"{where}: missing tensor {missing[0]!r}" + (
+            f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [n for n in found if n not in expected]
+    if extra:
+        raise InputError(f"{where}: unexpected tensor {extra[0]!r} in {found[extra[0]].path}; "
+                         f"config.json implies {len(expected)} tensors")
+    for name, shape in expected.items():
+        if found[name].shape != shape:
+            raise InputError(f"{found[name].path}: tensor {name!r} has shape {found[name].shape}, "
+                             f"config.json implies {shape}")
+
+
+DTYPES = {"keep": None, "fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
+
+
+def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
+    """Convert an HF Baichuan2 checkpoint to one MindSpore .ckpt, one tensor in memory at a time.
+
+    `source` is a pytorch_model.bin, a model.safetensors, an *.index.json or an HF directory (whose
+    config.json gives the expected shapes). Written atomically to `output`.
+    """
+    refs = tensor_refs(source)
+    check_tensors(refs, find_config(source), source)
+    target = DTYPES[dtype]
+    target = bfloat16() if target == "bfloat16" else target
+    total = sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in refs)
+    progress, done = Progress("convert", total, unit="MB", scale=1e6), 0
+    with atomic_outputs([output], run=run, inputs=weight_files(source)) as (tmp,):
+        with CheckpointWriter(tmp) as writer:
+            for ref in refs:
+                array = ref.read()
+                if target is not None and array.dtype != target:
+                    array = array.astype(target)
+                for name, part in hf_to_mindspore(ref.name, array):
+                    writer.add(name, part)
+                done += int(np.prod(ref.shape)) * ref.dtype.itemsize
+                del array
+                progress.update(done)
+    return output
+
