@@ -34,6 +34,8 @@ def atomic_outputs(paths, run=None, inputs=()):
     for t in temps:
         t.parent.mkdir(parents=True, exist_ok=True)
         remove_path(t)
+    if run is not None:
+        run.hash_inputs(inputs, finals)
     try:
         yield temps
         if run is not None:
@@ -47,6 +49,8 @@ def atomic_outputs(paths, run=None, inputs=()):
     except BaseException:
         for t in temps:
             remove_path(t)
+        if run is not None:
+            run.cancel()
         raise
     if run is not None:
         run.write_manifest(inputs=inputs, outputs=finals)

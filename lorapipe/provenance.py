@@ -15,6 +15,7 @@ import platform
 import resource
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -134,15 +135,30 @@ class Run:
         first = Path(outputs[0])
         return first.parent / (first.name + MANIFEST_SUFFIX)
 
+    def hash_inputs(self, inputs, outputs):
+        """Start hashing the inputs on a background thread (hashlib releases the GIL), so that
+        reading a 15 GB base model for its sha256 overlaps the step's own work."""
+        base = self.manifest_path(outputs).parent
+        self._hashing = ThreadPoolExecutor(max_workers=1)
+        self._input_records = {_rel(f, base): self._hashing.submit(file_record, f, base, True)
+                               for p in inputs for f in _files(p)}
+
+    def cancel(self):
+        if getattr(self, "_hashing", None):
+            self._hashing.shutdown(wait=False, cancel_futures=True)
+
     def write_manifest(self, inputs, outputs):
         path = self.manifest_path(outputs)
         base = path.parent
+        if getattr(self, "_hashing", None) is None:
+            self.hash_inputs(inputs, outputs)
+        input_records = {rel: future.result() for rel, future in self._input_records.items()}
+        self._hashing.shutdown()
         manifest = {
             "lorapipe_manifest": 1,
             "rule": self.rule,
             "params": self.params,
-            "inputs": {_rel(f, base): file_record(f, base, reuse_upstream=True)
-                       for p in inputs for f in _files(p)},
+            "inputs": input_records,
             "outputs": {_rel(f, base): file_record(f, base) for p in outputs for f in _files(p)},
             "deterministic": self.deterministic,
             "note": self.note,

@@ -115,7 +115,6 @@ def test_logits_match_an_independent_reference_forward(tiny_base_dir, converted)
 
     got = logits(net, ids)
     assert got.shape == want.shape == (2, 24, hf_config["vocab_size"])
-    print("max abs diff", np.abs(got - want).max(), "logit scale", np.abs(want).max())
     assert np.abs(got - want).max() < 1e-4
     # The head really is normalized: the raw lm_head would give different logits.
     assert np.abs(want).max() > 0 and net.lm_head.weight.asnumpy().tobytes() == \
