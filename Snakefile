@@ -27,9 +27,11 @@ if config["base_model"]["path"] != "tiny":
 
 include: "rules/common.smk"
 include: "rules/weights.smk"
+include: "rules/data.smk"
 
 
 rule all:
     default_target: True
     input:
         base_ckpt(),
+        mindrecord("train"),

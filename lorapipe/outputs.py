@@ -30,10 +30,13 @@ def atomic_outputs(paths, run=None, inputs=()):
     written after the rename.
     """
     finals = [Path(p) for p in paths]
-    temps = [f.parent / f".{f.name}.tmp-{os.getpid()}" for f in finals]
-    for t in temps:
-        t.parent.mkdir(parents=True, exist_ok=True)
-        remove_path(t)
+    # Temporaries keep their final file names, in a hidden folder beside them: some formats record
+    # their own file name (a MindRecord's header names its shards), so only the folder may change.
+    temp_dirs = sorted({f.parent / f".lorapipe-tmp-{os.getpid()}" for f in finals})
+    temps = [f.parent / f".lorapipe-tmp-{os.getpid()}" / f.name for f in finals]
+    for d in temp_dirs:
+        remove_path(d)
+        d.mkdir(parents=True)
     if run is not None:
         run.hash_inputs(inputs, finals)
     try:
@@ -47,10 +50,11 @@ def atomic_outputs(paths, run=None, inputs=()):
             remove_path(final)
             os.replace(temp, final)
     except BaseException:
-        for t in temps:
-            remove_path(t)
         if run is not None:
             run.cancel()
         raise
+    finally:
+        for d in temp_dirs:
+            remove_path(d)
     if run is not None:
         run.write_manifest(inputs=inputs, outputs=finals)

@@ -1,5 +1,6 @@
 # Small path and parameter helpers shared by the rules. No logic beyond wiring.
 
+import glob
 import sys
 
 RESULTS = config["results"]
@@ -41,3 +42,17 @@ def base_model_files():
 def base_ckpt():
     """The converted base checkpoint, in the rank_0/ folder MindFormers loads from."""
     return f"{RESULTS}/ckpt/rank_0/{config['base_model']['name']}.ckpt"
+
+
+SEQ = config["data"]["seq_length"]
+
+
+def mindrecord(split):
+    """The MindRecord of a split: belle_<seq>.mindrecord (train) or belle_<seq>_heldout.mindrecord."""
+    return f"{RESULTS}/data/belle_{SEQ}{'' if split == 'train' else '_' + split}.mindrecord"
+
+
+def data_files():
+    """The BELLE JSON files data.train names (a path or a glob)."""
+    pattern = config["data"]["train"]
+    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]

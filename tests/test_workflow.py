@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from conftest import REPO, default_config, snakemake, write_config
+from conftest import REPO, SAMPLE_DATA, default_config, snakemake, write_config
 
 
 def planned_jobs(proc):
@@ -16,7 +16,7 @@ def planned_jobs(proc):
 
 def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=tiny_config)
-    assert planned_jobs(proc) == {"tiny_base": 1, "all": 1}
+    assert planned_jobs(proc) == {"tiny_base": 1, "ckpt": 1, "mindrecord": 1, "all": 1}
 
 
 def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
@@ -24,8 +24,9 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
     snakemake(tmp_path, "--cores", "1", "tiny_base", configfile=tiny_config)
     real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
     real["base_model"]["path"] = str(tmp_path / "results/tiny/tiny_base")
+    real["data"]["train"] = str(SAMPLE_DATA)
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "real.yaml", real))
-    assert "tiny_base" not in proc.stdout
+    assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "all": 1}
 
 
 def test_end_to_end_tiny_default(tmp_path, tiny_config):

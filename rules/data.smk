@@ -1,0 +1,30 @@
+# Data stage: BELLE chat JSON -> MindRecord (train and held-out), with stats.
+
+
+rule mindrecord:
+    """The recipe's belle_preprocess.py --seq_length N, plus the held-out split and stats."""
+    input:
+        data=data_files(),
+        tokenizer=f"{base_model_dir()}/tokenizer.model",
+        script=f"{SCRIPTS}/belle_preprocess.py",
+    output:
+        multiext(mindrecord("train"), "", ".db"),
+        multiext(mindrecord("heldout"), "", ".db"),
+        stats=f"{RESULTS}/data/belle_{SEQ}.stats.json",
+        manifest=mindrecord("train") + ".manifest.json",
+    params:
+        input_glob=config["data"]["train"],
+        seq_length=SEQ,
+        heldout_fraction=config["data"]["heldout_fraction"],
+        split_seed=config["data"]["split_seed"],
+        on_bad_record=config["data"]["on_bad_record"],
+    log:
+        log_path("mindrecord"),
+    benchmark:
+        benchmark_path("mindrecord")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --input_glob {params.input_glob:q} "
+        "--model_file {input.tokenizer} --output_file {output[0]} --seq_length {params.seq_length} "
+        "--heldout_output_file {output[2]} --heldout_fraction {params.heldout_fraction} "
+        "--split_seed {params.split_seed} --on_bad_record {params.on_bad_record} "
+        "--stats_file {output.stats}"
