@@ -28,6 +28,7 @@ if config["base_model"]["path"] != "tiny":
 include: "rules/common.smk"
 include: "rules/weights.smk"
 include: "rules/data.smk"
+include: "rules/cluster.smk"
 
 
 rule all:

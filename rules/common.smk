@@ -56,3 +56,6 @@ def data_files():
     """The BELLE JSON files data.train names (a path or a glob)."""
     pattern = config["data"]["train"]
     return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+
+
+RANK_TABLE = f"{RESULTS}/rank_table.json"

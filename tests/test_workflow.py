@@ -38,3 +38,12 @@ def test_end_to_end_tiny_default(tmp_path, tiny_config):
     assert (tmp_path / "results/tiny/logs/tiny_base.log").exists()
     # Nothing is stale after a complete run.
     assert "Nothing to be done" in snakemake(tmp_path, "-n", configfile=tiny_config).stdout
+
+
+def test_rank_table_target(tmp_path):
+    (tmp_path / "hccn.conf").write_text("address_0=192.98.0.10\naddress_1=192.98.1.10\n")
+    cfg = default_config()
+    cfg["parallel"].update(hccn_conf=str(tmp_path / "hccn.conf"), server_ip="10.0.0.1")
+    snakemake(tmp_path, "--cores", "1", "rank_table", configfile=write_config(tmp_path / "c.yaml", cfg))
+    table = json.loads((tmp_path / "results/tiny/rank_table.json").read_text())
+    assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["192.98.0.10", "192.98.1.10"]
