@@ -296,3 +296,163 @@ def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
                 progress.update(done)
     return output
 
+
+
+# -- MindSpore -> HF (export) ------------------------------------------------------------------------
+
+_TOP_LEVEL_HF = {ms: hf for hf, ms in _TOP_LEVEL.items()}
+_PER_LAYER_HF = {ms: hf for hf, ms in _PER_LAYER.items()}
+
+
+def mindspore_to_hf(pairs, fuse, where="checkpoint"):
+    """Yield (HF name, x) for (MindSpore name, x) pairs; wq, wk, wv of a layer are fused into W_pack
+    by `fuse([q, k, v])` once all three have been seen. Works on arrays or on shape records alike."""
+    pending = {}
+    for name, x in pairs:
+        if name in _TOP_LEVEL_HF:
+            yield _TOP_LEVEL_HF[name], x
+            continue
+        match = _LAYER_NAME.fullmatch(name)
+        rest = match and match.group(2)
+        if rest in QKV:
+            parts = pending.setdefault(match.group(1), {})
+            parts[rest] = x
+            if len(parts) == 3:
+                del pending[match.group(1)]
+                yield f"model.layers.{match.group(1)}.{W_PACK}", fuse([parts[q] for q in QKV])
+        elif rest in _PER_LAYER_HF:
+            yield f"model.layers.{match.group(1)}.{_PER_LAYER_HF[rest]}", x
+        else:
+            raise InputError(f"{where}: tensor {name!r} is not a Baichuan2 model weight (LoRA weights must "
+                             f"be folded first; optimizer state filtered out)")
+    for layer, parts in pending.items():
+        missing = sorted(set(QKV) - set(parts))
+        raise InputError(f"{where}: layer {layer} has no {', '.join(missing)} to fuse into W_pack")
+
+
+_SAFETENSORS_NAMES = {np.dtype(t): n for n, t in _SAFETENSORS_DTYPES.items()}
+_STORAGE_NAMES = {np.dtype(t): n for n, t in _TORCH_STORAGES.items()}
+
+
+def _dtype_name(dtype, names, bf16_name):
+    return bf16_name if dtype.name == "bfloat16" else names[np.dtype(dtype)]
+
+
+class SafetensorsWriter:
+    """Write a .safetensors file tensor by tensor; the full plan [(name, dtype, shape)] comes first,
+    because the format's JSON header holds every offset."""
+
+    def __init__(self, path, plan):
+        header, offset = {}, 0
+        for name, dtype, shape in plan:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            header[name] = {"dtype": _dtype_name(dtype, _SAFETENSORS_NAMES, "BF16"), "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.order = [name for name, _, _ in plan]
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def add(self, name, array):
+        if not self.order or self.order[0] != name:
+            raise ValueError(f"safetensors plan expects {self.order[:1]}, got {name!r}")
+        self.order.pop(0)
+        self.file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+
+    def close(self):
+        self.file.close()
+
+
+class _Storage:
+    def __init__(self, key, dtype, numel):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    """Pickles exactly like a contiguous CPU torch.Tensor whose bytes live in storage `key`."""
+
+    def __init__(self, storage, shape):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        import torch._utils
+
+        stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, OrderedDict())
+
+
+class _StatePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            import torch
+
+            storage = getattr(torch, _dtype_name(obj.dtype, _STORAGE_NAMES, "BFloat16Storage"))
+            return "storage", storage, obj.key, "cpu", obj.numel
+        return None
+
+
+class TorchZipWriter:
+    """Write a pytorch_model.bin (torch.save's zip format) tensor by tensor from a plan, so that
+    torch.load reads it as a state dict; one tensor in memory at a time."""
+
+    def __init__(self, path, plan, root="pytorch_model"):
+        import io
+
+        self.root, self.order = root, [name for name, _, _ in plan]
+        state = OrderedDict((name, _TensorStub(_Storage(str(i), dtype, int(np.prod(shape))), shape))
+                            for i, (name, dtype, shape) in enumerate(plan))
+        self.keys = {name: str(i) for i, (name, _, _) in enumerate(plan)}
+        pkl = io.BytesIO()
+        _StatePickler(pkl, protocol=2).dump(state)
+        self.zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED)
+        self.zip.writestr(f"{root}/data.pkl", pkl.getvalue())
+        self.zip.writestr(f"{root}/byteorder", "little")
+
+    def add(self, name, array):
+        if not self.order or self.order[0] != name:
+            raise ValueError(f"torch zip plan expects {self.order[:1]}, got {name!r}")
+        self.order.pop(0)
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        info = zipfile.ZipInfo(f"{self.root}/data/{self.keys[name]}")
+        info.file_size = len(data)
+        with self.zip.open(info, "w", force_zip64=len(data) > zipfile.ZIP64_LIMIT) as f:
+            f.write(data)
+
+    def close(self):
+        self.zip.writestr(f"{self.root}/version", "3\n")
+        self.zip.close()
+
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def export_hf(ckpt, base_dir, out_dir, run=None):
+    """A complete MindSpore Baichuan2 checkpoint -> an HF model directory: model.safetensors and
+    pytorch_model.bin (W_pack re-fused, HF names), plus config and tokenizer files from `base_dir`.
+    Streams: one tensor (or one layer's q, k, v) in memory at a time."""
+    from lorapipe.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
+
+    records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
+    plan = [(name, dtype, shape) for name, (dtype, shape) in mindspore_to_hf(
+        records, lambda parts: (parts[0][0], (sum(p[1][0] for p in parts), *parts[0][1][1:])), ckpt)]
+    check_tensors([TensorRef(n, Path(ckpt), 0, d, tuple(s)) for n, d, s in plan],
+                  json.loads((Path(base_dir) / "config.json").read_text()), ckpt)
+    out_dir = Path(out_dir)
+    side = [f for f in HF_SIDE_FILES if (Path(base_dir) / f).is_file()]
+    outputs = [out_dir / "model.safetensors", out_dir / "pytorch_model.bin", *(out_dir / f for f in side)]
+    progress = Progress("export", len(plan), unit="tensors")
+    with atomic_outputs(outputs, run=run, inputs=[ckpt, *(Path(base_dir) / f for f in side)]) as temps:
+        safetensors, torch_zip = SafetensorsWriter(temps[0], plan), TorchZipWriter(temps[1], plan)
+        try:
+            for i, (name, array) in enumerate(mindspore_to_hf(iter_checkpoint(ckpt), np.concatenate, ckpt)):
+                safetensors.add(name, array)
+                torch_zip.add(name, array)
+                progress.update(i + 1)
+        finally:
+            safetensors.close()
+            torch_zip.close()
+        for f, temp in zip(side, temps[2:]):
+            temp.write_bytes((Path(base_dir) / f).read_bytes())
+    return out_dir

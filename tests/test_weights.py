@@ -167,3 +167,33 @@ def test_cli_reports_one_clear_error(tiny_base_dir, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].endswith("missing tensor 'lm_head.weight'")
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.ckpt").exists()
+
+
+def test_hf_to_ckpt_to_hf_is_bit_exact(tiny_base_dir, converted, tmp_path):
+    from safetensors.torch import load_file
+
+    from lorapipe.weights import export_hf
+
+    out = export_hf(converted, tiny_base_dir, tmp_path / "hf")
+    source = hf_state(tiny_base_dir)
+    for exported in (torch.load(out / "pytorch_model.bin", weights_only=True),
+                     torch.load(out / "pytorch_model.bin", weights_only=True, mmap=True),
+                     load_file(out / "model.safetensors")):
+        assert list(exported) == list(source)
+        for name, tensor in source.items():
+            assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    for f in ("config.json", "tokenizer.model"):
+        assert (out / f).read_bytes() == (tiny_base_dir / f).read_bytes()
+
+
+def test_export_refuses_unfolded_lora(tiny_base_dir, converted, tmp_path):
+    from lorapipe.msckpt import write_checkpoint
+    from lorapipe.weights import export_hf
+
+    lora = tmp_path / "lora.ckpt"
+    extra = [("model.layers.0.attention.wq.mindpet_delta_lora_a", np.zeros((8, 32), np.float32))]
+    write_checkpoint(lora, [*iter_checkpoint(converted), *extra])
+    with pytest.raises(InputError, match="'model.layers.0.attention.wq.mindpet_delta_lora_a' is not a "
+                                         "Baichuan2 model weight"):
+        export_hf(lora, tiny_base_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
