@@ -1,0 +1,141 @@
+"""Training checkpoints -> one deployable model: filter, merge, fold LoRA.
+
+All of it streams through lorapipe.msckpt: a 7B checkpoint with Adam state is ~90 GB, so nothing here
+ever holds a whole checkpoint in memory (merging with strategy files excepted: that is MindSpore's
+transform_checkpoints, which needs the shards of each tensor together).
+"""
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from lorapipe.cli import InputError
+from lorapipe.msckpt import CheckpointFormatError, CheckpointWriter, checkpoint_index, iter_checkpoint
+from lorapipe.outputs import atomic_outputs
+from lorapipe.progress import Progress
+
+log = logging.getLogger("lorapipe")
+
+LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+
+# A parameter of the Baichuan2 network, by exact name: base weights and LoRA adapters on any linear.
+_LINEAR = r"model\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])"
+_MODEL_PARAMETER = re.compile(
+    r"model\.tok_embeddings\.embedding_weight|model\.norm_out\.weight|lm_head\.weight"
+    rf"|{_LINEAR}\.weight|model\.layers\.\d+\.(attention_norm|ffn_norm)\.weight"
+    rf"|{_LINEAR}\.({LORA_A}|{LORA_B})")
+
+
+def is_model_parameter(name):
+    """True for a network parameter; False for optimizer state (adam_m.*, adam_v.*, accu_grads.*) and
+    bookkeeping (global_step, epoch_num, step_num, loss_scale, scale_sense, global_batch_size, ...).
+    Exact patterns, not substrings: a parameter whose name merely contains "adam" is kept."""
+    return _MODEL_PARAMETER.fullmatch(name) is not None
+
+
+def _open(path):
+    """checkpoint_index with a clear error for a missing or corrupt file."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        return checkpoint_index(path)
+    except CheckpointFormatError as e:
+        raise InputError(str(e)) from None
+
+
+def filter_checkpoint(src, dst, run=None):
+    """Copy only the network parameters of `src` to `dst`, one tensor at a time.
+
+    Returns the names dropped."""
+    index = _open(src)
+    dropped = [name for name, _, _ in index if not is_model_parameter(name)]
+    kept = len(index) - len(dropped)
+    if not kept:
+        raise InputError(f"{src}: no network parameters in it (only {', '.join(dropped[:5])} ...)")
+    progress = Progress(f"filter {Path(src).name}", kept, unit="tensors")
+    with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,), CheckpointWriter(tmp) as writer:
+        for i, (name, array) in enumerate(_stream(src, select=is_model_parameter)):
+            writer.add(name, array)
+            progress.update(i + 1)
+    log.info("%s: kept %d parameters, dropped %d entries (%s)", src, kept, len(dropped),
+             ", ".join(sorted({d.split(".")[0] for d in dropped})))
+    return dropped
+
+
+def _stream(path, select=None):
+    try:
+        yield from iter_checkpoint(path, select=select)
+    except CheckpointFormatError as e:
+        raise InputError(str(e)) from None
+
+
+def merge_data_parallel(rank_ckpts, dst, run=None):
+    """Under pure data parallel every rank holds the whole model: check that all ranks agree tensor
+    for tensor (streaming them side by side), then take rank 0's."""
+    if not rank_ckpts:
+        raise InputError("no rank checkpoints to merge")
+    indexes = [_open(p) for p in rank_ckpts]
+    for path, index in zip(rank_ckpts[1:], indexes[1:]):
+        if [n for n, _, _ in index] != [n for n, _, _ in indexes[0]]:
+            missing = sorted({n for n, _, _ in indexes[0]} ^ {n for n, _, _ in index})
+            raise InputError(f"{path}: holds different tensors than {rank_ckpts[0]} (e.g. {missing[:3]})")
+    progress = Progress("compare ranks", len(indexes[0]), unit="tensors")
+    for i, tensors in enumerate(zip(*(_stream(p) for p in rank_ckpts))):
+        (name, first), rest = tensors[0], tensors[1:]
+        for path, (_, array) in zip(rank_ckpts[1:], rest):
+            if array.dtype != first.dtype or array.shape != first.shape or array.tobytes() != first.tobytes():
+                raise InputError(f"{path}: tensor {name!r} differs from rank 0's ({rank_ckpts[0]}); data-"
+                                 f"parallel ranks must agree (was this trained with model parallel?)")
+        progress.update(i + 1)
+    with atomic_outputs([dst], run=run, inputs=list(rank_ckpts)) as (tmp,):
+        shutil.copyfile(rank_ckpts[0], tmp)
+
+
+def lora_pairs(index):
+    """{weight name: (lora_a name, lora_b name)} of a checkpoint index."""
+    names = {name for name, _, _ in index}
+    pairs = {}
+    for name in names:
+        if name.endswith("." + LORA_A):
+            cell = name[: -len(LORA_A) - 1]
+            if f"{cell}.{LORA_B}" not in names:
+                raise InputError(f"tensor {name!r} has no matching {cell}.{LORA_B}")
+            if f"{cell}.weight" not in names:
+                raise InputError(f"LoRA adapter {name!r} has no base weight {cell}.weight")
+            pairs[f"{cell}.weight"] = (name, f"{cell}.{LORA_B}")
+    return pairs
+
+
+def fold_lora(src, dst, alpha, rank, run=None):
+    """W += (B @ A) * alpha / rank for every adapted weight -> a checkpoint with no LoRA tensors,
+    loadable by the plain model (peft's merge_and_unload). alpha and rank must be the training values."""
+    if rank <= 0 or alpha <= 0:
+        raise InputError(f"LoRA alpha {alpha} and rank {rank} must be positive")
+    index = _open(src)
+    pairs = lora_pairs(index)
+    if not pairs:
+        raise InputError(f"{src}: no LoRA tensors ({LORA_A}/{LORA_B}) to fold")
+    adapter_names = {n for pair in pairs.values() for n in pair}
+    adapters = dict(_stream(src, select=adapter_names.__contains__))  # small: rank x hidden each
+    scale = alpha / rank
+    for weight, (a, b) in pairs.items():
+        if adapters[a].shape[0] != rank:
+            raise InputError(f"{src}: {a} has rank {adapters[a].shape[0]}, but the config says lora.rank {rank}")
+    progress = Progress("fold", len(index) - len(adapter_names), unit="tensors")
+    with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,), CheckpointWriter(tmp) as writer:
+        done = 0
+        for name, array in _stream(src, select=lambda n: n not in adapter_names):
+            if name in pairs:
+                a, b = (adapters[n].astype(np.float32) for n in pairs[name])
+                if (b.shape[0], a.shape[1]) != array.shape:
+                    raise InputError(f"{src}: LoRA B @ A for {name} is {(b.shape[0], a.shape[1])}, "
+                                     f"the weight is {array.shape}")
+                array = (array.astype(np.float32) + (b @ a) * scale).astype(array.dtype)
+            writer.add(name, array)
+            done += 1
+            progress.update(done)
+    log.info("folded %d LoRA adapters with scale alpha/rank = %s/%s = %s", len(pairs), alpha, rank, scale)
+    return sorted(pairs)

@@ -1,0 +1,185 @@
+"""Launch N training ranks and supervise them until every one has finished.
+
+Two launchers, as in the recipe: MindSpore's `msrun --join=True` (default), or a rank table (one
+process per device with RANK_TABLE_FILE, DEVICE_ID, RANK_ID, RANK_SIZE set). Either way:
+  * every rank's output goes to <log_dir>/worker_<rank>.log;
+  * if one rank fails (non-zero exit, or a crash that leaves no "done" marker), the others are
+    stopped at once and LaunchError carries that rank's log tail — msrun alone would wait for the
+    survivors, which can hang until a collective times out;
+  * launch() never returns while a rank still runs, also when interrupted (Snakemake's SIGTERM).
+Workers report through marker files in <log_dir>: done_rank_<r> or failed_rank_<r> (see worker_status).
+"""
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("lorapipe")
+
+STATUS_DIR_ENV = "LORAPIPE_STATUS_DIR"
+
+
+class LaunchError(RuntimeError):
+    """A rank failed; the message names it and ends with its log tail."""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path, lines=30):
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+@contextlib.contextmanager
+def worker_status(rank):
+    """Wrap a worker's main: leave done_rank_<rank> or failed_rank_<rank> (with the traceback) for the
+    supervising launch(), if it set LORAPIPE_STATUS_DIR."""
+    # msrun also runs the script as its scheduler (MS_ROLE=MS_SCHED); only workers report.
+    status_dir = os.environ.get(STATUS_DIR_ENV) if os.environ.get("MS_ROLE") != "MS_SCHED" else None
+    try:
+        yield
+    except BaseException:
+        if status_dir:
+            Path(status_dir, f"failed_rank_{rank}").write_text(traceback.format_exc())
+        raise
+    if status_dir:
+        Path(status_dir, f"done_rank_{rank}").write_text("ok\n")
+
+
+def msrun_command(script_args, workers, nodes, node_rank, master_addr, master_port, log_dir):
+    return ["msrun", f"--worker_num={workers * nodes}", f"--local_worker_num={workers}",
+            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
+            f"--log_dir={log_dir}", "--join=True", *script_args]
+
+
+def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, node_rank=0, master_addr="127.0.0.1",
+           master_port=None, rank_table=None, visible_devices=None, env=None, on_poll=None, poll=1.0):
+    """Run `script_args` (a python script and its arguments) on `workers` local ranks; raise
+    LaunchError naming the first rank that failed. `on_poll()` is called about every `poll` s."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for marker in [*log_dir.glob("done_rank_*"), *log_dir.glob("failed_rank_*")]:
+        marker.unlink()
+    env = dict(os.environ, **(env or {}), **{STATUS_DIR_ENV: str(log_dir)})
+    ranks = [node_rank * workers + r for r in range(workers)]
+    job = _Job(ranks, log_dir)
+    try:
+        if launcher == "msrun":
+            cmd = msrun_command(script_args, workers, nodes, node_rank, master_addr,
+                                master_port or free_port(), log_dir)
+            log.info("launch: %s", " ".join(cmd))
+            job.start(cmd, env, log_dir / "msrun.log")
+        else:
+            log.info("launch: %d ranks with rank table %s: %s", workers, rank_table, " ".join(script_args))
+            for local, rank in enumerate(ranks):
+                device = (visible_devices or [str(i) for i in range(workers)])[local]
+                job.start([sys.executable, *script_args], dict(
+                    env, RANK_TABLE_FILE=str(rank_table), DEVICE_ID=str(device), RANK_ID=str(rank),
+                    RANK_SIZE=str(workers * nodes)), log_dir / f"worker_{rank}.log")
+        job.supervise(on_poll, poll)
+    finally:
+        job.stop()
+
+
+class _Job:
+    """The launched processes, every descendant seen so far, and how to tell and stop a failure."""
+
+    def __init__(self, ranks, log_dir):
+        self.ranks, self.log_dir = ranks, log_dir
+        self.processes = []      # what we started (msrun, or one process per rank)
+        self.descendants = {}    # pid -> psutil.Process, everything they started
+        self.worker_rank = {}    # pid -> RANK_ID of msrun workers seen running
+
+    def start(self, cmd, env, log_path):
+        with open(log_path, "w") as out:
+            self.processes.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+
+    def _scan(self):
+        """Record descendants (msrun starts its workers in sessions of their own) and live workers."""
+        live = set()
+        for p in self.processes:
+            try:
+                children = psutil.Process(p.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                self.descendants.setdefault(child.pid, child)
+                try:
+                    env = child.environ()
+                    if env.get("MS_ROLE") == "MS_WORKER" and child.status() != psutil.STATUS_ZOMBIE:
+                        self.worker_rank[child.pid] = int(env["RANK_ID"])
+                        live.add(int(env["RANK_ID"]))
+                except (psutil.Error, KeyError, ValueError):
+                    continue
+        return live
+
+    def failed_rank(self):
+        """The first rank known to have failed, or None."""
+        for rank in self.ranks:
+            if (self.log_dir / f"failed_rank_{rank}").exists():
+                return rank
+        if len(self.processes) == len(self.ranks):  # one process per rank
+            return next((r for r, p in zip(self.ranks, self.processes) if p.poll() not in (None, 0)), None)
+        live = self._scan()
+        gone = [r for r in set(self.worker_rank.values()) - live
+                if not (self.log_dir / f"done_rank_{r}").exists()]
+        if not gone:
+            return None
+        # msrun kills the other workers once it sees one die; its log says which died first.
+        first = re.search(r"Worker process (\d+) exit with exception",
+                          log_tail(self.log_dir / "msrun.log", 200))
+        return self.worker_rank.get(int(first.group(1)), min(gone)) if first else min(gone)
+
+    def supervise(self, on_poll, poll):
+        while True:
+            failed = self.failed_rank()
+            if failed is not None:
+                self.stop()
+                raise LaunchError(f"rank {failed} failed; stopped the other ranks. Last lines of "
+                                  f"{self.log_dir}/worker_{failed}.log:\n"
+                                  f"{log_tail(self.log_dir / f'worker_{failed}.log')}")
+            codes = [p.poll() for p in self.processes]
+            if all(c is not None for c in codes):
+                if any(codes):
+                    rank = next((r for r in self.ranks if not (self.log_dir / f"done_rank_{r}").exists()),
+                                self.ranks[0])
+                    raise LaunchError(f"the launcher exited with status {max(codes)}; rank {rank} did not "
+                                      f"finish. Last lines of {self.log_dir}/worker_{rank}.log:\n"
+                                      f"{log_tail(self.log_dir / f'worker_{rank}.log')}")
+                return
+            if on_poll:
+                on_poll()
+            time.sleep(poll)
+
+    def stop(self, grace=10.0):
+        """SIGTERM everything started, SIGKILL what is left after `grace` s; return once all are gone."""
+        self._scan()
+        procs = [psutil.Process(p.pid) for p in self.processes if p.poll() is None]
+        procs += [d for d in self.descendants.values() if d.is_running()]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
+            _, procs = psutil.wait_procs(procs, timeout=grace)
+            for p in self.processes:
+                p.poll()
+            if not procs:
+                return
