@@ -29,10 +29,10 @@ include: "rules/common.smk"
 include: "rules/weights.smk"
 include: "rules/data.smk"
 include: "rules/cluster.smk"
+include: "rules/finetune.smk"
 
 
 rule all:
     default_target: True
     input:
-        base_ckpt(),
-        mindrecord("train"),
+        f"{FINETUNE}/checkpoint_network",

@@ -9,7 +9,11 @@ from lorapipe.provenance import Run
 log = logging.getLogger("lorapipe")
 
 
-class InputError(ValueError):
+class StepError(Exception):
+    """A step failed for a reason its message explains fully: reported in one line, no traceback."""
+
+
+class InputError(StepError, ValueError):
     """Bad input: the message names the file, record or tensor and what was expected."""
 
 
@@ -40,6 +44,6 @@ def main_guard(main):
     """Run a script's main(); a bad-input error becomes one clear line on stderr and exit status 1."""
     try:
         main()
-    except (InputError, FileNotFoundError, ValueError) as e:
+    except (StepError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)  # to stderr, and to the log file once setup_logging ran
         sys.exit(1)

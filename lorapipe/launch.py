@@ -24,12 +24,14 @@ from pathlib import Path
 
 import psutil
 
+from lorapipe.cli import StepError
+
 log = logging.getLogger("lorapipe")
 
 STATUS_DIR_ENV = "LORAPIPE_STATUS_DIR"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(StepError, RuntimeError):
     """A rank failed; the message names it and ends with its log tail."""
 
 

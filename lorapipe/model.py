@@ -25,7 +25,7 @@ from mindspore.parallel._utils import _get_parallel_mode  # noqa: E402
 from mindformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister  # noqa: E402
 
-MODEL_CLASS = "Baichuan2ForCausalLM"
+from lorapipe.spec import MODEL_CLASS  # noqa: E402,F401
 
 
 class NormHead(nn.Cell):
@@ -59,7 +59,9 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
     only place the head is used, so replacing the Cell is the whole difference)."""
 
     def __init__(self, config: LlamaConfig = None):
-        super().__init__(config)
+        # config by keyword: MindFormers reads disable_lazy_inline from keyword arguments only, and a
+        # lazily inlined cell fails to compile in graph mode under data parallel.
+        super().__init__(config=config)
         self.lm_head = NormHead(config.hidden_size, config.vocab_size, config.compute_dtype,
                                 config.param_init_type, config.init_method_std)
         par = config.parallel_config
@@ -71,37 +73,6 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
         # The parent loaded checkpoint_name_or_path into the head it had; load again into this one.
         if config.checkpoint_name_or_path:
             self.load_checkpoint(config)
-
-
-def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32", **extra):
-    """A MindFormers LlamaConfig (as a dict) for a Baichuan2 HF config.json, CPU-safe by default."""
-    return dict(
-        type="LlamaConfig",
-        batch_size=1,
-        seq_length=seq_length,
-        hidden_size=hf_config["hidden_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        num_heads=hf_config["num_attention_heads"],
-        intermediate_size=hf_config["intermediate_size"],
-        vocab_size=hf_config["vocab_size"],
-        rms_norm_eps=hf_config["rms_norm_eps"],
-        theta=10000.0,
-        bos_token_id=hf_config.get("bos_token_id", 1),
-        eos_token_id=hf_config.get("eos_token_id", 2),
-        pad_token_id=hf_config.get("pad_token_id", 0),
-        ignore_token_id=-100,
-        compute_dtype=compute_dtype,
-        layernorm_compute_type="float32",
-        softmax_compute_type="float32",
-        rotary_dtype="float32",
-        param_init_type=param_init_type,
-        use_past=False,
-        use_flash_attention=False,
-        fused_rms_norm=False,
-        use_rope_slice=True,
-        tie_word_embeddings=False,
-        **extra,
-    )
 
 
 def build_model(model_config, train=False):

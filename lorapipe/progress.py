@@ -12,12 +12,13 @@ class Progress:
     def __init__(self, what, total, unit="steps", scale=1.0, every=5.0):
         self.what, self.total, self.unit, self.scale, self.every = what, total, unit, scale, every
         self.start = self.last = time.time()
+        self.reported = None
 
     def update(self, done, **extra):
         now = time.time()
-        if done < self.total and now - self.last < self.every:
+        if done < self.total and now - self.last < self.every or done == self.reported == self.total:
             return
-        self.last = now
+        self.last, self.reported = now, done
         elapsed = now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate else float("nan")

@@ -1,6 +1,7 @@
 # Small path and parameter helpers shared by the rules. No logic beyond wiring.
 
 import glob
+import json
 import sys
 
 RESULTS = config["results"]
@@ -59,3 +60,41 @@ def data_files():
 
 
 RANK_TABLE = f"{RESULTS}/rank_table.json"
+
+
+FINETUNE = f"{RESULTS}/finetune"
+MF_CONFIG = f"{FINETUNE}/run_baichuan2_lora.yaml"
+
+
+def finetune_settings():
+    """Every config value that shapes training; all of it lands in the rendered MindFormers YAML."""
+    return {
+        "name": config["base_model"]["name"],
+        "seq_length": SEQ,
+        "device_target": config["device_target"],
+        "lora": config["lora"],
+        "train": config["train"],
+        "parallel": {k: config["parallel"][k] for k in
+                     ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")},
+    }
+
+
+def adapter_settings():
+    from lorapipe.finetune import adapter_config
+
+    return adapter_config(config["lora"], base_model_dir(), SEQ)
+
+
+def finetune_inputs(wildcards):
+    inputs = {"config": MF_CONFIG, "base_ckpt": base_ckpt(), "train_data": mindrecord("train")}
+    if config["parallel"]["launcher"] == "rank_table":
+        inputs["rank_table"] = RANK_TABLE
+    return inputs
+
+
+def launch_flags():
+    par = config["parallel"]
+    flags = f"--launcher {par['launcher']} --workers {par['workers']} --nodes {par['nodes']}"
+    if par["launcher"] == "rank_table":
+        flags += f" --rank_table {RANK_TABLE} --visible_devices {par['visible_devices']}"
+    return flags

@@ -85,7 +85,8 @@ def test_logits_match_an_independent_reference_forward(tiny_base_dir, converted)
     import mindspore as ms
     import transformers
 
-    from lorapipe.model import build_model, llama_config, logits
+    from lorapipe.model import build_model, logits
+    from lorapipe.spec import llama_config
 
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())
     net = build_model(llama_config(hf_config, seq_length=32))

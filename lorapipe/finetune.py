@@ -1,0 +1,231 @@
+"""The finetune stage: render the MindFormers YAML from the config, launch the ranks, collect outputs.
+
+This module never imports MindSpore: the ranks do (lorapipe.trainer via scripts/run_baichuan2.py).
+
+Resume: Snakemake deletes a rule's directory outputs before the job runs, so training state lives in
+`<state_root>/<sha256 of the rendered YAML>/`, which Snakemake does not know about. A rerun of the
+same YAML continues from the last checkpoint saved there; any change to the YAML (which holds every
+setting that alters training) gets a fresh state folder, and stale ones are deleted.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from lorapipe.cli import InputError
+from lorapipe.launch import launch
+from lorapipe.msckpt import iter_checkpoint
+from lorapipe.outputs import atomic_outputs, remove_path
+from lorapipe.progress import Progress
+from lorapipe.spec import MODEL_CLASS, llama_config
+
+log = logging.getLogger("lorapipe")
+
+RUN_BAICHUAN2 = Path(__file__).resolve().parent.parent / "scripts" / "run_baichuan2.py"
+LORA_SUFFIX = "_lora"
+
+
+def render_mindformers_config(hf_config, *, base_ckpt, train_data, seq_length, name, lora, train,
+                              parallel, device_target):
+    """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand."""
+    cpu = device_target == "CPU"
+    opt, lr = train["optimizer"], train["lr_schedule"]
+    if cpu:  # CPU: MindFormers' wrapper uses Ascend-only overflow ops (lorapipe.trainer)
+        wrapper = {"type": "CpuTrainOneStepCell", "use_clip_grad": True, "max_grad_norm": 1.0}
+    else:
+        scale = ({"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536, "scale_factor": 2,
+                  "scale_window": 1000} if train["loss_scale"] == "dynamic" else
+                 {"type": "FixedLossScaleUpdateCell", "loss_scale_value": train["loss_scale"]})
+        wrapper = {"type": "MFTrainOneStepCell", "scale_sense": scale, "use_clip_grad": True}
+    dataset = {"data_loader": {"type": "MindDataset", "dataset_dir": str(train_data), "shuffle": True},
+               "input_columns": ["input_ids", "labels"], "num_parallel_workers": 1 if cpu else 8,
+               "python_multiprocessing": False, "drop_remainder": True, "batch_size": train["batch_size"],
+               "repeat": 1, "numa_enable": False, "prefetch_size": 1}
+    context = {"mode": 0, "device_target": device_target, "max_call_depth": 10000, "save_graphs": False}
+    if parallel["max_device_memory"]:
+        context["max_device_memory"] = parallel["max_device_memory"]
+    return {
+        "seed": train["seed"],
+        "run_mode": "finetune",
+        "output_dir": "./output",  # set per run by lorapipe.trainer.finetune
+        "load_checkpoint": str(base_ckpt),
+        "load_ckpt_format": "ckpt",
+        "auto_trans_ckpt": False,
+        "resume_training": False,
+        "only_save_strategy": False,
+        "use_parallel": True,
+        "context": context,
+        # CPU trains data parallel only; on Ascend, semi-auto parallel as the recipe (strategy files).
+        "parallel": {"parallel_mode": 0 if cpu else 1, "gradients_mean": cpu, "full_batch": not cpu,
+                     "enable_parallel_optimizer": not cpu, "search_mode": "sharding_propagation",
+                     "strategy_ckpt_config": {"save_file": "./ckpt_strategy.ckpt",
+                                              "only_trainable_params": False}},
+        "parallel_config": {"data_parallel": parallel["data_parallel"],
+                            "model_parallel": parallel["model_parallel"],
+                            "pipeline_stage": parallel["pipeline_stage"], "micro_batch_num": 1,
+                            "vocab_emb_dp": True, "gradient_aggregation_group": 4},
+        "micro_batch_interleave_num": 1,
+        "recompute_config": {"recompute": not cpu, "mp_comm_recompute": not cpu,
+                             "recompute_slice_activation": not cpu},
+        "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
+        "model": {
+            "model_config": dict(
+                llama_config(hf_config, seq_length, compute_dtype=train["compute_dtype"],
+                             param_init_type=train["param_init_type"]), checkpoint_name_or_path="",
+                pet_config={"pet_type": "lora", "lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
+                            "lora_dropout": lora["dropout"], "target_modules": lora["target_modules"]}),
+            "arch": {"type": MODEL_CLASS},
+        },
+        "train_dataset": dataset,
+        "train_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": dataset},
+        "do_eval": False,
+        "runner_config": {"epochs": train["epochs"], "batch_size": train["batch_size"],
+                          "sink_mode": False, "sink_size": 1, "gradient_accumulation_steps": 1},
+        "runner_wrapper": wrapper,
+        "optimizer": {"type": opt["type"], "betas": [opt["beta1"], opt["beta2"]], "eps": opt["eps"],
+                      "weight_decay": opt["weight_decay"]},
+        "lr_schedule": {"type": lr["type"], "learning_rate": lr["learning_rate"], "lr_end": lr["lr_end"],
+                        "warmup_ratio": lr["warmup_ratio"], "total_steps": -1},
+        "callbacks": [
+            {"type": "MFLossMonitor", "per_print_times": 1},
+            {"type": "TsvLossMonitor"},
+            {"type": "CheckpointMonitor", "prefix": name + LORA_SUFFIX,
+             "save_checkpoint_steps": train["save_checkpoint_steps"], "keep_checkpoint_max": 2,
+             "integrated_save": False, "async_save": False, "checkpoint_format": "ckpt"},
+        ],
+        "profile": False,
+    }
+
+
+def write_mindformers_config(path, rendered, run=None, inputs=()):
+    with atomic_outputs([path], run=run, inputs=inputs) as (tmp,):
+        tmp.write_text("# Rendered by lorapipe from the workflow config; not for hand editing.\n"
+                       + yaml.safe_dump(rendered, sort_keys=False, allow_unicode=True))
+
+
+def adapter_config(lora, base_model, seq_length):
+    """PEFT-style adapter_config.json: what a loader needs to apply or fold the adapter."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+            "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+            "target_modules": lora["target_modules"], "scaling": lora["alpha"] / lora["rank"],
+            "mindspore_parameter_suffixes": ["mindpet_delta_lora_a", "mindpet_delta_lora_b"],
+            "seq_length": seq_length}
+
+
+# -- orchestration ----------------------------------------------------------------------------------
+
+def _state_dir(config_path, state_root):
+    digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16]
+    state_root = Path(state_root)
+    if state_root.is_dir():
+        for stale in state_root.iterdir():
+            if stale.name != digest:
+                log.info("removing training state of an earlier config: %s", stale)
+                remove_path(stale)
+    return state_root / digest
+
+
+def _global_step(ckpt):
+    for name, value in iter_checkpoint(ckpt, select=lambda n: n in ("global_step", "step_num")):
+        return int(value.reshape(-1)[0])
+    return -1
+
+
+def last_checkpoint(rank_dir):
+    """The newest checkpoint of one rank (by the global step stored in it), or None."""
+    ckpts = sorted(Path(rank_dir).glob("*.ckpt"))
+    return max(ckpts, key=_global_step) if ckpts else None
+
+
+def read_loss_tsv(path):
+    """Rows of a TsvLossMonitor file as dicts, the last row of each step (re-run steps repeat)."""
+    if not Path(path).is_file():
+        return []
+    lines = Path(path).read_text().splitlines()
+    rows = {}
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) == 7:
+            step, total, epoch, loss, lr, norm, seconds = fields
+            rows[int(step)] = {"step": int(step), "total": int(total), "epoch": int(epoch), "loss": float(loss),
+                               "lr": float(lr), "global_norm": float(norm), "seconds": float(seconds)}
+    return [rows[s] for s in sorted(rows)]
+
+
+def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun", nodes=1, node_rank=0,
+                 master_addr="127.0.0.1", master_port=None, rank_table=None, visible_devices=None,
+                 tokens_per_step=None, adapter=None, run=None, inputs=()):
+    """Train (or resume) with the rendered YAML and write to `out_dir`:
+    checkpoint_network/rank_<r>/<name>_lora.ckpt (+ strategy/), loss.tsv, adapter_config.json and
+    rank_logs/worker_<r>.log."""
+    rendered = yaml.safe_load(Path(config_path).read_text())
+    name = rendered["trainer"]["model_name"] + LORA_SUFFIX
+    state = _state_dir(config_path, state_root)
+    (state / "home").mkdir(parents=True, exist_ok=True)
+    ranks = [node_rank * workers + r for r in range(workers)]
+    ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
+    complete = state / "complete"
+    if complete.exists():
+        log.info("training with this config already finished in %s; collecting its outputs", state)
+    else:
+        resume = all(last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks)
+        if resume:
+            steps = [_global_step(last_checkpoint(ckpt_dir / f"rank_{r}")) for r in ranks]
+            log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir, min(steps))
+        progress = Progress("finetune", 1, unit="steps", every=5.0)
+        rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
+
+        def report():
+            rows = read_loss_tsv(rank0_tsv)
+            if rows:
+                progress.total = rows[-1]["total"]
+                progress.update(rows[-1]["step"], loss=rows[-1]["loss"], lr=rows[-1]["lr"])
+
+        args = [str(RUN_BAICHUAN2), "--run_mode", "finetune", "--config", str(Path(config_path).resolve()),
+                "--output_dir", str((state / "output").resolve()), "--loss_tsv", str(tsv.resolve())]
+        if resume:
+            args += ["--resume", str(ckpt_dir.resolve())]
+        # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
+        env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
+        launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, node_rank=node_rank,
+               master_addr=master_addr, master_port=master_port, rank_table=rank_table,
+               visible_devices=visible_devices, env=env, on_poll=report)
+        report()
+        complete.write_text("done\n")
+    return collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs)
+
+
+def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs):
+    out_dir = Path(out_dir)
+    finals = [out_dir / "checkpoint_network", out_dir / "loss.tsv", out_dir / "adapter_config.json",
+              out_dir / "rank_logs"]
+    with atomic_outputs(finals, run=run, inputs=inputs) as (ckpts, loss, adapter_json, logs):
+        for rank in ranks:
+            last = last_checkpoint(state / "output" / "checkpoint" / f"rank_{rank}")
+            if last is None:
+                raise InputError(f"training finished, but rank {rank} saved no checkpoint in {state}")
+            (ckpts / f"rank_{rank}").mkdir(parents=True)
+            shutil.copyfile(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
+        strategy = state / "output" / "strategy"
+        if strategy.is_dir() and any(strategy.iterdir()):
+            shutil.copytree(strategy, ckpts / "strategy")
+        rows = read_loss_tsv(str(tsv).format(rank=ranks[0]))
+        lines = ["step\tloss\tlr\ttokens_per_s"]
+        for prev, row in zip([None, *rows], rows):
+            dt = row["seconds"] - prev["seconds"] if prev and row["seconds"] > prev["seconds"] else None
+            speed = f"{tokens_per_step / dt:.0f}" if dt and tokens_per_step else ""
+            lines.append(f"{row['step']}\t{row['loss']:.6f}\t{row['lr']:.6g}\t{speed}")
+        loss.write_text("\n".join(lines) + "\n")
+        adapter_json.write_text(json.dumps(adapter or {}, indent=2) + "\n")
+        logs.mkdir()
+        for log_file in sorted((state / "logs").glob("*.log")):
+            shutil.copyfile(log_file, logs / log_file.name)
+    if rows:
+        log.info("finetune: %d steps, loss %.4f -> %.4f (rank %d)", len(rows), rows[0]["loss"],
+                 rows[-1]["loss"], ranks[0])
+    return out_dir

@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""One rank of the recipe's run_baichuan2.py: --run_mode finetune (started by msrun or the rank-table
+launcher, see scripts/finetune.py). Imports MindSpore and MindFormers."""
+
+import argparse
+import os
+
+from lorapipe.launch import worker_status
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True, help="rendered MindFormers YAML")
+    p.add_argument("--run_mode", choices=["finetune"], default="finetune")
+    p.add_argument("--output_dir", required=True, help="MindFormers output_dir (checkpoints, strategy)")
+    p.add_argument("--loss_tsv", required=True, help="per-step TSV; {rank} is replaced by the rank")
+    p.add_argument("--resume", default=None, help="checkpoint folder (with rank_*/) to continue from")
+    args = p.parse_args()
+    with worker_status(int(os.environ.get("RANK_ID", "0"))):
+        from lorapipe.trainer import finetune
+
+        finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume)
+
+
+if __name__ == "__main__":
+    main()
