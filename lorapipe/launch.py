@@ -82,6 +82,7 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, node_rank=0
     env = dict(os.environ, **(env or {}), **{STATUS_DIR_ENV: str(log_dir)})
     ranks = [node_rank * workers + r for r in range(workers)]
     job = _Job(ranks, log_dir)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so that `finally` stops the ranks
     try:
         if launcher == "msrun":
             cmd = msrun_command(script_args, workers, nodes, node_rank, master_addr,
@@ -98,6 +99,11 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, node_rank=0
         job.supervise(on_poll, poll)
     finally:
         job.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _Job:

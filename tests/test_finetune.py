@@ -1,0 +1,146 @@
+"""The finetune stage: YAML rendering, rank supervision, and a real resumed run on the tiny default."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import yaml
+
+from conftest import REPO, default_config, write_config
+from lorapipe.config import load_config
+from lorapipe.finetune import read_loss_tsv, render_mindformers_config
+from lorapipe.launch import LaunchError, launch
+from lorapipe.msckpt import iter_checkpoint
+
+HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176,
+             "vocab_size": 1000, "rms_norm_eps": 1e-6}
+
+
+def render(cfg):
+    par = cfg["parallel"]
+    return render_mindformers_config(
+        HF_CONFIG, base_ckpt="ckpt/rank_0/x.ckpt", train_data="data/belle.mindrecord",
+        seq_length=cfg["data"]["seq_length"], name="x", lora=cfg["lora"], train=cfg["train"],
+        device_target=cfg["device_target"],
+        parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")})
+
+
+def test_render_tiny_cpu():
+    y = render(default_config())
+    assert y["model"]["arch"]["type"] == "Baichuan2ForCausalLM"
+    assert y["model"]["model_config"]["pet_config"] == {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16,
+                                                        "lora_dropout": 0.0, "target_modules": ".*wq|.*wk|.*wv"}
+    mc = y["model"]["model_config"]
+    assert (mc["seq_length"], mc["hidden_size"], mc["num_layers"], mc["vocab_size"]) == (64, 64, 2, 1000)
+    assert mc["use_flash_attention"] is False and mc["fused_rms_norm"] is False and mc["use_rope_slice"] is True
+    assert y["context"]["device_target"] == "CPU" and y["parallel"]["parallel_mode"] == 0
+    assert y["runner_wrapper"]["type"] == "CpuTrainOneStepCell"
+    assert y["load_checkpoint"] == "ckpt/rank_0/x.ckpt"
+    assert y["train_dataset"]["data_loader"]["dataset_dir"] == "data/belle.mindrecord"
+
+
+def test_render_real_recipe():
+    real = load_config(REPO / "config/baichuan2_7b_910b.yaml")
+    y = render(real)
+    assert y["context"] == {"mode": 0, "device_target": "Ascend", "max_call_depth": 10000, "save_graphs": False,
+                            "max_device_memory": "59GB"}
+    assert y["parallel"]["parallel_mode"] == 1 and y["parallel_config"]["data_parallel"] == 8
+    assert y["runner_wrapper"]["scale_sense"] == {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536,
+                                                  "scale_factor": 2, "scale_window": 1000}
+    assert y["lr_schedule"] == {"type": "CosineWithWarmUpLR", "learning_rate": 2e-5, "lr_end": 2e-6,
+                                "warmup_ratio": 0.0, "total_steps": -1}
+    assert y["model"]["model_config"]["pet_config"]["lora_rank"] == 1
+    assert y["model"]["model_config"]["compute_dtype"] == "float16"
+    assert y["runner_config"]["batch_size"] == 2 and y["runner_config"]["epochs"] == 1
+
+
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    from lorapipe.launch import worker_status
+    with worker_status(int(os.environ["RANK_ID"])):
+        if os.environ.get("MS_ROLE") != "MS_SCHED":
+            print("rank", os.environ["RANK_ID"], "up", flush=True)
+            if os.environ["RANK_ID"] == "1" and sys.argv[1] != "ok":
+                time.sleep(1)
+                if sys.argv[1] == "crash":
+                    os._exit(139)  # dies without a Python exception
+                raise RuntimeError("rank 1 broke")
+            time.sleep(2 if sys.argv[1] == "ok" else 300)
+""")
+
+
+def no_workers_left(script):
+    return not [p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("launcher", ["msrun", "rank_table"])
+@pytest.mark.parametrize("mode", ["raise", "crash"])
+def test_a_failing_rank_stops_the_others_quickly(tmp_path, launcher, mode):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    start = time.time()
+    with pytest.raises(LaunchError) as e:
+        launch([str(script), mode], 2, tmp_path / "logs", launcher=launcher, rank_table=tmp_path / "t.json",
+               env=env)
+    assert time.time() - start < 60  # the healthy rank would sleep 300 s
+    assert str(e.value).startswith("rank 1 failed") or "rank 1 did not finish" in str(e.value)
+    assert "rank 1 up" in str(e.value)
+    assert no_workers_left(script)
+
+
+def test_all_ranks_succeed(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launch([str(script), "ok"], 2, tmp_path / "logs", env={"PATH": f"{os.path.dirname(sys.executable)}:"
+                                                                   f"{os.environ['PATH']}"})
+    assert sorted(p.name for p in (tmp_path / "logs").glob("done_rank_*")) == ["done_rank_0", "done_rank_1"]
+
+
+def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
+    """Kill a real 2-rank finetune after its first checkpoint; the rerun continues from there."""
+    cfg = default_config()
+    cfg["train"].update(epochs=2, save_checkpoint_steps=20)
+    configfile = write_config(tmp_path / "c.yaml", cfg)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+           "--configfile", str(configfile), "--cores", "2"]
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    subprocess.run(cmd + ["mf_config"], check=True, capture_output=True, env=env)
+    state = tmp_path / "results/tiny/.finetune_state"
+    first = subprocess.Popen(cmd + ["finetune"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while not list(state.glob("*/output/checkpoint/rank_1/*.ckpt")):
+        assert first.poll() is None and time.time() < deadline, "no checkpoint was saved"
+        time.sleep(0.5)
+    time.sleep(1)
+    os.killpg(first.pid, signal.SIGTERM)  # what Snakemake's job gets on Ctrl-C
+    first.wait(timeout=60)
+    assert no_workers_left("run_baichuan2.py")
+    assert not (tmp_path / "results/tiny/finetune/loss.tsv").exists()
+
+    second = subprocess.run(cmd + ["finetune"], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from the checkpoints" in second.stderr
+    rows = read_loss_tsv(next(state.glob("*/train_log_rank_0.tsv")))
+    assert [r["step"] for r in rows] == list(range(1, rows[-1]["total"] + 1))
+
+    out = tmp_path / "results/tiny/finetune"
+    loss = [float(line.split("\t")[1]) for line in (out / "loss.tsv").read_text().splitlines()[1:]]
+    assert sum(loss[-10:]) / 10 < sum(loss[:10]) / 10 - 0.5  # training loss falls
+    base = dict(iter_checkpoint(tmp_path / "results/tiny/ckpt/rank_0/baichuan2_tiny.ckpt"))
+    for rank in (0, 1):
+        trained = dict(iter_checkpoint(out / f"checkpoint_network/rank_{rank}/baichuan2_tiny_lora.ckpt"))
+        assert all(trained[k].tobytes() == v.tobytes() for k, v in base.items())  # only LoRA trained
+        lora = [k for k in trained if k.endswith(("mindpet_delta_lora_a", "mindpet_delta_lora_b"))
+                and not k.startswith("adam")]
+        assert len(lora) == 12 and int(trained["global_step"].reshape(-1)[0]) == len(loss)
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16
+    assert sorted(p.name for p in (out / "rank_logs").glob("worker_*.log")) == ["worker_0.log", "worker_1.log"]
+    assert yaml.safe_load((out / "run_baichuan2_lora.yaml").read_text())["runner_config"]["epochs"] == 2
