@@ -30,9 +30,11 @@ include: "rules/weights.smk"
 include: "rules/data.smk"
 include: "rules/cluster.smk"
 include: "rules/finetune.smk"
+include: "rules/checkpoints.smk"
 
 
 rule all:
     default_target: True
     input:
-        f"{FINETUNE}/checkpoint_network",
+        MERGED_CKPT,
+        f"{HF_EXPORT}/model.safetensors",

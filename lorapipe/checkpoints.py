@@ -6,7 +6,6 @@ transform_checkpoints, which needs the shards of each tensor together).
 """
 
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -21,19 +20,20 @@ log = logging.getLogger("lorapipe")
 
 LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
 
-# A parameter of the Baichuan2 network, by exact name: base weights and LoRA adapters on any linear.
-_LINEAR = r"model\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])"
-_MODEL_PARAMETER = re.compile(
-    r"model\.tok_embeddings\.embedding_weight|model\.norm_out\.weight|lm_head\.weight"
-    rf"|{_LINEAR}\.weight|model\.layers\.\d+\.(attention_norm|ffn_norm)\.weight"
-    rf"|{_LINEAR}\.({LORA_A}|{LORA_B})")
+# Training state that is not a network parameter, by exact name or exact prefix (the recipe's
+# filter_ckpt_param.py list plus global_batch_size). Substrings are never enough: a parameter whose
+# name merely contains "adam" is kept.
+BOOKKEEPING = frozenset({"global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
+                         "current_iterator_step", "last_overflow_iterator_step", "global_batch_size"})
+OPTIMIZER_STATE_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "moment1.", "moment2.", "exp_avg.",
+                            "exp_avg_sq.")
 
 
 def is_model_parameter(name):
-    """True for a network parameter; False for optimizer state (adam_m.*, adam_v.*, accu_grads.*) and
-    bookkeeping (global_step, epoch_num, step_num, loss_scale, scale_sense, global_batch_size, ...).
-    Exact patterns, not substrings: a parameter whose name merely contains "adam" is kept."""
-    return _MODEL_PARAMETER.fullmatch(name) is not None
+    """True for a network parameter. False for bookkeeping, optimizer state, and any other top-level
+    entry: every network parameter lives under a cell path (`model.`, `lm_head.`), training state
+    such as counters and learning rates does not."""
+    return name not in BOOKKEEPING and not name.startswith(OPTIMIZER_STATE_PREFIXES) and "." in name
 
 
 def _open(path):
@@ -47,22 +47,10 @@ def _open(path):
 
 
 def filter_checkpoint(src, dst, run=None):
-    """Copy only the network parameters of `src` to `dst`, one tensor at a time.
-
-    Returns the names dropped."""
-    index = _open(src)
-    dropped = [name for name, _, _ in index if not is_model_parameter(name)]
-    kept = len(index) - len(dropped)
-    if not kept:
-        raise InputError(f"{src}: no network parameters in it (only {', '.join(dropped[:5])} ...)")
-    progress = Progress(f"filter {Path(src).name}", kept, unit="tensors")
-    with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,), CheckpointWriter(tmp) as writer:
-        for i, (name, array) in enumerate(_stream(src, select=is_model_parameter)):
-            writer.add(name, array)
-            progress.update(i + 1)
-    log.info("%s: kept %d parameters, dropped %d entries (%s)", src, kept, len(dropped),
-             ", ".join(sorted({d.split(".")[0] for d in dropped})))
-    return dropped
+    """Copy only the network parameters of `src` to `dst`, one tensor at a time; returns the names
+    dropped."""
+    with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,):
+        return _filter_into(src, tmp)
 
 
 def _stream(path, select=None):
@@ -139,3 +127,75 @@ def fold_lora(src, dst, alpha, rank, run=None):
             progress.update(done)
     log.info("folded %d LoRA adapters with scale alpha/rank = %s/%s = %s", len(pairs), alpha, rank, scale)
     return sorted(pairs)
+
+
+def rank_checkpoints(src_dir, ranks=None):
+    """[rank_0 ckpt, rank_1 ckpt, ...] of a folder of rank_<r>/ sub-folders with one .ckpt each.
+    With `ranks`, exactly that many ranks must be there."""
+    src_dir = Path(src_dir)
+    found = {}
+    for folder in src_dir.glob("rank_*"):
+        if folder.name[5:].isdigit():
+            ckpts = sorted(folder.glob("*.ckpt"))
+            if len(ckpts) != 1:
+                raise InputError(f"{folder}: expected one .ckpt, found {len(ckpts)}")
+            found[int(folder.name[5:])] = ckpts[0]
+    count = ranks if ranks is not None else (max(found) + 1 if found else 0)
+    missing = [f"rank_{r}" for r in range(count) if r not in found]
+    if not found or missing:
+        raise InputError(f"{src_dir}: missing {', '.join(missing) or 'rank_0'} (expected rank_0 .. rank_{count - 1})")
+    extra = sorted(r for r in found if r >= count)
+    if extra:
+        raise InputError(f"{src_dir}: has rank_{extra[0]}, but only {count} ranks were expected")
+    return [found[r] for r in range(count)]
+
+
+def filter_checkpoint_dir(src_dir, dst_dir, run=None):
+    """filter_checkpoint for every rank_<r>/*.ckpt of src_dir -> dst_dir/rank_<r>/ (strategy/ kept)."""
+    ckpts = rank_checkpoints(src_dir)
+    with atomic_outputs([dst_dir], run=run, inputs=ckpts) as (tmp,):
+        for ckpt in ckpts:
+            (tmp / ckpt.parent.name).mkdir(parents=True)
+            _filter_into(ckpt, tmp / ckpt.parent.name / ckpt.name)
+        if (Path(src_dir) / "strategy").is_dir():
+            shutil.copytree(Path(src_dir) / "strategy", tmp / "strategy")
+    return dst_dir
+
+
+def _filter_into(src, dst):
+    index = _open(src)
+    dropped = [name for name, _, _ in index if not is_model_parameter(name)]
+    kept = len(index) - len(dropped)
+    if not kept:
+        raise InputError(f"{src}: no network parameters in it (only {', '.join(dropped[:5])} ...)")
+    progress = Progress(f"filter {Path(src).parent.name}", kept, unit="tensors")
+    with CheckpointWriter(dst) as writer:
+        for i, (name, array) in enumerate(_stream(src, select=is_model_parameter)):
+            writer.add(name, array)
+            progress.update(i + 1)
+    log.info("%s: kept %d parameters, dropped %d entries (%s)", src, kept, len(dropped),
+             ", ".join(sorted({d.split(".")[0] for d in dropped})))
+    return dropped
+
+
+def transform_with_strategy(src_dir, dst_ckpt, strategy, prefix="checkpoint_", run=None):
+    """Merge model-parallel shards into one complete checkpoint with MindSpore's transform_checkpoints;
+    a strategy folder (one file per pipeline stage or rank) is merged into one file first."""
+    import tempfile
+
+    import mindspore as ms
+
+    ckpts = rank_checkpoints(src_dir)
+    strategy = Path(strategy)
+    with tempfile.TemporaryDirectory(prefix="lorapipe-transform-") as work, \
+            atomic_outputs([dst_ckpt], run=run, inputs=[*ckpts, strategy]) as (tmp,):
+        work = Path(work)
+        if strategy.is_dir():
+            merged_strategy = work / "merged_strategy.ckpt"
+            ms.merge_pipeline_strategys(str(strategy), str(merged_strategy))
+            strategy = merged_strategy
+        ms.transform_checkpoints(str(src_dir), str(work / "out"), prefix, str(strategy), None)
+        produced = sorted((work / "out").rglob("*.ckpt"))
+        if len(produced) != 1:
+            raise InputError(f"transform_checkpoints wrote {len(produced)} checkpoints, expected one")
+        shutil.move(produced[0], tmp)

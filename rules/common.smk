@@ -3,6 +3,7 @@
 import glob
 import json
 import sys
+from pathlib import Path
 
 RESULTS = config["results"]
 TINY = config["base_model"]["path"] == "tiny"
@@ -98,3 +99,14 @@ def launch_flags():
     if par["launcher"] == "rank_table":
         flags += f" --rank_table {RANK_TABLE} --visible_devices {par['visible_devices']}"
     return flags
+
+
+FILTER_OUT = f"{RESULTS}/filter_out"
+MERGED_CKPT = f"{RESULTS}/merged_ckpt/rank_0/checkpoint_0.ckpt"
+MERGED_LORA = f"{RESULTS}/merged_lora/rank_0/merged_lora.ckpt"
+HF_EXPORT = f"{RESULTS}/hf"
+
+
+def strategy_flag(checkpoints_dir):
+    strategy = Path(checkpoints_dir) / "strategy"
+    return f"--src_ckpt_strategy {strategy}" if strategy.is_dir() else ""

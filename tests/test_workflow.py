@@ -17,7 +17,7 @@ def planned_jobs(proc):
 def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=tiny_config)
     assert planned_jobs(proc) == {"tiny_base": 1, "ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1,
-                                  "all": 1}
+                                  "filter_out": 1, "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "all": 1}
 
 
 def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
@@ -27,7 +27,8 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
     real["base_model"]["path"] = str(tmp_path / "results/tiny/tiny_base")
     real["data"]["train"] = str(SAMPLE_DATA)
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "real.yaml", real))
-    assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1, "all": 1}
+    assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1, "filter_out": 1,
+                                  "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "all": 1}
 
 
 def test_end_to_end_tiny_default(tmp_path, tiny_config):
@@ -36,7 +37,8 @@ def test_end_to_end_tiny_default(tmp_path, tiny_config):
     assert (base / "pytorch_model.bin").stat().st_size > 0
     manifest = json.loads((base / "pytorch_model.bin.manifest.json").read_text())
     assert manifest["rule"] == "tiny_base"
-    for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "finetune"):
+    for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "finetune", "filter_out", "merged_ckpt",
+                 "fold_lora", "export_hf"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
     assert (tmp_path / "results/tiny/finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt").exists()

@@ -1,0 +1,79 @@
+# Checkpoint stage: per-rank training checkpoints -> filtered -> merged -> LoRA folded -> HF export.
+
+
+rule filter_out:
+    """Drop optimizer state and bookkeeping from every rank's checkpoint (filter_ckpt_param.py)."""
+    input:
+        checkpoints=f"{FINETUNE}/checkpoint_network",
+        script=f"{SCRIPTS}/filter_ckpt_param.py",
+    output:
+        checkpoints=directory(FILTER_OUT),
+        manifest=FILTER_OUT + ".manifest.json",
+    log:
+        log_path("filter_out"),
+    benchmark:
+        benchmark_path("filter_out")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --src_ckpt_dir {input.checkpoints} "
+        "--dst_ckpt_dir {output.checkpoints}"
+
+
+rule merged_ckpt:
+    """One complete checkpoint from the per-rank ones (transform_ckpt.py)."""
+    input:
+        checkpoints=FILTER_OUT,
+        script=f"{SCRIPTS}/transform_ckpt.py",
+    output:
+        ckpt=MERGED_CKPT,
+        manifest=MERGED_CKPT + ".manifest.json",
+    params:
+        ranks=config["parallel"]["workers"] * config["parallel"]["nodes"],
+        # Data parallel on CPU writes no strategy; semi-auto parallel (Ascend) does.
+        strategy=lambda wildcards, input: strategy_flag(input.checkpoints),
+    log:
+        log_path("merged_ckpt"),
+    benchmark:
+        benchmark_path("merged_ckpt")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --src_ckpt_dir {input.checkpoints} "
+        "--dst_ckpt_dir {RESULTS}/merged_ckpt --prefix checkpoint_ --ranks {params.ranks} {params.strategy}"
+
+
+rule fold_lora:
+    """W += (B @ A) * alpha / rank: the finetuned model as plain Baichuan2 weights."""
+    input:
+        ckpt=MERGED_CKPT,
+        script=f"{SCRIPTS}/fold_lora.py",
+    output:
+        ckpt=MERGED_LORA,
+        manifest=MERGED_LORA + ".manifest.json",
+    params:
+        alpha=config["lora"]["alpha"],
+        rank=config["lora"]["rank"],
+    log:
+        log_path("fold_lora"),
+    benchmark:
+        benchmark_path("fold_lora")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --src_ckpt {input.ckpt} --dst_ckpt {output.ckpt} "
+        "--lora_alpha {params.alpha} --lora_rank {params.rank}"
+
+
+rule export_hf:
+    """The folded model as an HF directory (safetensors and pytorch_model.bin)."""
+    input:
+        ckpt=MERGED_LORA,
+        base=f"{base_model_dir()}/config.json",
+        script=f"{SCRIPTS}/export_hf.py",
+    output:
+        multiext(f"{HF_EXPORT}/", "model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.model"),
+        manifest=f"{HF_EXPORT}/model.safetensors.manifest.json",
+    params:
+        base=base_model_dir(),
+    log:
+        log_path("export_hf"),
+    benchmark:
+        benchmark_path("export_hf")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "--base_model_dir {params.base} --out_dir {HF_EXPORT}"

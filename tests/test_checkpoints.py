@@ -1,0 +1,145 @@
+"""filter_out, merged_ckpt, fold_lora on real MindSpore checkpoints."""
+
+import json
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from lorapipe.checkpoints import (filter_checkpoint, filter_checkpoint_dir, fold_lora, is_model_parameter,
+                                  merge_data_parallel, rank_checkpoints)
+from lorapipe.cli import InputError
+from lorapipe.msckpt import iter_checkpoint, write_checkpoint
+from lorapipe.weights import convert_hf_to_mindspore
+
+LORA_RANK, LORA_ALPHA = 4, 16.0
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tiny_base_dir, tmp_path_factory):
+    return convert_hf_to_mindspore(tiny_base_dir, tmp_path_factory.mktemp("base") / "base.ckpt")
+
+
+def lora_tensors(base, seed=0):
+    """Random LoRA adapters (B non-zero, unlike a fresh init) for every wq/wk/wv of `base`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, array in base.items():
+        if name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")):
+            cell = name[: -len(".weight")]
+            out[f"{cell}.mindpet_delta_lora_a"] = rng.standard_normal((LORA_RANK, array.shape[1])).astype(np.float32) * 0.1
+            out[f"{cell}.mindpet_delta_lora_b"] = rng.standard_normal((array.shape[0], LORA_RANK)).astype(np.float32) * 0.1
+    return out
+
+
+def training_checkpoint(path, base, lora):
+    """What a finetune rank saves: parameters, Adam state and bookkeeping, interleaved."""
+    entries = [*base.items(), *lora.items()]
+    entries += [(f"adam_m.{n}", np.zeros_like(a)) for n, a in lora.items()]
+    entries += [(f"adam_v.{n}", np.ones_like(a)) for n, a in lora.items()]
+    entries += [("global_step", np.array([10], np.int32)), ("epoch_num", np.array([1], np.int32)),
+                ("step_num", np.array([10], np.int32)), ("loss_scale", np.array([1.0], np.float32)),
+                ("global_batch_size", np.array([8], np.int32)), ("accu_grads.x.weight", np.zeros(2, np.float32)),
+                ("scale_sense", np.array(1.0, np.float32)), ("learning_rate", np.array(1e-3, np.float32))]
+    write_checkpoint(path, entries)
+    return path
+
+
+@pytest.mark.parametrize("name, keep", [
+    ("model.layers.0.attention.wq.weight", True), ("model.layers.0.attention.wq.mindpet_delta_lora_a", True),
+    ("lm_head.weight", True), ("model.adam_gate.weight", True),  # merely contains "adam": kept
+    ("adam_m.model.layers.0.attention.wq.mindpet_delta_lora_a", False), ("adam_v.lm_head.weight", False),
+    ("accu_grads.model.norm_out.weight", False), ("global_step", False), ("epoch_num", False),
+    ("step_num", False), ("loss_scale", False), ("scale_sense", False), ("current_iterator_step", False),
+    ("last_overflow_iterator_step", False), ("global_batch_size", False), ("learning_rate", False),
+])
+def test_filter_rules_are_exact(name, keep):
+    assert is_model_parameter(name) is keep
+
+
+def test_filter_keeps_exactly_the_parameters(base_ckpt, tmp_path):
+    base = dict(iter_checkpoint(base_ckpt))
+    lora = lora_tensors(base)
+    src = training_checkpoint(tmp_path / "train.ckpt", base, lora)
+    dropped = filter_checkpoint(src, tmp_path / "filtered.ckpt")
+    assert len(dropped) == 2 * len(lora) + 8
+    got = ms.load_checkpoint(str(tmp_path / "filtered.ckpt"))
+    assert list(got) == [*base, *lora]
+    assert all(np.array_equal(got[n].asnumpy(), a) for n, a in {**base, **lora}.items())
+
+
+def make_ranks(folder, base, lora, ranks=2):
+    for r in range(ranks):
+        (folder / f"rank_{r}").mkdir(parents=True)
+        training_checkpoint(folder / f"rank_{r}" / "x_lora.ckpt", base, lora)
+    return folder
+
+
+def test_filter_dir_merge_and_bad_ranks(base_ckpt, tmp_path):
+    base = dict(iter_checkpoint(base_ckpt))
+    lora = lora_tensors(base)
+    filtered = filter_checkpoint_dir(make_ranks(tmp_path / "net", base, lora), tmp_path / "filter_out")
+    ckpts = rank_checkpoints(filtered, 2)
+    merge_data_parallel(ckpts, tmp_path / "merged" / "checkpoint_0.ckpt")
+    assert (tmp_path / "merged" / "checkpoint_0.ckpt").read_bytes() == ckpts[0].read_bytes()
+
+    with pytest.raises(InputError, match="missing rank_2"):
+        rank_checkpoints(filtered, 3)
+    other = filter_checkpoint_dir(make_ranks(tmp_path / "disagree", base, lora_tensors(base, seed=1), ranks=1),
+                                  tmp_path / "disagree_filtered")
+    with pytest.raises(InputError, match=r"differs from rank 0's"):
+        merge_data_parallel([ckpts[0], rank_checkpoints(other)[0]], tmp_path / "bad" / "c.ckpt")
+    truncated = tmp_path / "trunc.ckpt"
+    truncated.write_bytes(ckpts[1].read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"trunc\.ckpt: truncated"):
+        merge_data_parallel([ckpts[0], truncated], tmp_path / "bad" / "c.ckpt")
+    with pytest.raises(InputError, match=r"trunc\.ckpt: truncated"):
+        filter_checkpoint(truncated, tmp_path / "bad" / "f.ckpt")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_folded_model_equals_base_plus_adapter(tiny_base_dir, base_ckpt, tmp_path):
+    from mindformers.pet import LoraConfig, LoraModel
+
+    from lorapipe.model import build_model, logits
+    from lorapipe.spec import llama_config
+
+    base = dict(iter_checkpoint(base_ckpt))
+    lora = lora_tensors(base)
+    write_checkpoint(tmp_path / "merged.ckpt", [*base.items(), *lora.items()])
+    folded_names = fold_lora(tmp_path / "merged.ckpt", tmp_path / "folded.ckpt", LORA_ALPHA, LORA_RANK)
+    assert len(folded_names) == 6
+    folded = dict(iter_checkpoint(tmp_path / "folded.ckpt"))
+    assert sorted(folded) == sorted(base)  # no LoRA keys left
+
+    hf_config = json.loads((tiny_base_dir / "config.json").read_text())
+    ids = np.random.default_rng(0).integers(1, hf_config["vocab_size"], size=(2, 16)).astype(np.int32)
+
+    def load(net, tensors):
+        params = {p.name: p for p in net.get_parameters()}
+        missing = [n for n in params if n not in tensors]
+        assert not missing, missing
+        for name, p in params.items():
+            p.set_data(ms.Tensor(tensors[name]))
+
+    # base + adapter, computed by MindFormers' own LoRA layers (dropout off)
+    adapted = LoraModel(LoraConfig(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                   target_modules=".*wq|.*wk|.*wv"), build_model(llama_config(hf_config, 32)))
+    adapted.set_train(False)
+    load(adapted, {**base, **lora})
+    plain = build_model(llama_config(hf_config, 32))
+    load(plain, folded)
+    want, got = adapted(ms.Tensor(ids))[0].asnumpy(), logits(plain, ids)
+    assert np.abs(got - want).max() < 1e-5
+    load(plain, base)  # the adapter matters: without it the logits are clearly different
+    assert np.abs(logits(plain, ids) - want).max() > 1e-3
+
+
+def test_fold_needs_the_training_rank(base_ckpt, tmp_path):
+    base = dict(iter_checkpoint(base_ckpt))
+    write_checkpoint(tmp_path / "m.ckpt", [*base.items(), *lora_tensors(base).items()])
+    with pytest.raises(InputError, match="has rank 4, but the config says lora.rank 8"):
+        fold_lora(tmp_path / "m.ckpt", tmp_path / "f.ckpt", LORA_ALPHA, 8)
+    with pytest.raises(InputError, match="no LoRA tensors"):
+        fold_lora(base_ckpt, tmp_path / "f.ckpt", LORA_ALPHA, LORA_RANK)
+    assert not (tmp_path / "f.ckpt").exists()
