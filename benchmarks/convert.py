@@ -14,12 +14,12 @@ and prints a markdown table of wall time, peak RSS and MB/s, with ratios against
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import measure, warm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,17 +67,6 @@ def make_checkpoint(folder, layers, hidden, intermediate, vocab):
     return max(t.numel() * 4 for t in state.values())
 
 
-def measure(cmd):
-    """Wall seconds and peak RSS (MiB) of one command in its own process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=3)
@@ -94,9 +83,7 @@ def main():
     largest = int(subprocess.check_output([py, "-c", GENERATE, str(Path(__file__).parent), str(src), str(args.layers),
                                            str(args.hidden), str(args.intermediate), str(args.vocab)]))
     size = (src / "pytorch_model.bin").stat().st_size
-    with open(src / "pytorch_model.bin", "rb") as f:  # warm the page cache: all methods read from memory
-        while f.read(64 << 20):
-            pass
+    warm(src / "pytorch_model.bin")
     runs = {
         "copy": [py, "-c", "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
                  str(src / "pytorch_model.bin"), str(args.workdir / "copy.bin")],

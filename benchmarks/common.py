@@ -1,0 +1,25 @@
+"""What the benchmarks share: run one command in its own process, measure wall time and peak RSS."""
+
+import os
+import subprocess
+import time
+
+
+def measure(cmd):
+    """Wall seconds and peak RSS (MiB) of one command in its own process.
+
+    Keep the calling process small: a forked child's peak RSS starts from its parent's."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def warm(path):
+    """Read a file once so that every method reads it from the page cache."""
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
