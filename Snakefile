@@ -31,6 +31,8 @@ include: "rules/data.smk"
 include: "rules/cluster.smk"
 include: "rules/finetune.smk"
 include: "rules/checkpoints.smk"
+include: "rules/predict.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -38,3 +40,4 @@ rule all:
     input:
         MERGED_CKPT,
         f"{HF_EXPORT}/model.safetensors",
+        f"{REPORT}/summary.html",

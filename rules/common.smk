@@ -2,6 +2,7 @@
 
 import glob
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,3 +111,16 @@ HF_EXPORT = f"{RESULTS}/hf"
 def strategy_flag(checkpoints_dir):
     strategy = Path(checkpoints_dir) / "strategy"
     return f"--src_ckpt_strategy {strategy}" if strategy.is_dir() else ""
+
+
+PREDICTIONS = f"{RESULTS}/predict/predictions.jsonl"
+METRICS = f"{RESULTS}/evaluate/metrics.json"
+
+
+def generation_flags():
+    keys = ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "repetition_penalty")
+    return " ".join(f"--{k} {config['predict'][k]}" for k in keys)
+
+
+REPORT = f"{RESULTS}/report"
+DATA_STATS = f"{RESULTS}/data/belle_{SEQ}.stats.json"

@@ -10,7 +10,7 @@ rule mindrecord:
     output:
         multiext(mindrecord("train"), "", ".db"),
         multiext(mindrecord("heldout"), "", ".db"),
-        stats=f"{RESULTS}/data/belle_{SEQ}.stats.json",
+        stats=DATA_STATS,
         manifest=mindrecord("train") + ".manifest.json",
     params:
         input_glob=config["data"]["train"],

@@ -17,7 +17,8 @@ def planned_jobs(proc):
 def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=tiny_config)
     assert planned_jobs(proc) == {"tiny_base": 1, "ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1,
-                                  "filter_out": 1, "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "all": 1}
+                                  "filter_out": 1, "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1,
+                                  "evaluate": 1, "report": 1, "all": 1}
 
 
 def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
@@ -28,7 +29,8 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
     real["data"]["train"] = str(SAMPLE_DATA)
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "real.yaml", real))
     assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1, "filter_out": 1,
-                                  "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "all": 1}
+                                  "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1, "evaluate": 1,
+                                  "report": 1, "all": 1}
 
 
 def test_end_to_end_tiny_default(tmp_path, tiny_config):
@@ -38,10 +40,18 @@ def test_end_to_end_tiny_default(tmp_path, tiny_config):
     manifest = json.loads((base / "pytorch_model.bin.manifest.json").read_text())
     assert manifest["rule"] == "tiny_base"
     for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "finetune", "filter_out", "merged_ckpt",
-                 "fold_lora", "export_hf"):
+                 "fold_lora", "export_hf", "predict", "evaluate", "report"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
     assert (tmp_path / "results/tiny/finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt").exists()
+    metrics = json.loads((tmp_path / "results/tiny/evaluate/metrics.json").read_text())
+    assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 0.5  # the finetune helped
+    predictions = [json.loads(line) for line in
+                   (tmp_path / "results/tiny/predict/predictions.jsonl").read_text().splitlines()]
+    assert [(p["index"], p["model"]) for p in predictions] == [(i, m) for i in range(3) for m in ("finetuned", "base")]
+    assert all(p["prompt_tokens"] > 0 and p["seconds"] >= 0 for p in predictions)
+    report = snakemake(tmp_path, "--report", "report.html", configfile=tiny_config)
+    assert (tmp_path / "report.html").stat().st_size > 10000, report.stderr
     # Nothing is stale after a complete run.
     assert "Nothing to be done" in snakemake(tmp_path, "-n", configfile=tiny_config).stdout
 

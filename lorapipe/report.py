@@ -1,0 +1,73 @@
+"""Figures and tables for `snakemake --report`: loss curve, data statistics, evaluation, predictions."""
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss(loss_tsv, png):
+    lines = Path(loss_tsv).read_text().splitlines()[1:]
+    steps = [int(line.split("\t")[0]) for line in lines]
+    loss = [float(line.split("\t")[1]) for line in lines]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, lw=1, label="loss (rank 0)")
+    window = max(1, len(loss) // 10)
+    if len(loss) > window > 1:
+        smooth = [sum(loss[i - window + 1:i + 1]) / window for i in range(window - 1, len(loss))]
+        ax.plot(steps[window - 1:], smooth, lw=2, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="training loss", title="LoRA finetune")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_lengths(stats_json, png):
+    stats = json.loads(Path(stats_json).read_text())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for split in ("train", "heldout"):
+        hist = stats.get(split, {}).get("length_histogram")
+        if hist:
+            edges, counts = hist["edges"], hist["counts"]
+            ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
+                   alpha=0.6, label=split)
+    ax.axvline(stats["seq_length"] + 1, color="k", ls="--", label="row length (longer: truncated)")
+    ax.set(xlabel="tokens per conversation", ylabel="conversations", title="Token lengths")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _table(header, rows):
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
+
+
+def summary_html(metrics_json, stats_json, predictions_jsonl, out_html):
+    metrics = json.loads(Path(metrics_json).read_text())
+    stats = json.loads(Path(stats_json).read_text())
+    predictions = [json.loads(line) for line in Path(predictions_jsonl).read_text().splitlines()]
+    parts = [
+        "<h2>Held-out evaluation</h2>",
+        _table(["model", "loss", "perplexity", "tokens", "samples"],
+               [[m, f"{v['loss']:.4f}", f"{v['perplexity']:.2f}", v["tokens"], v["samples"]]
+                for m, v in metrics.items()]),
+        "<h2>Data</h2>",
+        _table(["split", "samples", "tokens", "label tokens", "truncated", "mean length", "max length"],
+               [[s, stats[s]["samples"], stats[s]["tokens"], stats[s]["label_tokens"],
+                 f"{stats[s]['truncated']} ({100 * stats[s]['truncated_ratio']:.1f}%)", stats[s]["length_mean"],
+                 stats[s]["length_max"]] for s in ("train", "heldout") if s in stats])
+        + f"<p>{stats['skipped']} bad records skipped; rows of {stats['seq_length'] + 1} tokens.</p>",
+        "<h2>Sample predictions</h2>",
+        _table(["prompt", "model", "response", "new tokens", "seconds"],
+               [[p["prompt"], p["model"], p["response"], p["new_tokens"], p["seconds"]] for p in predictions]),
+    ]
+    Path(out_html).write_text("<html><meta charset='utf-8'><body>" + "\n".join(parts) + "</body></html>\n",
+                              encoding="utf-8")

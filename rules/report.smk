@@ -1,0 +1,23 @@
+# Report: figures and tables that `snakemake --report report.html` collects (with the rule graph).
+
+
+rule report:
+    """Loss curve, token-length histogram, and a summary of evaluation, data and predictions."""
+    input:
+        loss=f"{FINETUNE}/loss.tsv",
+        stats=DATA_STATS,
+        metrics=METRICS,
+        predictions=PREDICTIONS,
+        script=f"{SCRIPTS}/make_report.py",
+    output:
+        loss=report(f"{REPORT}/loss.png", category="Training", caption="../report/loss.rst"),
+        lengths=report(f"{REPORT}/lengths.png", category="Data", caption="../report/lengths.rst"),
+        summary=report(f"{REPORT}/summary.html", category="Summary", caption="../report/summary.rst"),
+        manifest=f"{REPORT}/loss.png.manifest.json",
+    log:
+        log_path("report"),
+    benchmark:
+        benchmark_path("report")
+    shell:
+        "{PYTHON} {input.script} --rule {rule} --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
+        "--metrics {input.metrics} --predictions {input.predictions} --out_dir {REPORT}"
