@@ -7,7 +7,6 @@ from snakemake.utils import update_config
 
 from lorapipe.config import check_base_model_dir, load_yaml, validate
 
-
 # The config: config/config.yaml, or the file(s) given with --configfile INSTEAD of it (Snakemake's
 # own `configfile:` would merge the tiny default's keys into the real recipe's). Each file is read
 # strictly (a duplicate key is an error), --config overrides apply last, and the result is
@@ -23,6 +22,10 @@ update_config(config, _cli_overrides)
 validate(config, source=", ".join(_config_files))
 if config["base_model"]["path"] != "tiny":
     check_base_model_dir(config["base_model"]["path"])
+
+
+envvars:
+    "PATH",
 
 
 include: "rules/common.smk"

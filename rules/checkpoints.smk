@@ -8,13 +8,15 @@ rule filter_out:
         script=f"{SCRIPTS}/filter_ckpt_param.py",
     output:
         checkpoints=directory(FILTER_OUT),
-        manifest=FILTER_OUT + ".manifest.json",
+        manifest=f"{FILTER_OUT}.manifest.json",
     log:
         log_path("filter_out"),
     benchmark:
         benchmark_path("filter_out")
+    conda:
+        "../envs/lorapipe.yaml"
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --src_ckpt_dir {input.checkpoints} "
+        "python {input.script} --rule filter_out --log {log} --src_ckpt_dir {input.checkpoints} "
         "--dst_ckpt_dir {output.checkpoints}"
 
 
@@ -25,18 +27,21 @@ rule merged_ckpt:
         script=f"{SCRIPTS}/transform_ckpt.py",
     output:
         ckpt=MERGED_CKPT,
-        manifest=MERGED_CKPT + ".manifest.json",
-    params:
-        ranks=config["parallel"]["workers"] * config["parallel"]["nodes"],
-        # Data parallel on CPU writes no strategy; semi-auto parallel (Ascend) does.
-        strategy=lambda wildcards, input: strategy_flag(input.checkpoints),
+        manifest=f"{MERGED_CKPT}.manifest.json",
     log:
         log_path("merged_ckpt"),
     benchmark:
         benchmark_path("merged_ckpt")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        ranks=config["parallel"]["workers"] * config["parallel"]["nodes"],
+        # Data parallel on CPU writes no strategy; semi-auto parallel (Ascend) does.
+        strategy=lambda wildcards, input: strategy_flag(input.checkpoints),
+        dst_dir=lambda wildcards, output: Path(output.ckpt).parents[1],
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --src_ckpt_dir {input.checkpoints} "
-        "--dst_ckpt_dir {RESULTS}/merged_ckpt --prefix checkpoint_ --ranks {params.ranks} {params.strategy}"
+        "python {input.script} --rule merged_ckpt --log {log} --src_ckpt_dir {input.checkpoints} "
+        "--dst_ckpt_dir {params.dst_dir} --prefix checkpoint_ --ranks {params.ranks} {params.strategy}"
 
 
 rule fold_lora:
@@ -46,16 +51,18 @@ rule fold_lora:
         script=f"{SCRIPTS}/fold_lora.py",
     output:
         ckpt=MERGED_LORA,
-        manifest=MERGED_LORA + ".manifest.json",
-    params:
-        alpha=config["lora"]["alpha"],
-        rank=config["lora"]["rank"],
+        manifest=f"{MERGED_LORA}.manifest.json",
     log:
         log_path("fold_lora"),
     benchmark:
         benchmark_path("fold_lora")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        alpha=config["lora"]["alpha"],
+        rank=config["lora"]["rank"],
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --src_ckpt {input.ckpt} --dst_ckpt {output.ckpt} "
+        "python {input.script} --rule fold_lora --log {log} --src_ckpt {input.ckpt} --dst_ckpt {output.ckpt} "
         "--lora_alpha {params.alpha} --lora_rank {params.rank}"
 
 
@@ -66,14 +73,20 @@ rule export_hf:
         base=f"{base_model_dir()}/config.json",
         script=f"{SCRIPTS}/export_hf.py",
     output:
-        multiext(f"{HF_EXPORT}/", "model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.model"),
+        safetensors=f"{HF_EXPORT}/model.safetensors",
+        others=multiext(
+            f"{HF_EXPORT}/", "pytorch_model.bin", "config.json", "tokenizer.model"
+        ),
         manifest=f"{HF_EXPORT}/model.safetensors.manifest.json",
-    params:
-        base=base_model_dir(),
     log:
         log_path("export_hf"),
     benchmark:
         benchmark_path("export_hf")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        base=lambda wildcards, input: os.path.dirname(input.base),
+        out_dir=lambda wildcards, output: os.path.dirname(output.safetensors),
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
-        "--base_model_dir {params.base} --out_dir {HF_EXPORT}"
+        "python {input.script} --rule export_hf --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "--base_model_dir {params.base} --out_dir {params.out_dir}"

@@ -1,15 +1,20 @@
 # Small path and parameter helpers shared by the rules. No logic beyond wiring.
 
 import glob
+import os
 import json
 import shlex
 import sys
 from pathlib import Path
 
 RESULTS = config["results"]
+TINY_BASE = f"{RESULTS}/tiny_base"
 TINY = config["base_model"]["path"] == "tiny"
-# The interpreter running Snakemake runs the steps too, so a rule never picks up another Python.
-PYTHON = sys.executable
+# The environment running Snakemake runs the steps too: its bin/ (python, msrun) comes first on PATH,
+# so a rule never picks up another Python, also when snakemake is started as .venv/bin/snakemake.
+os.environ["PATH"] = os.pathsep.join(
+    [str(Path(sys.executable).parent), os.environ["PATH"]]
+)
 SCRIPTS = f"{workflow.basedir}/scripts"
 
 
@@ -23,7 +28,7 @@ def benchmark_path(rule):
 
 def base_model_dir():
     """The HF base model directory: the generated tiny model, or the user's Baichuan2 download."""
-    return f"{RESULTS}/tiny_base" if TINY else config["base_model"]["path"]
+    return TINY_BASE if TINY else config["base_model"]["path"]
 
 
 def cli_flags(section, keys=None):
@@ -52,7 +57,8 @@ SEQ = config["data"]["seq_length"]
 
 def mindrecord(split):
     """The MindRecord of a split: belle_<seq>.mindrecord (train) or belle_<seq>_heldout.mindrecord."""
-    return f"{RESULTS}/data/belle_{SEQ}{'' if split == 'train' else '_' + split}.mindrecord"
+    suffix = "" if split == "train" else f"_{split}"
+    return f"{RESULTS}/data/belle_{SEQ}{suffix}.mindrecord"
 
 
 def data_files():
@@ -76,8 +82,15 @@ def finetune_settings():
         "device_target": config["device_target"],
         "lora": config["lora"],
         "train": config["train"],
-        "parallel": {k: config["parallel"][k] for k in
-                     ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")},
+        "parallel": {
+            k: config["parallel"][k]
+            for k in (
+                "data_parallel",
+                "model_parallel",
+                "pipeline_stage",
+                "max_device_memory",
+            )
+        },
     }
 
 
@@ -88,7 +101,11 @@ def adapter_settings():
 
 
 def finetune_inputs(wildcards):
-    inputs = {"config": MF_CONFIG, "base_ckpt": base_ckpt(), "train_data": mindrecord("train")}
+    inputs = {
+        "config": MF_CONFIG,
+        "base_ckpt": base_ckpt(),
+        "train_data": mindrecord("train"),
+    }
     if config["parallel"]["launcher"] == "rank_table":
         inputs["rank_table"] = RANK_TABLE
     return inputs
@@ -98,7 +115,9 @@ def launch_flags():
     par = config["parallel"]
     flags = f"--launcher {par['launcher']} --workers {par['workers']} --nodes {par['nodes']}"
     if par["launcher"] == "rank_table":
-        flags += f" --rank_table {RANK_TABLE} --visible_devices {par['visible_devices']}"
+        flags += (
+            f" --rank_table {RANK_TABLE} --visible_devices {par['visible_devices']}"
+        )
     return flags
 
 
@@ -118,7 +137,14 @@ METRICS = f"{RESULTS}/evaluate/metrics.json"
 
 
 def generation_flags():
-    keys = ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "repetition_penalty")
+    keys = (
+        "max_new_tokens",
+        "do_sample",
+        "top_k",
+        "top_p",
+        "temperature",
+        "repetition_penalty",
+    )
     return " ".join(f"--{k} {config['predict'][k]}" for k in keys)
 
 

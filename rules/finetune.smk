@@ -10,15 +10,17 @@ rule mf_config:
         script=f"{SCRIPTS}/render_mindformers_config.py",
     output:
         yaml=MF_CONFIG,
-        manifest=MF_CONFIG + ".manifest.json",
-    params:
-        settings=json.dumps(finetune_settings()),
+        manifest=f"{MF_CONFIG}.manifest.json",
     log:
         log_path("mf_config"),
     benchmark:
         benchmark_path("mf_config")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        settings=json.dumps(finetune_settings()),
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --hf_config {input.hf_config} "
+        "python {input.script} --rule mf_config --log {log} --hf_config {input.hf_config} "
         "--base_ckpt {input.base_ckpt} --train_data {input.train_data} --settings {params.settings:q} "
         "--output {output.yaml}"
 
@@ -35,20 +37,26 @@ rule finetune:
         adapter=f"{FINETUNE}/adapter_config.json",
         rank_logs=directory(f"{FINETUNE}/rank_logs"),
         manifest=f"{FINETUNE}/checkpoint_network.manifest.json",
-    params:
-        state=f"{RESULTS}/.finetune_state",
-        launch=launch_flags(),
-        tokens_per_step=config["train"]["batch_size"] * config["parallel"]["data_parallel"] * SEQ,
-        adapter=json.dumps(adapter_settings()),
-    resources:
-        npus=config["parallel"]["workers"],
-    threads: config["parallel"]["workers"]
     log:
         log_path("finetune"),
     benchmark:
         benchmark_path("finetune")
+    conda:
+        "../envs/lorapipe.yaml"
+    threads: config["parallel"]["workers"]
+    resources:
+        npus=config["parallel"]["workers"],
+    params:
+        state=f"{RESULTS}/.finetune_state",
+        launch=launch_flags(),
+        tokens_per_step=config["train"]["batch_size"]
+        * config["parallel"]["data_parallel"]
+        * SEQ,
+        adapter=json.dumps(adapter_settings()),
+        out_dir=lambda wildcards, output: os.path.dirname(output.loss),
+        device_target=config["device_target"],
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --config {input.config} "
-        "--state_dir {params.state} --out_dir {FINETUNE} {params.launch} "
+        "python {input.script} --rule finetune --log {log} --config {input.config} "
+        "--state_dir {params.state} --out_dir {params.out_dir} {params.launch} "
         "--tokens_per_step {params.tokens_per_step} --adapter_config {params.adapter:q} "
-        "--device_target {config[device_target]} --inputs {input.base_ckpt} {input.train_data}"
+        "--device_target {params.device_target} --inputs {input.base_ckpt} {input.train_data}"

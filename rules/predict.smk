@@ -10,17 +10,21 @@ rule predict:
         tokenizer=f"{base_model_dir()}/tokenizer.model",
         script=f"{SCRIPTS}/run_baichuan2.py",
     output:
-        predictions=report(PREDICTIONS, category="Predictions", caption="../report/predictions.rst"),
-        manifest=PREDICTIONS + ".manifest.json",
-    params:
-        prompts=" ".join(shlex.quote(p) for p in config["predict"]["prompts"]),
-        generation=generation_flags(),
+        predictions=report(
+            PREDICTIONS, category="Predictions", caption="../report/predictions.rst"
+        ),
+        manifest=f"{PREDICTIONS}.manifest.json",
     log:
         log_path("predict"),
     benchmark:
         benchmark_path("predict")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        prompts=" ".join(shlex.quote(p) for p in config["predict"]["prompts"]),
+        generation=generation_flags(),
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --run_mode predict --config {input.config} "
+        "python {input.script} --rule predict --log {log} --run_mode predict --config {input.config} "
         "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} --tokenizer {input.tokenizer} "
         "--predict_data {params.prompts} {params.generation} --output {output.predictions}"
 
@@ -35,12 +39,14 @@ rule evaluate:
         script=f"{SCRIPTS}/run_baichuan2.py",
     output:
         metrics=METRICS,
-        manifest=METRICS + ".manifest.json",
+        manifest=f"{METRICS}.manifest.json",
     log:
         log_path("evaluate"),
     benchmark:
         benchmark_path("evaluate")
+    conda:
+        "../envs/lorapipe.yaml"
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --run_mode eval --config {input.config} "
+        "python {input.script} --rule evaluate --log {log} --run_mode eval --config {input.config} "
         "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} --eval_dataset {input.heldout} "
         "--output {output.metrics}"

@@ -10,14 +10,26 @@ rule report:
         predictions=PREDICTIONS,
         script=f"{SCRIPTS}/make_report.py",
     output:
-        loss=report(f"{REPORT}/loss.png", category="Training", caption="../report/loss.rst"),
-        lengths=report(f"{REPORT}/lengths.png", category="Data", caption="../report/lengths.rst"),
-        summary=report(f"{REPORT}/summary.html", category="Summary", caption="../report/summary.rst"),
+        loss=report(
+            f"{REPORT}/loss.png", category="Training", caption="../report/loss.rst"
+        ),
+        lengths=report(
+            f"{REPORT}/lengths.png", category="Data", caption="../report/lengths.rst"
+        ),
+        summary=report(
+            f"{REPORT}/summary.html",
+            category="Summary",
+            caption="../report/summary.rst",
+        ),
         manifest=f"{REPORT}/loss.png.manifest.json",
     log:
         log_path("report"),
     benchmark:
         benchmark_path("report")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.loss),
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
-        "--metrics {input.metrics} --predictions {input.predictions} --out_dir {REPORT}"
+        "python {input.script} --rule report --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
+        "--metrics {input.metrics} --predictions {input.predictions} --out_dir {params.out_dir}"

@@ -8,19 +8,27 @@ if TINY:
             data=config["data"]["train"],
             script=f"{SCRIPTS}/make_tiny_base.py",
         output:
-            multiext(f"{RESULTS}/tiny_base/", "pytorch_model.bin", "config.json",
-                     "generation_config.json", "tokenizer_config.json", "tokenizer.model"),
-            manifest=f"{RESULTS}/tiny_base/pytorch_model.bin.manifest.json",
-        params:
-            flags=cli_flags("tiny_base"),
+            weights=f"{TINY_BASE}/pytorch_model.bin",
+            config=f"{TINY_BASE}/config.json",
+            others=multiext(
+                f"{TINY_BASE}/",
+                "generation_config.json",
+                "tokenizer_config.json",
+                "tokenizer.model",
+            ),
+            manifest=f"{TINY_BASE}/pytorch_model.bin.manifest.json",
         log:
             log_path("tiny_base"),
         benchmark:
             benchmark_path("tiny_base")
+        conda:
+            "../envs/lorapipe.yaml"
+        params:
+            flags=cli_flags("tiny_base"),
+            out_dir=lambda wildcards, output: os.path.dirname(output.config),
         shell:
-            "{PYTHON} {input.script} --rule {rule} --log {log} "
-            "--data {input.data} --out_dir {RESULTS}/tiny_base {params.flags}"
-
+            "python {input.script} --rule tiny_base --log {log} "
+            "--data {input.data} --out_dir {params.out_dir} {params.flags}"
 
 
 rule ckpt:
@@ -30,14 +38,16 @@ rule ckpt:
         script=f"{SCRIPTS}/convert_weight.py",
     output:
         ckpt=base_ckpt(),
-        manifest=base_ckpt() + ".manifest.json",
-    params:
-        dtype=config["base_model"]["dtype"],
-        source=base_model_dir(),
+        manifest=f"{base_ckpt()}.manifest.json",
     log:
         log_path("ckpt"),
     benchmark:
         benchmark_path("ckpt")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        dtype=config["base_model"]["dtype"],
+        source=lambda wildcards, input: os.path.dirname(input[0]),
     shell:
-        "{PYTHON} {input.script} --rule {rule} --log {log} --torch_ckpt_path {params.source} "
+        "python {input.script} --rule ckpt --log {log} --torch_ckpt_path {params.source} "
         "--mindspore_ckpt_path {output.ckpt} --dtype {params.dtype}"

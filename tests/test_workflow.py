@@ -1,6 +1,9 @@
 """The DAG as Snakemake sees it, and one end-to-end run of the tiny default."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 import re
 
 import yaml
@@ -63,3 +66,14 @@ def test_rank_table_target(tmp_path):
     snakemake(tmp_path, "--cores", "1", "rank_table", configfile=write_config(tmp_path / "c.yaml", cfg))
     table = json.loads((tmp_path / "results/tiny/rank_table.json").read_text())
     assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["192.98.0.10", "192.98.1.10"]
+
+
+def test_lint_and_format_are_clean():
+    """`snakemake --lint` has nothing to say and snakefmt would change nothing."""
+    bin_dir = Path(sys.executable).parent
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(REPO / "Snakefile")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run([str(bin_dir / "snakefmt"), "--check", str(REPO / "Snakefile"), str(REPO / "rules")],
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
