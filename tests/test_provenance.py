@@ -66,3 +66,24 @@ def test_trace_of_a_file_no_step_made(tmp_path):
     (tmp_path / "x").write_text("x")
     with pytest.raises(FileNotFoundError, match="no lorapipe manifest lists this file"):
         trace(tmp_path / "x")
+
+
+def test_same_config_same_bytes_in_two_folders(tmp_path):
+    """tiny base, tokenizer, converted checkpoint and MindRecords are byte-identical across runs."""
+    from conftest import default_config, snakemake, write_config
+
+    runs = []
+    for name in ("one", "two"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        snakemake(workdir, "--cores", "2", "ckpt", "mindrecord",
+                  configfile=write_config(workdir / "c.yaml", default_config()))
+        runs.append(workdir / "results/tiny")
+    artifacts = ["tiny_base/pytorch_model.bin", "tiny_base/tokenizer.model", "tiny_base/config.json",
+                 "ckpt/rank_0/baichuan2_tiny.ckpt", "data/belle_64.mindrecord", "data/belle_64.mindrecord.db",
+                 "data/belle_64_heldout.mindrecord", "data/belle_64_heldout.mindrecord.db",
+                 "data/belle_64.stats.json"]
+    for artifact in artifacts:
+        assert (runs[0] / artifact).read_bytes() == (runs[1] / artifact).read_bytes(), artifact
+        manifest = json.loads(next((runs[0] / artifact).parent.glob("*.manifest.json")).read_text())
+        assert manifest["deterministic"] is True

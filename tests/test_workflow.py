@@ -1,11 +1,13 @@
 """The DAG as Snakemake sees it, and one end-to-end run of the tiny default."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-import re
 
+import pytest
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, default_config, snakemake, write_config
@@ -36,8 +38,23 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
                                   "report": 1, "all": 1}
 
 
-def test_end_to_end_tiny_default(tmp_path, tiny_config):
-    snakemake(tmp_path, "--cores", "2", configfile=tiny_config)
+ALL_RULES = {"tiny_base", "ckpt", "mindrecord", "mf_config", "finetune", "filter_out", "merged_ckpt", "fold_lora",
+             "export_hf", "predict", "evaluate", "report", "all"}
+AFTER_FINETUNE = {"finetune", "filter_out", "merged_ckpt", "fold_lora", "export_hf", "predict", "evaluate",
+                  "report", "all"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The whole tiny default, run once for the end-to-end and rebuild tests."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    configfile = write_config(workdir / "config.yaml", default_config())
+    snakemake(workdir, "--cores", "2", configfile=configfile)
+    return workdir, configfile
+
+
+def test_end_to_end_tiny_default(built):
+    tmp_path, tiny_config = built
     base = tmp_path / "results/tiny/tiny_base"
     assert (base / "pytorch_model.bin").stat().st_size > 0
     manifest = json.loads((base / "pytorch_model.bin.manifest.json").read_text())
@@ -57,6 +74,55 @@ def test_end_to_end_tiny_default(tmp_path, tiny_config):
     assert (tmp_path / "report.html").stat().st_size > 10000, report.stderr
     # Nothing is stale after a complete run.
     assert "Nothing to be done" in snakemake(tmp_path, "-n", configfile=tiny_config).stdout
+    # Provenance: the merged checkpoint's chain back to the sources, from the manifests alone.
+    chain = subprocess.run([sys.executable, str(REPO / "scripts/provenance.py"), "--verify",
+                            "results/tiny/merged_ckpt/rank_0/checkpoint_0.ckpt"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert chain.returncode == 0, chain.stdout + chain.stderr
+    steps = [line.split()[0] for line in chain.stdout.splitlines() if line.strip() and "[" in line]
+    assert steps == ["merged_ckpt", "filter_out", "finetune", "mf_config", "tiny_base", "ckpt", "mindrecord"]
+    assert "belle_sample.json  (source)" in chain.stdout and "verify: 0 problem(s) in 7 step(s)" in chain.stdout
+
+
+@pytest.mark.parametrize("key, value, reruns", [
+    ("lora.rank", 4, {"mf_config"} | AFTER_FINETUNE),
+    ("train.epochs", 1, {"mf_config"} | AFTER_FINETUNE),
+    ("data.seq_length", 48, {"mindrecord", "mf_config"} | AFTER_FINETUNE),
+    ("data.heldout_fraction", 0.2, {"mindrecord", "mf_config"} | AFTER_FINETUNE),
+    ("base_model.dtype", "fp16", {"ckpt", "mf_config"} | AFTER_FINETUNE),
+    ("tiny_base.seed", 1, ALL_RULES),
+    ("predict.max_new_tokens", 8, {"predict", "report", "all"}),
+    ("predict.prompts", ["Hello!"], {"predict", "report", "all"}),
+    ("parallel.launcher", "rank_table", {"rank_table"} | AFTER_FINETUNE),
+])
+def test_a_config_edit_reruns_exactly_what_it_affects(built, key, value, reruns):
+    workdir, _ = built
+    cfg = default_config()
+    section, name = key.split(".")
+    cfg[section][name] = value
+    if key == "parallel.launcher":  # the rank table needs this node's device IPs
+        (workdir / "hccn.conf").write_text("address_0=1.1.1.1\naddress_1=1.1.1.2\n")
+        cfg["parallel"]["hccn_conf"] = str(workdir / "hccn.conf")
+    proc = snakemake(workdir, "-n", configfile=write_config(workdir / "edited.yaml", cfg))
+    assert set(planned_jobs(proc)) == reruns
+
+
+@pytest.mark.parametrize("path, reruns", [
+    ("results/tiny/tiny_base/tokenizer.model", {"mindrecord", "mf_config", "predict"} | AFTER_FINETUNE),
+    (REPO / "scripts/export_hf.py", {"export_hf", "all"}),
+    (REPO / "scripts/fold_lora.py", {"fold_lora", "export_hf", "predict", "evaluate", "report", "all"}),
+])
+def test_an_edited_file_reruns_its_consumers(built, path, reruns):
+    workdir, configfile = built
+    path = workdir / path
+    before, content = path.stat(), path.read_bytes()
+    try:  # a real edit: Snakemake compares small files by checksum, so a mere touch reruns nothing
+        path.write_bytes(content + b"\n# edited\n")
+        assert set(planned_jobs(snakemake(workdir, "-n", configfile=configfile))) == reruns
+    finally:
+        path.write_bytes(content)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "Nothing to be done" in snakemake(workdir, "-n", configfile=configfile).stdout
 
 
 def test_rank_table_target(tmp_path):
