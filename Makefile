@@ -26,11 +26,12 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-## dag: the rule graph as mermaid (docs/rulegraph.mmd) and the job DAG of the default config
+## dag: the rule graph and the job DAG of the default config as mermaid (docs/*.mmd), SVG if dot exists
 dag: setup
 	mkdir -p docs
 	$(BIN)/snakemake --rulegraph mermaid-js > docs/rulegraph.mmd
 	$(BIN)/snakemake --dag mermaid-js > docs/dag.mmd
+	if command -v dot >/dev/null; then $(BIN)/snakemake --rulegraph dot | dot -Tsvg > docs/rulegraph.svg; fi
 	@echo "wrote docs/rulegraph.mmd and docs/dag.mmd"
 
 ## clean: remove every artifact and Snakemake's state (keeps .venv)

@@ -143,3 +143,11 @@ def test_lint_and_format_are_clean():
     fmt = subprocess.run([str(bin_dir / "snakefmt"), "--check", str(REPO / "Snakefile"), str(REPO / "rules")],
                          capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_slurm_profile_plans_finetune_on_npu_nodes(tmp_path, tiny_config):
+    proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), configfile=tiny_config)
+    finetune = proc.stdout.split("rule finetune:")[1].split("\n\n")[0]
+    assert "slurm_partition=ascend" in finetune and "--gres=npu:8" in finetune and "npus=8" in finetune
+    convert = proc.stdout.split("rule ckpt:")[1].split("\n\n")[0]
+    assert "slurm_partition=cpu" in convert and "npus=0" in convert
