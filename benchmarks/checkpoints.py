@@ -12,13 +12,11 @@ its own process:
     .venv/bin/python benchmarks/checkpoints.py [--layers 3]
 """
 
-import argparse
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from common import measure, warm
+from common import measure, model_args, warm
 
 GENERATE = r"""
 import sys
@@ -66,15 +64,7 @@ ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in params.items()
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5504)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/lorapipe-bench-checkpoints"))
-    args = p.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
+    args = model_args(__doc__, "/tmp/lorapipe-bench-checkpoints")
     py, train = sys.executable, args.workdir / "train.ckpt"
     largest = int(subprocess.check_output([py, "-c", GENERATE, str(train), str(args.layers), str(args.hidden),
                                            str(args.intermediate), str(args.vocab)]))

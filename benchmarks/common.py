@@ -1,8 +1,25 @@
 """What the benchmarks share: run one command in its own process, measure wall time and peak RSS."""
 
+import argparse
 import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
+
+
+def model_args(description, workdir):
+    """Parse the synthetic model's shape and a fresh work folder (deleted and recreated)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5504)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--workdir", type=Path, default=Path(workdir))
+    args = p.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    return args
 
 
 def measure(cmd):

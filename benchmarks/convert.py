@@ -12,14 +12,13 @@ and prints a markdown table of wall time, peak RSS and MB/s, with ratios against
     .venv/bin/python benchmarks/convert.py [--layers 3] [--workdir /tmp/lorapipe-bench]
 """
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from common import measure, warm
+from common import measure, model_args, warm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,14 +67,7 @@ def make_checkpoint(folder, layers, hidden, intermediate, vocab):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5504)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/lorapipe-bench-convert"))
-    args = p.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    args = model_args(__doc__, "/tmp/lorapipe-bench-convert")
     src = args.workdir / "hf"
     py = sys.executable
     # Generated in a child process: a forked child inherits this process's peak RSS, so this one

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import mindspore.dataset as ds
-import numpy as np
 from mindspore.mindrecord import FileWriter
 
 from lorapipe.data import SCHEMA, ChatTokenizer, build_row, preprocess_belle

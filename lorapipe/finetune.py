@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import yaml

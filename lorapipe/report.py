@@ -21,10 +21,7 @@ def plot_loss(loss_tsv, png):
         smooth = [sum(loss[i - window + 1:i + 1]) / window for i in range(window - 1, len(loss))]
         ax.plot(steps[window - 1:], smooth, lw=2, label=f"mean of {window} steps")
     ax.set(xlabel="step", ylabel="training loss", title="LoRA finetune")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    _save(fig, ax, png)
 
 
 def plot_lengths(stats_json, png):
@@ -38,6 +35,10 @@ def plot_lengths(stats_json, png):
                    alpha=0.6, label=split)
     ax.axvline(stats["seq_length"] + 1, color="k", ls="--", label="row length (longer: truncated)")
     ax.set(xlabel="tokens per conversation", ylabel="conversations", title="Token lengths")
+    _save(fig, ax, png)
+
+
+def _save(fig, ax, png):
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
