@@ -156,8 +156,8 @@ def read_loss_tsv(path):
     return [rows[s] for s in sorted(rows)]
 
 
-def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun", nodes=1, node_rank=0,
-                 master_addr="127.0.0.1", master_port=None, rank_table=None, visible_devices=None,
+def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun", nodes=1,
+                 master_addr=None, master_port=None, rank_table=None, visible_devices=None,
                  tokens_per_step=None, adapter=None, run=None, inputs=()):
     """Train (or resume) with the rendered YAML and write to `out_dir`:
     checkpoint_network/rank_<r>/<name>_lora.ckpt (+ strategy/), loss.tsv, adapter_config.json and
@@ -166,7 +166,7 @@ def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun",
     name = rendered["trainer"]["model_name"] + LORA_SUFFIX
     state = _state_dir(config_path, state_root)
     (state / "home").mkdir(parents=True, exist_ok=True)
-    ranks = [node_rank * workers + r for r in range(workers)]
+    ranks = list(range(nodes * workers))
     ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
     complete = state / "complete"
     if complete.exists():
@@ -191,8 +191,7 @@ def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun",
             args += ["--resume", str(ckpt_dir.resolve())]
         # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
         env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
-        launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, node_rank=node_rank,
-               master_addr=master_addr, master_port=master_port, rank_table=rank_table,
+        launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, master_addr=master_addr, master_port=master_port, rank_table=rank_table,
                visible_devices=visible_devices, env=env, on_poll=report)
         report()
         complete.write_text("done\n")

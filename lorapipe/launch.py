@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -71,26 +72,53 @@ def msrun_command(script_args, workers, nodes, node_rank, master_addr, master_po
             f"--log_dir={log_dir}", "--join=True", *script_args]
 
 
-def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, node_rank=0, master_addr="127.0.0.1",
-           master_port=None, rank_table=None, visible_devices=None, env=None, on_poll=None, poll=1.0):
-    """Run `script_args` (a python script and its arguments) on `workers` local ranks; raise
-    LaunchError naming the first rank that failed. `on_poll()` is called about every `poll` s."""
+def srun_msrun_command(script_args, workers, nodes, master_addr, master_port, log_dir):
+    """Several nodes: one msrun per node of the Slurm allocation, each with --node_rank=$SLURM_NODEID.
+    --kill-on-bad-exit makes Slurm stop every node when one fails; the log folder must be shared."""
+    msrun = msrun_command(script_args, workers, nodes, "NODE_RANK", master_addr, master_port, log_dir)
+    line = " ".join(shlex.quote(a) for a in msrun).replace("--node_rank=NODE_RANK", '--node_rank="$SLURM_NODEID"')
+    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", f"exec {line}"]
+
+
+def slurm_first_host():
+    """The first host of this Slurm allocation: where msrun's scheduler (node rank 0) runs."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise LaunchError("parallel.nodes > 1 runs inside a Slurm allocation (profiles/slurm), or set "
+                          "parallel.master_addr")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return hosts[0]
+
+
+def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, master_addr=None, master_port=None,
+           rank_table=None, visible_devices=None, env=None, on_poll=None, poll=1.0):
+    """Run `script_args` (a python script and its arguments) on `workers` ranks per node, on `nodes`
+    nodes (msrun only; through srun); raise LaunchError naming the first rank that failed.
+    `on_poll()` is called about every `poll` s."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     for marker in [*log_dir.glob("done_rank_*"), *log_dir.glob("failed_rank_*")]:
         marker.unlink()
     env = dict(os.environ, **(env or {}), **{STATUS_DIR_ENV: str(log_dir)})
-    ranks = [node_rank * workers + r for r in range(workers)]
+    ranks = list(range(nodes * workers))
     job = _Job(ranks, log_dir)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so that `finally` stops the ranks
     try:
-        if launcher == "msrun":
-            cmd = msrun_command(script_args, workers, nodes, node_rank, master_addr,
-                                master_port or free_port(), log_dir)
+        if launcher == "msrun" and nodes > 1:
+            cmd = srun_msrun_command(script_args, workers, nodes, master_addr or slurm_first_host(),
+                                     master_port or free_port(), log_dir)
+            log.info("launch: %s", " ".join(cmd))
+            job.start(cmd, env, log_dir / "srun.log")
+        elif launcher == "msrun":
+            cmd = msrun_command(script_args, workers, 1, 0, master_addr or "127.0.0.1", master_port or free_port(),
+                                log_dir)
             log.info("launch: %s", " ".join(cmd))
             job.start(cmd, env, log_dir / "msrun.log")
         else:
             log.info("launch: %d ranks with rank table %s: %s", workers, rank_table, " ".join(script_args))
+            if nodes > 1:
+                raise LaunchError("the rank-table launcher starts one node; use msrun for several nodes")
             for local, rank in enumerate(ranks):
                 device = (visible_devices or [str(i) for i in range(workers)])[local]
                 job.start([sys.executable, *script_args], dict(

@@ -111,9 +111,21 @@ def finetune_inputs(wildcards):
     return inputs
 
 
+def slurm_request():
+    """The finetune job's allocation under profiles/slurm: every node, one task each, its devices."""
+    par = config["parallel"]
+    kind = {"Ascend": "npu", "GPU": "gpu"}.get(config["device_target"])
+    gres = f" --gres={kind}:{par['workers']}" if kind else ""
+    return f"'--nodes={par['nodes']} --ntasks-per-node=1{gres}'"
+
+
 def launch_flags():
     par = config["parallel"]
     flags = f"--launcher {par['launcher']} --workers {par['workers']} --nodes {par['nodes']}"
+    if par["master_addr"]:
+        flags += f" --master_addr {par['master_addr']}"
+    if par["master_port"]:
+        flags += f" --master_port {par['master_port']}"
     if par["launcher"] == "rank_table":
         flags += (
             f" --rank_table {RANK_TABLE} --visible_devices {par['visible_devices']}"

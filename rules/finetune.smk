@@ -46,6 +46,7 @@ rule finetune:
     threads: config["parallel"]["workers"]
     resources:
         npus=config["parallel"]["workers"],
+        slurm_extra=slurm_request(),
     params:
         state=f"{RESULTS}/.finetune_state",
         launch=launch_flags(),

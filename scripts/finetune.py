@@ -16,8 +16,8 @@ def main():
     p.add_argument("--launcher", choices=["msrun", "rank_table"], default="msrun")
     p.add_argument("--workers", type=int, required=True, help="ranks on this node")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--node_rank", type=int, default=0)
-    p.add_argument("--master_addr", default="127.0.0.1")
+    p.add_argument("--master_addr", default=None,
+                   help="node rank 0's address (default: this host, or the first host of the Slurm allocation)")
     p.add_argument("--master_port", type=int, default=None)
     p.add_argument("--rank_table", default=None)
     p.add_argument("--visible_devices", default=None)
@@ -26,12 +26,12 @@ def main():
     p.add_argument("--inputs", nargs="*", default=[], help="files to record in the manifest")
     p.add_argument("--device_target", default="CPU")
     args = p.parse_args()
-    run = cli.start(args, {k: getattr(args, k) for k in ("launcher", "workers", "nodes", "node_rank")},
+    run = cli.start(args, {k: getattr(args, k) for k in ("launcher", "workers", "nodes")},
                     device_target=args.device_target, deterministic=args.workers == 1,
                     note=None if args.workers == 1 else
                     "trained on several ranks: checkpoints are not byte-reproducible across runs")
     run_finetune(args.config, args.state_dir, args.out_dir, workers=args.workers, launcher=args.launcher,
-                 nodes=args.nodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                 nodes=args.nodes, master_addr=args.master_addr,
                  master_port=args.master_port, rank_table=args.rank_table,
                  visible_devices=args.visible_devices.split(",") if args.visible_devices else None,
                  tokens_per_step=args.tokens_per_step, adapter=json.loads(args.adapter_config), run=run,

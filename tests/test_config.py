@@ -30,6 +30,8 @@ def test_shipped_configs_are_valid():
         (lambda c: c["train"].pop("epochs"), "missing required key train.epochs"),
         (lambda c: c.pop("tiny_base"), "missing required key tiny_base"),
         (lambda c: c["parallel"].update(data_parallel=4), "parallel.data_parallel * model_parallel"),
+        (lambda c: c["parallel"].update(nodes=2, data_parallel=4, launcher="rank_table"),
+         "parallel.nodes 2 needs parallel.launcher msrun"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):

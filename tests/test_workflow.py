@@ -145,9 +145,15 @@ def test_lint_and_format_are_clean():
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_slurm_profile_plans_finetune_on_npu_nodes(tmp_path, tiny_config):
-    proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), configfile=tiny_config)
+def test_slurm_profile_plans_multi_node_finetune_on_npu_nodes(tmp_path):
+    cfg = default_config()
+    cfg["device_target"] = "Ascend"
+    cfg["parallel"].update(workers=8, nodes=2, data_parallel=16, master_port=29500)
+    proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"),
+                     configfile=write_config(tmp_path / "c.yaml", cfg))
     finetune = proc.stdout.split("rule finetune:")[1].split("\n\n")[0]
-    assert "slurm_partition=ascend" in finetune and "--gres=npu:8" in finetune and "npus=8" in finetune
+    assert "slurm_partition=ascend" in finetune and "npus=8" in finetune
+    assert "--nodes=2 --ntasks-per-node=1 --gres=npu:8" in finetune
+    assert "--launcher msrun --workers 8 --nodes 2 --master_port 29500" in finetune
     convert = proc.stdout.split("rule ckpt:")[1].split("\n\n")[0]
     assert "slurm_partition=cpu" in convert and "npus=0" in convert
