@@ -1,11 +1,28 @@
-# Cluster stage: the HCCL rank table (used by the rank_table launcher on Ascend).
+# Cluster stage: the HCCL rank table (used by the rank_table launcher on Ascend). With several nodes,
+# every node of the Slurm allocation writes its own table (srun) and the tables are merged.
+
+
+_HCCL_TOOLS = (
+    "python {input.script} --rule rank_table --device_num {params.device_num:q} "
+    "--visible_devices {params.visible_devices} --hccn_conf {input.hccn}"
+)
+# One node writes its table directly; several write one each under srun (each resolves its own IP),
+# then merge_hccl.py renumbers the ranks node by node.
+RANK_TABLE_SHELL = (
+    f"{_HCCL_TOOLS} --log {{log}} --server_ip '{{params.server_ip}}' --output {{output.table}}"
+    if config["parallel"]["nodes"] == 1
+    else "srun --nodes={params.nodes} --ntasks-per-node=1 bash -c "
+    f'"exec {_HCCL_TOOLS} --output {{output.table}}.node\\$SLURM_NODEID.json" > {{log}} 2>&1 && '
+    "python {input.merge} --rule rank_table --log {log} {params.node_tables} --output {output.table}"
+)
 
 
 rule rank_table:
-    """The recipe's hccl_tools.py --device_num "[0,N)" for this node."""
+    """The recipe's hccl_tools.py --device_num "[0,N)" for this node (and merge_hccl.py for several)."""
     input:
         hccn=config["parallel"]["hccn_conf"],
         script=f"{SCRIPTS}/hccl_tools.py",
+        merge=f"{SCRIPTS}/merge_hccl.py",
     output:
         table=RANK_TABLE,
         manifest=f"{RANK_TABLE}.manifest.json",
@@ -19,7 +36,7 @@ rule rank_table:
         device_num=f"[0,{config['parallel']['workers']})",
         visible_devices=config["parallel"]["visible_devices"],
         server_ip=config["parallel"]["server_ip"] or "",
+        nodes=config["parallel"]["nodes"],
+        node_tables=lambda wildcards, output: node_rank_tables(output.table),
     shell:
-        "python {input.script} --rule rank_table --log {log} --device_num {params.device_num:q} "
-        "--visible_devices {params.visible_devices} --server_ip '{params.server_ip}' "
-        "--hccn_conf {input.hccn} --output {output.table}"
+        RANK_TABLE_SHELL

@@ -162,3 +162,9 @@ def generation_flags():
 
 REPORT = f"{RESULTS}/report"
 DATA_STATS = f"{RESULTS}/data/belle_{SEQ}.stats.json"
+
+
+def node_rank_tables(table):
+    """With several nodes, node k's own table is <table>.node<k>.json."""
+    nodes = config["parallel"]["nodes"]
+    return " ".join(f"{table}.node{k}.json" for k in range(nodes)) if nodes > 1 else ""

@@ -157,3 +157,17 @@ def test_slurm_profile_plans_multi_node_finetune_on_npu_nodes(tmp_path):
     assert "--launcher msrun --workers 8 --nodes 2 --master_port 29500" in finetune
     convert = proc.stdout.split("rule ckpt:")[1].split("\n\n")[0]
     assert "slurm_partition=cpu" in convert and "npus=0" in convert
+
+
+def test_multi_node_rank_table_is_written_per_node_and_merged(tmp_path):
+    (tmp_path / "hccn.conf").write_text("".join(f"address_{i}=192.98.{i}.10\n" for i in range(8)))
+    cfg = default_config()
+    cfg["parallel"].update(workers=8, nodes=2, data_parallel=16, visible_devices="0,1,2,3,4,5,6,7",
+                           hccn_conf=str(tmp_path / "hccn.conf"))
+    proc = snakemake(tmp_path, "-n", "rank_table", configfile=write_config(tmp_path / "c.yaml", cfg))
+    command = proc.stdout.split("rule rank_table:")[1]
+    table = "results/tiny/rank_table.json"
+    assert "srun --nodes=2 --ntasks-per-node=1 bash -c" in command
+    assert f"--device_num '[0,8)'" in command and f"--output {table}.node\\$SLURM_NODEID.json" in command
+    assert f"merge_hccl.py --rule rank_table --log results/tiny/logs/rank_table.log {table}.node0.json " \
+           f"{table}.node1.json --output {table}" in command
