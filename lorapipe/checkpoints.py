@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.cli import InputError
-from lorapipe.msckpt import CheckpointFormatError, CheckpointWriter, checkpoint_index, iter_checkpoint
+from lorapipe.errors import InputError
+from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 
@@ -37,13 +37,10 @@ def is_model_parameter(name):
 
 
 def _open(path):
-    """checkpoint_index with a clear error for a missing or corrupt file."""
+    """checkpoint_index with a clear error for a missing file (a corrupt one raises its own)."""
     if not Path(path).is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        return checkpoint_index(path)
-    except CheckpointFormatError as e:
-        raise InputError(str(e)) from None
+    return checkpoint_index(path)
 
 
 def filter_checkpoint(src, dst, run=None):
@@ -51,13 +48,6 @@ def filter_checkpoint(src, dst, run=None):
     dropped."""
     with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,):
         return _filter_into(src, tmp)
-
-
-def _stream(path, select=None):
-    try:
-        yield from iter_checkpoint(path, select=select)
-    except CheckpointFormatError as e:
-        raise InputError(str(e)) from None
 
 
 def merge_data_parallel(rank_ckpts, dst, run=None):
@@ -71,7 +61,7 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
             missing = sorted({n for n, _, _ in indexes[0]} ^ {n for n, _, _ in index})
             raise InputError(f"{path}: holds different tensors than {rank_ckpts[0]} (e.g. {missing[:3]})")
     progress = Progress("compare ranks", len(indexes[0]), unit="tensors")
-    for i, tensors in enumerate(zip(*(_stream(p) for p in rank_ckpts))):
+    for i, tensors in enumerate(zip(*(iter_checkpoint(p) for p in rank_ckpts))):
         (name, first), rest = tensors[0], tensors[1:]
         for path, (_, array) in zip(rank_ckpts[1:], rest):
             if array.dtype != first.dtype or array.shape != first.shape or array.tobytes() != first.tobytes():
@@ -107,7 +97,7 @@ def fold_lora(src, dst, alpha, rank, run=None):
     if not pairs:
         raise InputError(f"{src}: no LoRA tensors ({LORA_A}/{LORA_B}) to fold")
     adapter_names = {n for pair in pairs.values() for n in pair}
-    adapters = dict(_stream(src, select=adapter_names.__contains__))  # small: rank x hidden each
+    adapters = dict(iter_checkpoint(src, select=adapter_names.__contains__))  # small: rank x hidden each
     scale = alpha / rank
     for weight, (a, b) in pairs.items():
         if adapters[a].shape[0] != rank:
@@ -115,7 +105,7 @@ def fold_lora(src, dst, alpha, rank, run=None):
     progress = Progress("fold", len(index) - len(adapter_names), unit="tensors")
     with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,), CheckpointWriter(tmp) as writer:
         done = 0
-        for name, array in _stream(src, select=lambda n: n not in adapter_names):
+        for name, array in iter_checkpoint(src, select=lambda n: n not in adapter_names):
             if name in pairs:
                 a, b = (adapters[n].astype(np.float32) for n in pairs[name])
                 if (b.shape[0], a.shape[1]) != array.shape:
@@ -170,7 +160,7 @@ def _filter_into(src, dst):
         raise InputError(f"{src}: no network parameters in it (only {', '.join(dropped[:5])} ...)")
     progress = Progress(f"filter {Path(src).parent.name}", kept, unit="tensors")
     with CheckpointWriter(dst) as writer:
-        for i, (name, array) in enumerate(_stream(src, select=is_model_parameter)):
+        for i, (name, array) in enumerate(iter_checkpoint(src, select=is_model_parameter)):
             writer.add(name, array)
             progress.update(i + 1)
     log.info("%s: kept %d parameters, dropped %d entries (%s)", src, kept, len(dropped),

@@ -4,17 +4,10 @@ import argparse
 import logging
 import sys
 
+from lorapipe.errors import InputError, StepError  # noqa: F401 - scripts raise cli.InputError
 from lorapipe.provenance import Run
 
 log = logging.getLogger("lorapipe")
-
-
-class StepError(Exception):
-    """A step failed for a reason its message explains fully: reported in one line, no traceback."""
-
-
-class InputError(StepError, ValueError):
-    """Bad input: the message names the file, record or tensor and what was expected."""
 
 
 def parser(description):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
 
 log = logging.getLogger("lorapipe")
@@ -71,13 +71,19 @@ def record_problem(record):
     return None
 
 
+def input_files(input_glob):
+    """The files a data.train value names: the matches of a glob (sorted), or the path itself."""
+    pattern = str(input_glob)
+    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [input_glob]
+
+
 def load_conversations(input_glob, on_bad_record="fail"):
     """(records, skipped) from every file matching `input_glob`, in sorted file order.
 
     A bad record fails the run (naming file and index) or, with on_bad_record="skip", is counted in
     `skipped` as {"file", "index", "problem"}.
     """
-    files = sorted(glob.glob(str(input_glob))) if glob.has_magic(str(input_glob)) else [input_glob]
+    files = input_files(input_glob)
     if not files:
         raise InputError(f"{input_glob}: no file matches")
     records, skipped = [], []
@@ -246,8 +252,7 @@ def preprocess_belle(input_glob, model_file, output_file, seq_length, heldout_fi
         outputs.append(Path(stats_file))
     stats = {"input": str(input_glob), "seq_length": seq_length, "skipped": len(skipped),
              "skipped_records": skipped[:100]}
-    input_files = sorted(glob.glob(str(input_glob))) or [input_glob]
-    with atomic_outputs(outputs, run=run, inputs=[*input_files, model_file]) as temps:
+    with atomic_outputs(outputs, run=run, inputs=[*input_files(input_glob), model_file]) as temps:
         temp_of = dict(zip(outputs, temps))
         for split, split_rows in splits.items():
             rows = tokenize_records(split_rows, tok, seq_length)

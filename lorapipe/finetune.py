@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 from lorapipe.launch import launch
 from lorapipe.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
@@ -172,10 +172,11 @@ def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun",
     if complete.exists():
         log.info("training with this config already finished in %s; collecting its outputs", state)
     else:
-        resume = all(last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks)
+        saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
+        resume = all(saved)
         if resume:
-            steps = [_global_step(last_checkpoint(ckpt_dir / f"rank_{r}")) for r in ranks]
-            log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir, min(steps))
+            log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir,
+                     min(_global_step(ckpt) for ckpt in saved))
         progress = Progress("finetune", 1, unit="steps", every=5.0)
         rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
 
@@ -191,8 +192,9 @@ def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun",
             args += ["--resume", str(ckpt_dir.resolve())]
         # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
         env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
-        launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, master_addr=master_addr, master_port=master_port, rank_table=rank_table,
-               visible_devices=visible_devices, env=env, on_poll=report)
+        launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, master_addr=master_addr,
+               master_port=master_port, rank_table=rank_table, visible_devices=visible_devices, env=env,
+               on_poll=report)
         report()
         complete.write_text("done\n")
     return collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs)

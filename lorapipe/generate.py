@@ -69,6 +69,14 @@ def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, **sampling):
     return new
 
 
+def read_model_config(mindformers_yaml):
+    """The model_config section of a rendered MindFormers YAML."""
+    import yaml
+
+    with open(mindformers_yaml, encoding="utf-8") as f:
+        return yaml.safe_load(f)["model"]["model_config"]
+
+
 def load_model(model_config, ckpt):
     """The plain Baichuan2 model (eval mode, no LoRA) with a complete checkpoint's weights.
     `model_config` is the model_config of a rendered MindFormers YAML."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from lorapipe.cli import StepError
+from lorapipe.errors import StepError
 
 log = logging.getLogger("lorapipe")
 

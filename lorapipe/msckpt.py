@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from lorapipe.errors import InputError
+
 CHUNK_BYTES = 512 << 20
 CRC_MAGIC = b"crc_num"
 CRC_FOOTER = len(CRC_MAGIC) + 10
@@ -58,7 +60,7 @@ def numpy_dtype(type_name):
         raise CheckpointFormatError(f"unsupported tensor_type {type_name!r}") from None
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(InputError):
     """A file that is not a (complete) MindSpore checkpoint."""
 
 

@@ -129,6 +129,7 @@ class Run:
         self.deterministic = deterministic
         self.note = note
         self.started = psutil.Process().create_time()  # the step's whole process, imports included
+        self._hashing = None  # hash_inputs() starts it, write_manifest() collects it
 
     @staticmethod
     def manifest_path(outputs):
@@ -144,13 +145,13 @@ class Run:
                                for p in inputs for f in _files(p)}
 
     def cancel(self):
-        if getattr(self, "_hashing", None):
+        if self._hashing is not None:
             self._hashing.shutdown(wait=False, cancel_futures=True)
 
     def write_manifest(self, inputs, outputs):
         path = self.manifest_path(outputs)
         base = path.parent
-        if getattr(self, "_hashing", None) is None:
+        if self._hashing is None:
             self.hash_inputs(inputs, outputs)
         input_records = {rel: future.result() for rel, future in self._input_records.items()}
         self._hashing.shutdown()

@@ -14,7 +14,7 @@ import re
 import socket
 from pathlib import Path
 
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 
 _RANGE = re.compile(r"^\[\s*(\d+)\s*,\s*(\d+)\s*[\]\)]$")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 from lorapipe.msckpt import CheckpointWriter, bfloat16
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress

@@ -1,6 +1,5 @@
 # Small path and parameter helpers shared by the rules. No logic beyond wiring.
 
-import glob
 import os
 import json
 import shlex
@@ -63,8 +62,9 @@ def mindrecord(split):
 
 def data_files():
     """The BELLE JSON files data.train names (a path or a glob)."""
-    pattern = config["data"]["train"]
-    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    from lorapipe.data import input_files
+
+    return input_files(config["data"]["train"])
 
 
 RANK_TABLE = f"{RESULTS}/rank_table.json"

@@ -8,9 +8,6 @@
 
 import argparse
 import sys
-from pathlib import Path
-
-import yaml
 
 
 def main():
@@ -27,9 +24,9 @@ def main():
     args = p.parse_args()
 
     from lorapipe.data import ChatTokenizer
-    from lorapipe.generate import chat_ids, generate, load_model
+    from lorapipe.generate import chat_ids, generate, load_model, read_model_config
 
-    model_config = yaml.safe_load(Path(args.config).read_text())["model"]["model_config"]
+    model_config = read_model_config(args.config)
     tok = ChatTokenizer(args.tokenizer)
     net = load_model(model_config, args.load_checkpoint)
     sampling = {k: getattr(args, k) for k in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty")}

@@ -6,8 +6,6 @@ msrun or the rank-table launcher), predict (chat answers, base and finetuned sid
 import os
 from pathlib import Path
 
-import yaml
-
 from lorapipe import cli
 from lorapipe.launch import worker_status
 
@@ -42,9 +40,9 @@ def main():
             finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume)
         return
 
-    from lorapipe.generate import evaluate, predict
+    from lorapipe.generate import evaluate, predict, read_model_config
 
-    model_config = yaml.safe_load(Path(args.config).read_text())["model"]["model_config"]
+    model_config = read_model_config(args.config)
     models = {"finetuned": args.load_checkpoint}
     if args.compare_checkpoint:
         models["base"] = args.compare_checkpoint

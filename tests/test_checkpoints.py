@@ -8,7 +8,7 @@ import pytest
 
 from lorapipe.checkpoints import (filter_checkpoint, filter_checkpoint_dir, fold_lora, is_model_parameter,
                                   merge_data_parallel, rank_checkpoints)
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 from lorapipe.msckpt import iter_checkpoint, write_checkpoint
 from lorapipe.weights import convert_hf_to_mindspore
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_DATA
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 from lorapipe.data import ChatTokenizer, build_row, preprocess_belle, split_records
 
 M = -100  # masked label

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO
-from lorapipe.cli import InputError
+from lorapipe.errors import InputError
 from lorapipe.msckpt import iter_checkpoint
 from lorapipe.weights import convert_hf_to_mindspore
 

@@ -168,6 +168,6 @@ def test_multi_node_rank_table_is_written_per_node_and_merged(tmp_path):
     command = proc.stdout.split("rule rank_table:")[1]
     table = "results/tiny/rank_table.json"
     assert "srun --nodes=2 --ntasks-per-node=1 bash -c" in command
-    assert f"--device_num '[0,8)'" in command and f"--output {table}.node\\$SLURM_NODEID.json" in command
+    assert "--device_num '[0,8)'" in command and f"--output {table}.node\\$SLURM_NODEID.json" in command
     assert f"merge_hccl.py --rule rank_table --log results/tiny/logs/rank_table.log {table}.node0.json " \
            f"{table}.node1.json --output {table}" in command

@@ -1,0 +1,10 @@
+"""Errors a step reports in one line, without a traceback (see cli.main_guard). No dependencies, so
+any module (msckpt needs numpy only) can raise them."""
+
+
+class StepError(Exception):
+    """A step failed for a reason its message explains fully."""
+
+
+class InputError(StepError, ValueError):
+    """Bad input: the message names the file, record or tensor and what was expected."""
