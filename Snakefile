@@ -1,25 +1,24 @@
 # lorapipe: the Baichuan2 LoRA recipe as a Snakemake build. See README.md and config/schema.yaml.
 #
-#   snakemake --cores 2                          # the embedded tiny default, end to end
-#   snakemake --cores 8 --configfile config/baichuan2_7b_910b.yaml merged_ckpt
+#   snakemake --cores 2                                                # the embedded tiny default
+#   snakemake --cores 8 merged_ckpt --configfile=config/baichuan2_7b_910b.yaml
+#
+# (Targets before --configfile, or --configfile=FILE: --configfile takes several values, so a target
+# after `--configfile FILE` would be read as a second config file.)
 
-from snakemake.utils import update_config
-
-from lorapipe.config import check_base_model_dir, load_yaml, validate
+from lorapipe.config import check_base_model_dir, load_workflow_config
 
 # The config: config/config.yaml, or the file(s) given with --configfile INSTEAD of it (Snakemake's
-# own `configfile:` would merge the tiny default's keys into the real recipe's). Each file is read
-# strictly (a duplicate key is an error), --config overrides apply last, and the result is
-# validated against config/schema.yaml before any job runs.
-_config_files = [str(p) for p in workflow.overwrite_configfiles] or [
-    f"{workflow.basedir}/config/config.yaml"
-]
-_cli_overrides = dict(config)
+# own `configfile:` would merge the tiny default's keys into the real recipe). Each file is read
+# strictly (a duplicate key is an error), --config overrides apply last, and the result is validated
+# against config/schema.yaml and put in canonical form (lorapipe/config.py) before any job runs.
+_loaded = load_workflow_config(
+    [str(p) for p in workflow.overwrite_configfiles]
+    or [f"{workflow.basedir}/config/config.yaml"],
+    overrides=dict(workflow.config_settings.config),
+)
 config.clear()
-for _path in _config_files:
-    update_config(config, load_yaml(_path))
-update_config(config, _cli_overrides)
-validate(config, source=", ".join(_config_files))
+config.update(_loaded)
 if config["base_model"]["path"] != "tiny":
     check_base_model_dir(config["base_model"]["path"])
 

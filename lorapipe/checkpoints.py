@@ -9,16 +9,14 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from lorapipe.errors import InputError
+from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
 from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
+from lorapipe.spec import LORA_A, LORA_B
 
 log = logging.getLogger("lorapipe")
-
-LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
 
 # Training state that is not a network parameter, by exact name or exact prefix (the recipe's
 # filter_ckpt_param.py list plus global_batch_size). Substrings are never enough: a parameter whose
@@ -72,50 +70,28 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
         shutil.copyfile(rank_ckpts[0], tmp)
 
 
-def lora_pairs(index):
-    """{weight name: (lora_a name, lora_b name)} of a checkpoint index."""
-    names = {name for name, _, _ in index}
-    pairs = {}
-    for name in names:
-        if name.endswith("." + LORA_A):
-            cell = name[: -len(LORA_A) - 1]
-            if f"{cell}.{LORA_B}" not in names:
-                raise InputError(f"tensor {name!r} has no matching {cell}.{LORA_B}")
-            if f"{cell}.weight" not in names:
-                raise InputError(f"LoRA adapter {name!r} has no base weight {cell}.weight")
-            pairs[f"{cell}.weight"] = (name, f"{cell}.{LORA_B}")
-    return pairs
-
-
-def fold_lora(src, dst, alpha, rank, run=None):
-    """W += (B @ A) * alpha / rank for every adapted weight -> a checkpoint with no LoRA tensors,
-    loadable by the plain model (peft's merge_and_unload). alpha and rank must be the training values."""
-    if rank <= 0 or alpha <= 0:
-        raise InputError(f"LoRA alpha {alpha} and rank {rank} must be positive")
+def fold_lora(src, dst, adapter_config, run=None):
+    """W += (B @ A) * alpha / rank for every adapted weight, with the rank and alpha of the run that
+    trained the adapter (its adapter_config.json) -> a checkpoint with no LoRA tensors, loadable by the
+    plain model (peft's merge_and_unload). Streams: one weight in memory at a time."""
+    adapter = read_adapter_config(adapter_config)
     index = _open(src)
-    pairs = lora_pairs(index)
+    pairs = lora_pairs([name for name, _, _ in index], src)
     if not pairs:
         raise InputError(f"{src}: no LoRA tensors ({LORA_A}/{LORA_B}) to fold")
+    check_adapter_shapes(pairs, {name: shape for name, _, shape in index}, adapter["r"], src)
     adapter_names = {n for pair in pairs.values() for n in pair}
     adapters = dict(iter_checkpoint(src, select=adapter_names.__contains__))  # small: rank x hidden each
-    scale = alpha / rank
-    for weight, (a, b) in pairs.items():
-        if adapters[a].shape[0] != rank:
-            raise InputError(f"{src}: {a} has rank {adapters[a].shape[0]}, but the config says lora.rank {rank}")
     progress = Progress("fold", len(index) - len(adapter_names), unit="tensors")
-    with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,), CheckpointWriter(tmp) as writer:
-        done = 0
-        for name, array in iter_checkpoint(src, select=lambda n: n not in adapter_names):
+    with atomic_outputs([dst], run=run, inputs=[src, adapter_config]) as (tmp,), CheckpointWriter(tmp) as writer:
+        for done, (name, array) in enumerate(iter_checkpoint(src, select=lambda n: n not in adapter_names)):
             if name in pairs:
-                a, b = (adapters[n].astype(np.float32) for n in pairs[name])
-                if (b.shape[0], a.shape[1]) != array.shape:
-                    raise InputError(f"{src}: LoRA B @ A for {name} is {(b.shape[0], a.shape[1])}, "
-                                     f"the weight is {array.shape}")
-                array = (array.astype(np.float32) + (b @ a) * scale).astype(array.dtype)
+                a, b = (adapters[n] for n in pairs[name])
+                array = fold(array, a, b, adapter["scaling"], name)
             writer.add(name, array)
-            done += 1
-            progress.update(done)
-    log.info("folded %d LoRA adapters with scale alpha/rank = %s/%s = %s", len(pairs), alpha, rank, scale)
+            progress.update(done + 1)
+    log.info("folded %d LoRA adapters with scale lora_alpha/r = %s/%s = %s (from %s)", len(pairs),
+             adapter["lora_alpha"], adapter["r"], adapter["scaling"], adapter_config)
     return sorted(pairs)
 
 

@@ -1,9 +1,18 @@
-"""Load and check a lorapipe config: strict YAML (no duplicate keys) and JSON-Schema validation.
+"""Load and check a lorapipe config: strict YAML (no duplicate keys), JSON-Schema validation, and one
+canonical form.
 
 The recipe's hand-edited YAML once listed `checkpoint_name_or_path` twice and PyYAML silently kept the
 last one (the 13B path). Here a duplicate key is an error, and so is any key the schema does not know.
+
+Snakemake reruns a job when the repr of its params changes. The canonical form (keys sorted, numbers
+the schema calls `number` as floats, paths normalised) makes two files that say the same thing give the
+same params: reordering keys, writing `3e-3` for `0.003`, `2` for `2.0` or `./data` for `data` reruns
+nothing.
 """
 
+import json
+import os
+import re
 from pathlib import Path
 
 import jsonschema
@@ -30,6 +39,12 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 reads `3e-3` as a float; PyYAML (YAML 1.1) reads it as a string, and the schema would then
+# refuse a learning rate written that way.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml(path):
@@ -84,27 +99,88 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
     return config
 
 
+class ConfigSection(dict):
+    """A config mapping whose str() is canonical JSON, so that a rule's shell command can hand a
+    whole section to a script: `--lora {params.lora:q}`. Its repr (what Snakemake compares to decide
+    a rerun) stays the dict's, with keys in sorted order."""
+
+    def __str__(self):
+        return json.dumps(self, sort_keys=True, ensure_ascii=False)
+
+
+def _schema_types(schema):
+    types = schema.get("type", [])
+    types = {types} if isinstance(types, str) else set(types)
+    for alternative in schema.get("oneOf", []) + schema.get("anyOf", []):
+        types |= _schema_types(alternative)
+    return types
+
+
+def canonical(value, schema):
+    """`value` in canonical form under `schema`: mappings as ConfigSections with sorted keys, integers
+    as floats where the schema says number (not integer), `format: path` strings normalised."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        return ConfigSection((k, canonical(value[k], properties.get(k, {}))) for k in sorted(value))
+    if isinstance(value, list):
+        return [canonical(v, schema.get("items", {})) for v in value]
+    types = _schema_types(schema)
+    if type(value) is int and "number" in types and "integer" not in types:
+        return float(value)
+    if isinstance(value, str) and schema.get("format") == "path":
+        return os.path.normpath(value)
+    return value
+
+
+def pick(section, *keys):
+    """The given keys of a config section: params for a rule that uses only these."""
+    return ConfigSection((k, section[k]) for k in sorted(keys))
+
+
+def load_workflow_config(paths, overrides=None):
+    """The workflow's config: each file read strictly, merged in order, `overrides` (Snakemake's
+    --config) applied last, validated, and in canonical form."""
+    config = {}
+    for path in paths:
+        document = load_yaml(path)
+        if not isinstance(document, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping of keys at top level")
+        _merge(config, document)
+    _merge(config, overrides or {})
+    source = ", ".join(map(str, paths))
+    validate(config, source=source)
+    return canonical(config, load_yaml(SCHEMA_PATH))
+
+
+def _merge(into, update):
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def load_config(path):
     """Load one config file strictly and validate it."""
     config = load_yaml(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping of keys at top level")
-    return validate(config, source=str(path))
+    validate(config, source=str(path))
+    return canonical(config, load_yaml(SCHEMA_PATH))
 
 
+# What planning and rendering need; the weights are checked where the conversion reads them, so that
+# `snakemake -n` and `mf_config` work on a machine that has only these two files.
 BASE_MODEL_FILES = ("config.json", "tokenizer.model")
-BASE_MODEL_WEIGHTS = ("pytorch_model.bin", "model.safetensors", "pytorch_model.bin.index.json",
-                      "model.safetensors.index.json")
 
 
 def check_base_model_dir(path):
-    """Fail early, naming the path, if a user-supplied HF base model directory is incomplete."""
+    """Fail early, naming the path, if a user-supplied HF base model directory lacks what planning
+    needs (config.json, tokenizer.model)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"base_model.path: {path} is not a directory (expected a Baichuan2 HF model "
                           f"directory with {', '.join(BASE_MODEL_FILES)} and weights)")
     missing = [f for f in BASE_MODEL_FILES if not (path / f).is_file()]
-    if not any((path / f).is_file() for f in BASE_MODEL_WEIGHTS):
-        missing.append(" or ".join(BASE_MODEL_WEIGHTS))
     if missing:
         raise ConfigError(f"base_model.path: {path} is missing {', '.join(missing)}")

@@ -21,13 +21,12 @@ import numpy as np
 
 from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
+from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
 
 log = logging.getLogger("lorapipe")
 
 IGNORE_TOKEN_ID = -100
 PAD_ID = 0
-USER_PIECE = "<reserved_106>"
-ASSISTANT_PIECE = "<reserved_107>"
 SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 WRITE_BATCH = 1000
 
@@ -71,10 +70,13 @@ def record_problem(record):
     return None
 
 
-def input_files(input_glob):
-    """The files a data.train value names: the matches of a glob (sorted), or the path itself."""
-    pattern = str(input_glob)
-    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [input_glob]
+def input_files(spec):
+    """The files a data.train value names: a path, the matches of a glob (sorted), or a list of them."""
+    files = []
+    for item in spec if isinstance(spec, (list, tuple)) else [spec]:
+        pattern = str(item)
+        files += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    return files
 
 
 def load_conversations(input_glob, on_bad_record="fail"):
@@ -102,9 +104,9 @@ def load_conversations(input_glob, on_bad_record="fail"):
     return records, skipped
 
 
-def conversation_texts(path):
-    """Every message text of a BELLE file, in file order (tokenizer training input)."""
-    records, _ = load_conversations(path)
+def conversation_texts(files):
+    """Every message text of BELLE files, in file order (tokenizer training input)."""
+    records, _ = load_conversations(files)
     return [m["value"] for r in records for m in r["conversations"] if m["value"]]
 
 

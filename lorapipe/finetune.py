@@ -1,16 +1,19 @@
 """The finetune stage: render the MindFormers YAML from the config, launch the ranks, collect outputs.
 
-This module never imports MindSpore: the ranks do (lorapipe.trainer via scripts/run_baichuan2.py).
+This module never imports MindSpore: the ranks do (lorapipe.trainer, through the worker script the
+finetune rule passes in).
 
 Resume: Snakemake deletes a rule's directory outputs before the job runs, so training state lives in
-`<state_root>/<sha256 of the rendered YAML>/`, which Snakemake does not know about. A rerun of the
-same YAML continues from the last checkpoint saved there; any change to the YAML (which holds every
-setting that alters training) gets a fresh state folder, and stale ones are deleted.
+`<state_root>/<key>/`, which Snakemake does not know about. The key is a hash of the rendered YAML
+(every setting that alters training) and of the identity of the base checkpoint and the training data
+it names. A rerun with the same key continues from the last checkpoint saved there; anything else gets
+a fresh state folder, and stale ones are deleted.
 """
 
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -21,16 +24,24 @@ from lorapipe.launch import launch
 from lorapipe.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
-from lorapipe.spec import MODEL_CLASS, llama_config
+from lorapipe.provenance import find_manifest
+from lorapipe.spec import LORA_A, LORA_B, MODEL_CLASS, llama_config
 
 log = logging.getLogger("lorapipe")
 
-RUN_BAICHUAN2 = Path(__file__).resolve().parent.parent / "scripts" / "run_baichuan2.py"
 LORA_SUFFIX = "_lora"
 
 
-def render_mindformers_config(hf_config, *, base_ckpt, train_data, seq_length, name, lora, train,
-                              parallel, device_target):
+def processor_config(tokenizer):
+    """The recipe YAML's processor section: where MindFormers (and lorapipe's predict) find the
+    tokenizer."""
+    return {"return_tensors": "ms", "type": "LlamaProcessor",
+            "tokenizer": {"type": "LlamaTokenizer", "vocab_file": str(tokenizer), "unk_token": "<unk>",
+                          "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>"}}
+
+
+def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data, seq_length, name, lora,
+                              train, parallel, device_target):
     """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand."""
     cpu = device_target == "CPU"
     opt, lr = train["optimizer"], train["lr_schedule"]
@@ -52,7 +63,7 @@ def render_mindformers_config(hf_config, *, base_ckpt, train_data, seq_length, n
         "seed": train["seed"],
         "run_mode": "finetune",
         "output_dir": "./output",  # set per run by lorapipe.trainer.finetune
-        "load_checkpoint": str(base_ckpt),
+        "load_checkpoint": f"{base_ckpt_dir}/rank_0/{name}.ckpt",
         "load_ckpt_format": "ckpt",
         "auto_trans_ckpt": False,
         "resume_training": False,
@@ -97,7 +108,33 @@ def render_mindformers_config(hf_config, *, base_ckpt, train_data, seq_length, n
              "save_checkpoint_steps": train["save_checkpoint_steps"], "keep_checkpoint_max": 2,
              "integrated_save": False, "async_save": False, "checkpoint_format": "ckpt"},
         ],
+        "processor": processor_config(tokenizer),
         "profile": False,
+    }
+
+
+def render_predict_config(hf_config, *, tokenizer, seq_length, name, generation, device_target):
+    """The recipe's predict YAML (run_baichuan2_7b_910b.yaml, section "MindSpore推理"): incremental
+    decoding (use_past), fp32 weights as the recipe recommends for accuracy, the generation settings
+    in model_config, one device."""
+    model_config = llama_config(hf_config, seq_length, param_init_type="float32", compute_dtype="float32",
+                                use_past=True)
+    model_config.update(checkpoint_name_or_path="", do_sample=generation["do_sample"],
+                        top_k=generation["top_k"], top_p=generation["top_p"],
+                        temperature=generation["temperature"],
+                        repetition_penalty=generation["repetition_penalty"],
+                        max_new_tokens=generation["max_new_tokens"])
+    return {
+        "seed": 0,
+        "run_mode": "predict",
+        "output_dir": "./output",
+        "load_checkpoint": "",
+        "auto_trans_ckpt": False,
+        "use_parallel": False,
+        "context": {"mode": 0, "device_target": device_target, "max_call_depth": 10000, "save_graphs": False},
+        "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
+        "model": {"model_config": model_config, "arch": {"type": MODEL_CLASS}},
+        "processor": processor_config(tokenizer),
     }
 
 
@@ -107,19 +144,34 @@ def write_mindformers_config(path, rendered, run=None, inputs=()):
                        + yaml.safe_dump(rendered, sort_keys=False, allow_unicode=True))
 
 
-def adapter_config(lora, base_model, seq_length):
-    """PEFT-style adapter_config.json: what a loader needs to apply or fold the adapter."""
+def adapter_config(rendered, base_model):
+    """PEFT-style adapter_config.json of a run, from the YAML it trained with: what a loader needs to
+    apply or fold the adapter (see lorapipe.lora.read_adapter_config)."""
+    model_config = rendered["model"]["model_config"]
+    pet = model_config["pet_config"]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
-            "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-            "target_modules": lora["target_modules"], "scaling": lora["alpha"] / lora["rank"],
-            "mindspore_parameter_suffixes": ["mindpet_delta_lora_a", "mindpet_delta_lora_b"],
-            "seq_length": seq_length}
+            "r": pet["lora_rank"], "lora_alpha": pet["lora_alpha"], "lora_dropout": pet["lora_dropout"],
+            "target_modules": pet["target_modules"], "scaling": pet["lora_alpha"] / pet["lora_rank"],
+            "mindspore_parameter_suffixes": [LORA_A, LORA_B], "seq_length": model_config["seq_length"]}
 
 
 # -- orchestration ----------------------------------------------------------------------------------
 
-def _state_dir(config_path, state_root):
-    digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16]
+def _identity(path):
+    """What identifies an input file cheaply: the sha256 its step's manifest recorded, when the file is
+    still the one recorded, else its size and mtime."""
+    found = find_manifest(path)
+    st = os.stat(path)
+    if found and found[2].get("bytes") == st.st_size and found[2].get("mtime_ns") == st.st_mtime_ns:
+        return found[2]["sha256"]
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _state_dir(config_path, state_root, inputs=()):
+    key = hashlib.sha256(Path(config_path).read_bytes())
+    for path in inputs:
+        key.update(_identity(path).encode())
+    digest = key.hexdigest()[:16]
     state_root = Path(state_root)
     if state_root.is_dir():
         for stale in state_root.iterdir():
@@ -156,15 +208,22 @@ def read_loss_tsv(path):
     return [rows[s] for s in sorted(rows)]
 
 
-def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun", nodes=1,
+def tokens_per_step(rendered):
+    """Tokens of one optimizer step: global batch x sequence length."""
+    return (rendered["runner_config"]["batch_size"] * rendered["parallel_config"]["data_parallel"]
+            * rendered["model"]["model_config"]["seq_length"])
+
+
+def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher="msrun", nodes=1,
                  master_addr=None, master_port=None, rank_table=None, visible_devices=None,
-                 tokens_per_step=None, adapter=None, run=None, inputs=()):
-    """Train (or resume) with the rendered YAML and write to `out_dir`:
+                 base_model="", run=None, inputs=()):
+    """Train (or resume) with the rendered YAML, each rank running `worker` (a script taking
+    --config, --output_dir, --loss_tsv and --resume), and write to `out_dir`:
     checkpoint_network/rank_<r>/<name>_lora.ckpt (+ strategy/), loss.tsv, adapter_config.json and
-    rank_logs/worker_<r>.log."""
+    rank_logs/worker_<r>.log. `inputs` (the base checkpoint and the data) are part of the state key."""
     rendered = yaml.safe_load(Path(config_path).read_text())
     name = rendered["trainer"]["model_name"] + LORA_SUFFIX
-    state = _state_dir(config_path, state_root)
+    state = _state_dir(config_path, state_root, inputs)
     (state / "home").mkdir(parents=True, exist_ok=True)
     ranks = list(range(nodes * workers))
     ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
@@ -186,7 +245,7 @@ def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun",
                 progress.total = rows[-1]["total"]
                 progress.update(rows[-1]["step"], loss=rows[-1]["loss"], lr=rows[-1]["lr"])
 
-        args = [str(RUN_BAICHUAN2), "--run_mode", "finetune", "--config", str(Path(config_path).resolve()),
+        args = [str(Path(worker).resolve()), "--config", str(Path(config_path).resolve()),
                 "--output_dir", str((state / "output").resolve()), "--loss_tsv", str(tsv.resolve())]
         if resume:
             args += ["--resume", str(ckpt_dir.resolve())]
@@ -197,7 +256,8 @@ def run_finetune(config_path, state_root, out_dir, *, workers, launcher="msrun",
                on_poll=report)
         report()
         complete.write_text("done\n")
-    return collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs)
+    return collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step(rendered),
+                           adapter_config(rendered, base_model), run, [config_path, *inputs])
 
 
 def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs):
@@ -221,7 +281,7 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
             speed = f"{tokens_per_step / dt:.0f}" if dt and tokens_per_step else ""
             lines.append(f"{row['step']}\t{row['loss']:.6f}\t{row['lr']:.6g}\t{speed}")
         loss.write_text("\n".join(lines) + "\n")
-        adapter_json.write_text(json.dumps(adapter or {}, indent=2) + "\n")
+        adapter_json.write_text(json.dumps(adapter, indent=2) + "\n")
         logs.mkdir()
         for log_file in sorted((state / "logs").glob("*.log")):
             shutil.copyfile(log_file, logs / log_file.name)

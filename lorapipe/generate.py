@@ -11,21 +11,42 @@ short answers; on Ascend, MindFormers' generate() with use_past is the fast path
 import json
 import logging
 import math
+import os
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 
 from lorapipe.data import IGNORE_TOKEN_ID, PAD_ID, ChatTokenizer
+from lorapipe.errors import InputError
+from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
 
 log = logging.getLogger("lorapipe")
 
+# Generation settings and their defaults (the keys of the config's predict section and of the predict
+# YAML's model_config; MindFormers' generate() names them the same).
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
+                       "repetition_penalty": 1.0}
+_TURN_MARKER = re.compile(f"({re.escape(USER_PIECE)}|{re.escape(ASSISTANT_PIECE)})")
+
 
 def chat_ids(tok, question, history=()):
-    """Prompt ids for `question` after earlier (question, answer) turns."""
+    """Prompt ids for `question` after earlier (question, answer) turns. A question already in the
+    template (`<reserved_106>q<reserved_107>`, possibly several turns, as the recipe's --predict_data
+    writes it) is used as it is, not wrapped twice."""
     ids = []
     for q, a in history:
         ids += [tok.user, *tok.encode([q])[0], tok.assistant, *tok.encode([a])[0]]
-    return ids + [tok.user, *tok.encode([question])[0], tok.assistant]
+    parts = _TURN_MARKER.split(question)
+    if len(parts) == 1:
+        return ids + [tok.user, *tok.encode([question])[0], tok.assistant]
+    if parts[0].strip() or parts[1] != USER_PIECE or parts[-2] != ASSISTANT_PIECE or parts[-1]:
+        raise InputError(f"prompt {question!r}: a prompt in the chat template must start with {USER_PIECE} "
+                         f"and end with {ASSISTANT_PIECE}")
+    for marker, text in zip(parts[1::2], parts[2::2]):
+        ids += [tok.user if marker == USER_PIECE else tok.assistant, *(tok.encode([text])[0] if text else [])]
+    return ids
 
 
 def next_token(logits, generated, rng, do_sample=False, top_k=0, top_p=1.0, temperature=1.0,
@@ -54,10 +75,13 @@ def next_token(logits, generated, rng, do_sample=False, top_k=0, top_p=1.0, temp
     return int(rng.choice(probs.size, p=probs))
 
 
-def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, **sampling):
-    """New token ids after `prompt_ids`, stopping at eos (not included) or max_new_tokens."""
+def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=None, use_past=True, **sampling):
+    """New token ids after `prompt_ids`, stopping at eos (not included), after max_new_tokens, or when
+    prompt and answer reach max_length tokens."""
     from lorapipe.model import logits
 
+    if max_length is not None:
+        max_new_tokens = min(max_new_tokens, max_length - len(prompt_ids))
     rng = np.random.default_rng(seed)
     ids, new = list(prompt_ids), []
     for _ in range(max_new_tokens):
@@ -69,51 +93,130 @@ def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, **sampling):
     return new
 
 
-def read_model_config(mindformers_yaml):
-    """The model_config section of a rendered MindFormers YAML."""
+def read_mindformers_yaml(path):
+    """A rendered MindFormers YAML as a dict, with a clear error for a missing or unreadable file."""
     import yaml
 
-    with open(mindformers_yaml, encoding="utf-8") as f:
-        return yaml.safe_load(f)["model"]["model_config"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            rendered = yaml.safe_load(f)
+        rendered["model"]["model_config"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: MindFormers YAML not found") from None
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a MindFormers YAML with model.model_config ({e})") from None
+    return rendered
 
 
-def load_model(model_config, ckpt):
-    """The plain Baichuan2 model (eval mode, no LoRA) with a complete checkpoint's weights.
-    `model_config` is the model_config of a rendered MindFormers YAML."""
+def complete_checkpoint(path):
+    """The complete checkpoint `--load_checkpoint` names: a .ckpt file, or (MindFormers' layout) a
+    folder holding rank_0/ with one checkpoint. A folder of several ranks is a distributed checkpoint:
+    merge it first."""
+    from lorapipe.checkpoints import rank_checkpoints
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"{path}: no such checkpoint file or folder")
+    ckpts = rank_checkpoints(path)
+    if len(ckpts) > 1:
+        raise InputError(f"{path}: holds {len(ckpts)} rank folders, a distributed checkpoint; merge it into one "
+                         f"first (snakemake merged_ckpt, or scripts/transform_ckpt.py)")
+    return ckpts[0]
+
+
+def read_adapter(adapter_config, model_config, where):
+    """The LoRA settings to fold with: the adapter_config.json given, else the YAML's pet_config, else
+    None (a checkpoint with LoRA tensors is then refused by load_model)."""
+    from lorapipe.lora import pet_config_adapter, read_adapter_config
+
+    if adapter_config:
+        return read_adapter_config(adapter_config)
+    if model_config.get("pet_config"):
+        return pet_config_adapter(model_config["pet_config"], where)
+    return None
+
+
+def load_model(model_config, ckpt, adapter=None):
+    """The plain Baichuan2 model (eval mode) with the weights of a complete checkpoint.
+
+    `model_config` is the model_config of a rendered MindFormers YAML. A checkpoint that holds LoRA
+    tensors (merged_ckpt, as the recipe predicts from) is folded on load with `adapter` (the trained
+    run's settings, lorapipe.lora.read_adapter_config), which it then needs. A tensor the model does not
+    have, or a parameter the checkpoint lacks, is an error: nothing is dropped silently."""
     import mindspore as ms
 
+    # The decode loop feeds inputs of any length in PyNative mode; with ENFORCE_EAGER MindFormers slices
+    # its causal mask to the input's length (mindformers/tools/utils.py:608, read when the cells are
+    # built; modules/transformer/transformer.py:886). Training never needs it.
+    os.environ.setdefault("ENFORCE_EAGER", "true")
+    from lorapipe.lora import check_adapter_shapes, fold, lora_pairs
     from lorapipe.model import build_model
-    from lorapipe.msckpt import iter_checkpoint
+    from lorapipe.msckpt import checkpoint_index, iter_checkpoint
 
-    net = build_model({k: v for k, v in model_config.items() if k not in ("pet_config", "checkpoint_name_or_path")})
-    params = {n: ms.Parameter(ms.Tensor(a), name=n) for n, a in iter_checkpoint(ckpt)}
-    not_loaded, _ = ms.load_param_into_net(net, params)
-    if not_loaded:
-        raise ValueError(f"{ckpt}: has no {not_loaded[0]} (and {len(not_loaded) - 1} more); expected a "
-                         f"complete Baichuan2 checkpoint")
+    if not Path(ckpt).is_file():
+        raise InputError(f"{ckpt}: checkpoint not found")
+    index = checkpoint_index(ckpt)
+    pairs = lora_pairs([name for name, _, _ in index], ckpt)
+    if pairs:
+        if adapter is None:
+            raise InputError(f"{ckpt}: holds LoRA adapters ({pairs[next(iter(pairs))][0]} ...) but no adapter "
+                             f"config says how to scale them; pass --adapter_config <finetune>/adapter_config.json "
+                             f"(or a YAML with model_config.pet_config), or load the folded merged_lora checkpoint")
+        check_adapter_shapes(pairs, {name: shape for name, _, shape in index}, adapter["r"], ckpt)
+    # The plain forward (use_past builds paged KV-cache ops that have no CPU kernels).
+    net = build_model({k: v for k, v in model_config.items() if k not in ("pet_config", "checkpoint_name_or_path")
+                       } | {"use_past": False})
+    expected = set(net.parameters_dict())
+    adapters = {n for pair in pairs.values() for n in pair}
+    unexpected = [name for name, _, _ in index if name not in expected and name not in adapters]
+    missing = sorted(expected - {name for name, _, _ in index})
+    if unexpected or missing:
+        what = [f"tensors the model does not have: {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")
+                ] if unexpected else []
+        what += [f"parameters it lacks: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []
+        raise InputError(f"{ckpt}: not a complete Baichuan2 checkpoint for this model ({'; '.join(what)})")
+    lora = dict(iter_checkpoint(ckpt, select=adapters.__contains__)) if adapters else {}
+    params = {}
+    for name, array in iter_checkpoint(ckpt, select=lambda n: n not in adapters):
+        if name in pairs:
+            array = fold(array, lora[pairs[name][0]], lora[pairs[name][1]], adapter["scaling"], name)
+        params[name] = ms.Parameter(ms.Tensor(array), name=name)
+    if pairs:
+        log.info("%s: folded %d LoRA adapters on load (scale %s)", ckpt, len(pairs), adapter["scaling"])
+    ms.load_param_into_net(net, params, strict_load=True)
     return net
 
 
-def predict(models, tokenizer_file, model_config, prompts, generation, out_path, run=None):
-    """Answer every prompt with every model {label: ckpt}; write predictions.jsonl, prompt-major, so
-    the models' answers to one prompt sit side by side."""
+def predict(models, tokenizer_file, model_config, prompts, generation, out_path=None, adapter=None, run=None):
+    """Answer every prompt with every model {label: ckpt} -> rows, prompt-major so that the models'
+    answers to one prompt sit side by side, written to `out_path` as JSON lines (printed without one).
+    Timings go to the log, not the rows: the predictions of a greedy run are byte-reproducible."""
+    import sys
+
     from lorapipe.outputs import atomic_outputs
 
     tok = ChatTokenizer(tokenizer_file)
+    prompt_ids = [chat_ids(tok, prompt) for prompt in prompts]  # a bad prompt fails before any model loads
     rows = []
     for label, ckpt in models.items():
-        net = load_model(model_config, ckpt)
-        for i, prompt in enumerate(prompts):
-            ids = chat_ids(tok, prompt)
+        net = load_model(model_config, ckpt, adapter)
+        for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
             start = time.time()
             new = generate(net, ids, tok.eos, **generation)
+            seconds = time.time() - start
             rows.append({"index": i, "model": label, "prompt": prompt, "response": tok.sp.decode(new),
-                         "prompt_tokens": len(ids), "new_tokens": len(new),
-                         "seconds": round(time.time() - start, 3)})
-            log.info("%s [%d/%d] %s -> %s", label, i + 1, len(prompts), prompt, rows[-1]["response"])
+                         "prompt_tokens": len(ids), "new_tokens": len(new)})
+            log.info("%s [%d/%d] %d tokens in %.2f s (%.1f tokens/s): %s -> %s", label, i + 1, len(prompts),
+                     len(new), seconds, len(new) / seconds if seconds else 0.0, prompt, rows[-1]["response"])
     rows.sort(key=lambda r: (r["index"], list(models).index(r["model"])))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if out_path is None:
+        sys.stdout.write(text)
+        return rows
     with atomic_outputs([out_path], run=run, inputs=[*models.values(), tokenizer_file]) as (tmp,):
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return rows
 
 
@@ -126,7 +229,7 @@ def heldout_loss(net, mindrecord, batch_size=8):
 
     rows = list(ds.MindDataset(str(mindrecord), shuffle=False).create_dict_iterator(output_numpy=True))
     if not rows:
-        raise ValueError(f"{mindrecord}: no rows to evaluate")
+        raise InputError(f"{mindrecord}: no rows to evaluate")
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -142,13 +245,13 @@ def heldout_loss(net, mindrecord, batch_size=8):
     return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count, "samples": len(rows)}
 
 
-def evaluate(models, model_config, mindrecord, out_path, run=None):
+def evaluate(models, model_config, mindrecord, out_path, adapter=None, run=None):
     """Held-out loss and perplexity of each model {label: ckpt} -> metrics JSON."""
     from lorapipe.outputs import atomic_outputs
 
     metrics = {}
     for label, ckpt in models.items():
-        metrics[label] = heldout_loss(load_model(model_config, ckpt), mindrecord)
+        metrics[label] = heldout_loss(load_model(model_config, ckpt, adapter), mindrecord)
         log.info("%s: held-out loss %.4f, perplexity %.2f over %d tokens", label, metrics[label]["loss"],
                  metrics[label]["perplexity"], metrics[label]["tokens"])
     with atomic_outputs([out_path], run=run, inputs=[*models.values(), mindrecord]) as (tmp,):

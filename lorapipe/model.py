@@ -11,9 +11,6 @@ writes its log folder under ./output unless LOCAL_DEFAULT_PATH says otherwise).
 
 import os
 
-# MindFormers reads these when a model is built. ENFORCE_EAGER makes the causal mask and rotary tables
-# follow the actual input length in PyNative mode (otherwise inputs must be exactly seq_length long).
-os.environ.setdefault("ENFORCE_EAGER", "true")
 os.environ.setdefault("GLOG_v", "3")
 
 import mindspore as ms  # noqa: E402
@@ -39,17 +36,30 @@ class NormHead(nn.Cell):
         self.compute_dtype = compute_dtype
         self.weight = Parameter(initializer(Normal(sigma=init_std), [vocab_size, hidden_size],
                                             param_init_type), name="weight")
+        self.weight_to_fp32 = ops.Cast()
         self.l2_normalize = ops.L2Normalize(axis=-1, epsilon=1e-12)
+        self.weight_to_compute = ops.Cast()
+        self.x_to_compute = ops.Cast()
         self.matmul = ops.MatMul(transpose_b=True)
 
     def shard(self, strategy_matmul):
+        """Semi-auto parallel: every op on the weight gets the weight's layout from the MatMul strategy
+        (rows split by `vocab_split`, or replicated). Without a strategy, MindSpore gives L2Normalize
+        the batch-parallel default, which splits the weight's rows over all devices (see README,
+        "The real recipe")."""
+        (batch, _), (vocab_split, _) = strategy_matmul
+        self.weight_to_fp32.shard(((vocab_split, 1),))
+        self.l2_normalize.shard(((vocab_split, 1),))
+        self.weight_to_compute.shard(((vocab_split, 1),))
+        self.x_to_compute.shard(((batch, 1),))
         self.matmul.shard(strategy_matmul)
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.vocab_size,)
         # Normalize in fp32 even when computing in fp16: a 4096-wide row norm overflows fp16 easily.
-        weight = self.l2_normalize(self.weight.astype(mstype.float32)).astype(self.compute_dtype)
-        x = x.reshape(-1, self.hidden_size).astype(self.compute_dtype)
+        weight = self.l2_normalize(self.weight_to_fp32(self.weight, mstype.float32))
+        weight = self.weight_to_compute(weight, self.compute_dtype)
+        x = self.x_to_compute(x.reshape(-1, self.hidden_size), self.compute_dtype)
         return self.matmul(x, weight).reshape(out_shape)
 
 

@@ -67,8 +67,8 @@ def summary_html(metrics_json, stats_json, predictions_jsonl, out_html):
                  stats[s]["length_max"]] for s in ("train", "heldout") if s in stats])
         + f"<p>{stats['skipped']} bad records skipped; rows of {stats['seq_length'] + 1} tokens.</p>",
         "<h2>Sample predictions</h2>",
-        _table(["prompt", "model", "response", "new tokens", "seconds"],
-               [[p["prompt"], p["model"], p["response"], p["new_tokens"], p["seconds"]] for p in predictions]),
+        _table(["prompt", "model", "response", "new tokens"],
+               [[p["prompt"], p["model"], p["response"], p["new_tokens"]] for p in predictions]),
     ]
     Path(out_html).write_text("<html><meta charset='utf-8'><body>" + "\n".join(parts) + "</body></html>\n",
                               encoding="utf-8")

@@ -2,10 +2,20 @@
 
 MODEL_CLASS = "Baichuan2ForCausalLM"  # registered by lorapipe.model
 
+# The chat template's turn markers (looked up by piece in the tokenizer; 195/196 in Baichuan2's).
+USER_PIECE = "<reserved_106>"
+ASSISTANT_PIECE = "<reserved_107>"
 
-def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32", **extra):
-    """A MindFormers LlamaConfig (as a dict) for a Baichuan2 HF config.json, CPU-safe by default."""
-    return dict(
+# MindFormers' LoRA (mindpet) parameters of an adapted cell `<cell>`: `<cell>.mindpet_delta_lora_a`
+# [rank, in] and `<cell>.mindpet_delta_lora_b` [out, rank], next to `<cell>.weight`.
+LORA_A = "mindpet_delta_lora_a"
+LORA_B = "mindpet_delta_lora_b"
+
+
+def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32", **overrides):
+    """A MindFormers LlamaConfig (as a dict) for a Baichuan2 HF config.json, CPU-safe unless
+    `overrides` say otherwise."""
+    config = dict(
         type="LlamaConfig",
         batch_size=1,
         seq_length=seq_length,
@@ -30,5 +40,6 @@ def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type
         fused_rms_norm=False,
         use_rope_slice=True,
         tie_word_embeddings=False,
-        **extra,
     )
+    config.update(overrides)
+    return config

@@ -13,11 +13,10 @@ import json
 import sentencepiece as spm
 import torch
 
-from lorapipe.data import conversation_texts
+from lorapipe.data import conversation_texts, input_files
 from lorapipe.outputs import atomic_outputs
+from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
 
-USER_PIECE = "<reserved_106>"
-ASSISTANT_PIECE = "<reserved_107>"
 FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
          "tokenizer.model")
 
@@ -109,7 +108,7 @@ def random_weights(config, seed, init_std):
     return state
 
 
-def build_tiny_base(data_file, out_dir, *, seed, hidden_size, num_hidden_layers, num_attention_heads,
+def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_attention_heads,
                     intermediate_size, max_position_embeddings, vocab_size, init_std, run=None):
     """Write the tiny base model directory (FILES) atomically. Same arguments, same bytes."""
     from pathlib import Path
@@ -118,7 +117,7 @@ def build_tiny_base(data_file, out_dir, *, seed, hidden_size, num_hidden_layers,
         raise ValueError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
                          f"num_attention_heads {num_attention_heads}")
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(conversation_texts(data_file), vocab_size)
+    tokenizer = train_tokenizer(conversation_texts(data), vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
     config = hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
                        max_position_embeddings, sp.get_piece_size())
@@ -129,7 +128,7 @@ def build_tiny_base(data_file, out_dir, *, seed, hidden_size, num_hidden_layers,
                         "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": False,
                         "add_eos_token": False, "model_max_length": max_position_embeddings}
 
-    with atomic_outputs([out_dir / f for f in FILES], run=run, inputs=[data_file]) as tmp:
+    with atomic_outputs([out_dir / f for f in FILES], run=run, inputs=input_files(data)) as tmp:
         paths = dict(zip(FILES, tmp))
         for name, obj in (("config.json", config), ("generation_config.json", generation),
                           ("tokenizer_config.json", tokenizer_config)):

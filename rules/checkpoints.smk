@@ -45,9 +45,11 @@ rule merged_ckpt:
 
 
 rule fold_lora:
-    """W += (B @ A) * alpha / rank: the finetuned model as plain Baichuan2 weights."""
+    """W += (B @ A) * alpha / rank, with the trained run's rank and alpha: the finetuned model as plain
+    Baichuan2 weights."""
     input:
         ckpt=MERGED_CKPT,
+        adapter=ADAPTER_CONFIG,
         script=f"{SCRIPTS}/fold_lora.py",
     output:
         ckpt=MERGED_LORA,
@@ -58,19 +60,17 @@ rule fold_lora:
         benchmark_path("fold_lora")
     conda:
         "../envs/lorapipe.yaml"
-    params:
-        alpha=config["lora"]["alpha"],
-        rank=config["lora"]["rank"],
     shell:
-        "python {input.script} --rule fold_lora --log {log} --src_ckpt {input.ckpt} --dst_ckpt {output.ckpt} "
-        "--lora_alpha {params.alpha} --lora_rank {params.rank}"
+        "python {input.script} --rule fold_lora --log {log} --src_ckpt {input.ckpt} "
+        "--adapter_config {input.adapter} --dst_ckpt {output.ckpt}"
 
 
 rule export_hf:
     """The folded model as an HF directory (safetensors and pytorch_model.bin)."""
     input:
         ckpt=MERGED_LORA,
-        base=f"{base_model_dir()}/config.json",
+        base=base_file("config.json"),
+        tokenizer=base_file("tokenizer.model"),
         script=f"{SCRIPTS}/export_hf.py",
     output:
         safetensors=f"{HF_EXPORT}/model.safetensors",

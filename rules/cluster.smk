@@ -9,7 +9,7 @@ _HCCL_TOOLS = (
 # One node writes its table directly; several write one each under srun (each resolves its own IP),
 # then merge_hccl.py renumbers the ranks node by node.
 RANK_TABLE_SHELL = (
-    f"{_HCCL_TOOLS} --log {{log}} --server_ip '{{params.server_ip}}' --output {{output.table}}"
+    f"{_HCCL_TOOLS} --log {{log}} --server_ip {{params.server_ip:q}} --output {{output.table}}"
     if config["parallel"]["nodes"] == 1
     else "srun --nodes={params.nodes} --ntasks-per-node=1 bash -c "
     f'"exec {_HCCL_TOOLS} --output {{output.table}}.node\\$SLURM_NODEID.json" > {{log}} 2>&1 && '

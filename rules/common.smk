@@ -1,20 +1,17 @@
-# Small path and parameter helpers shared by the rules. No logic beyond wiring.
+# Paths and small input helpers shared by the rules. Wiring only: config values reach the rules that
+# use them through `params:` there, and nothing here reads a file while the workflow is parsed.
 
+import glob
 import os
-import json
-import shlex
-import sys
 from pathlib import Path
 
+from lorapipe.config import pick
+
 RESULTS = config["results"]
-TINY_BASE = f"{RESULTS}/tiny_base"
-TINY = config["base_model"]["path"] == "tiny"
-# The environment running Snakemake runs the steps too: its bin/ (python, msrun) comes first on PATH,
-# so a rule never picks up another Python, also when snakemake is started as .venv/bin/snakemake.
-os.environ["PATH"] = os.pathsep.join(
-    [str(Path(sys.executable).parent), os.environ["PATH"]]
-)
 SCRIPTS = f"{workflow.basedir}/scripts"
+TINY = config["base_model"]["path"] == "tiny"
+TINY_BASE = f"{RESULTS}/tiny_base"
+BASE_MODEL = TINY_BASE if TINY else config["base_model"]["path"]
 
 
 def log_path(rule):
@@ -25,33 +22,33 @@ def benchmark_path(rule):
     return f"{RESULTS}/benchmarks/{rule}.tsv"
 
 
-def base_model_dir():
-    """The HF base model directory: the generated tiny model, or the user's Baichuan2 download."""
-    return TINY_BASE if TINY else config["base_model"]["path"]
+def base_file(name):
+    """A file of the HF base model directory (the generated tiny model, or the user's download)."""
+    return f"{BASE_MODEL}/{name}"
 
 
-def cli_flags(section, keys=None):
-    """`--key value` flags for (a subset of) a config section, as the scripts' argparse expects."""
-    items = config[section].items()
-    return " ".join(f"--{k} {v}" for k, v in items if keys is None or k in keys)
-
-
-def base_model_files():
-    """The base model files the conversion reads: config.json and the weights."""
-    base = base_model_dir()
+def base_weight_files(wildcards):
+    """The weight files the conversion reads, as they are on disk when the DAG is built; the `ckpt`
+    step itself checks that they are complete (planning needs only config.json and tokenizer.model)."""
     if TINY:
-        return [f"{base}/config.json", f"{base}/pytorch_model.bin"]
-    from lorapipe.weights import weight_files
+        return [base_file("pytorch_model.bin")]
+    patterns = ("*.safetensors", "*.bin", "*.index.json")
+    return sorted(f for p in patterns for f in glob.glob(base_file(p)))
 
-    return [f"{base}/config.json", *map(str, weight_files(base))]
+
+def data_files(wildcards):
+    """The chat JSON files data.train names (a path or a glob)."""
+    from lorapipe.data import input_files
+
+    return input_files(config["data"]["train"])
 
 
-def base_ckpt():
-    """The converted base checkpoint, in the rank_0/ folder MindFormers loads from."""
-    return f"{RESULTS}/ckpt/rank_0/{config['base_model']['name']}.ckpt"
-
+# The converted base model, in the rank_0/ folder MindFormers loads a complete checkpoint from.
+BASE_CKPT_DIR = f"{RESULTS}/ckpt"
+BASE_CKPT = f"{BASE_CKPT_DIR}/rank_0/{config['base_model']['name']}.ckpt"
 
 SEQ = config["data"]["seq_length"]
+DATA_STATS = f"{RESULTS}/data/belle_{SEQ}.stats.json"
 
 
 def mindrecord(split):
@@ -60,77 +57,27 @@ def mindrecord(split):
     return f"{RESULTS}/data/belle_{SEQ}{suffix}.mindrecord"
 
 
-def data_files():
-    """The BELLE JSON files data.train names (a path or a glob)."""
-    from lorapipe.data import input_files
-
-    return input_files(config["data"]["train"])
-
-
 RANK_TABLE = f"{RESULTS}/rank_table.json"
+RANK_TABLE_LAUNCH = config["parallel"]["launcher"] == "rank_table"
+
+
+def node_rank_tables(table):
+    """With several nodes, node k's own table is <table>.node<k>.json."""
+    nodes = config["parallel"]["nodes"]
+    return " ".join(f"{table}.node{k}.json" for k in range(nodes)) if nodes > 1 else ""
 
 
 FINETUNE = f"{RESULTS}/finetune"
 MF_CONFIG = f"{FINETUNE}/run_baichuan2_lora.yaml"
-
-
-def finetune_settings():
-    """Every config value that shapes training; all of it lands in the rendered MindFormers YAML."""
-    return {
-        "name": config["base_model"]["name"],
-        "seq_length": SEQ,
-        "device_target": config["device_target"],
-        "lora": config["lora"],
-        "train": config["train"],
-        "parallel": {
-            k: config["parallel"][k]
-            for k in (
-                "data_parallel",
-                "model_parallel",
-                "pipeline_stage",
-                "max_device_memory",
-            )
-        },
-    }
-
-
-def adapter_settings():
-    from lorapipe.finetune import adapter_config
-
-    return adapter_config(config["lora"], base_model_dir(), SEQ)
+ADAPTER_CONFIG = f"{FINETUNE}/adapter_config.json"
+FINETUNE_STATE = f"{RESULTS}/.finetune_state"
 
 
 def finetune_inputs(wildcards):
-    inputs = {
-        "config": MF_CONFIG,
-        "base_ckpt": base_ckpt(),
-        "train_data": mindrecord("train"),
-    }
-    if config["parallel"]["launcher"] == "rank_table":
+    inputs = {"config": MF_CONFIG, "base_ckpt": BASE_CKPT, "train_data": mindrecord("train")}
+    if RANK_TABLE_LAUNCH:
         inputs["rank_table"] = RANK_TABLE
     return inputs
-
-
-def slurm_request():
-    """The finetune job's allocation under profiles/slurm: every node, one task each, its devices."""
-    par = config["parallel"]
-    kind = {"Ascend": "npu", "GPU": "gpu"}.get(config["device_target"])
-    gres = f" --gres={kind}:{par['workers']}" if kind else ""
-    return f"'--nodes={par['nodes']} --ntasks-per-node=1{gres}'"
-
-
-def launch_flags():
-    par = config["parallel"]
-    flags = f"--launcher {par['launcher']} --workers {par['workers']} --nodes {par['nodes']}"
-    if par["master_addr"]:
-        flags += f" --master_addr {par['master_addr']}"
-    if par["master_port"]:
-        flags += f" --master_port {par['master_port']}"
-    if par["launcher"] == "rank_table":
-        flags += (
-            f" --rank_table {RANK_TABLE} --visible_devices {par['visible_devices']}"
-        )
-    return flags
 
 
 FILTER_OUT = f"{RESULTS}/filter_out"
@@ -140,31 +87,12 @@ HF_EXPORT = f"{RESULTS}/hf"
 
 
 def strategy_flag(checkpoints_dir):
+    """Semi-auto parallel (Ascend) writes strategy files; data parallel on CPU writes none."""
     strategy = Path(checkpoints_dir) / "strategy"
     return f"--src_ckpt_strategy {strategy}" if strategy.is_dir() else ""
 
 
+PREDICT_CONFIG = f"{RESULTS}/predict/run_baichuan2.yaml"
 PREDICTIONS = f"{RESULTS}/predict/predictions.jsonl"
 METRICS = f"{RESULTS}/evaluate/metrics.json"
-
-
-def generation_flags():
-    keys = (
-        "max_new_tokens",
-        "do_sample",
-        "top_k",
-        "top_p",
-        "temperature",
-        "repetition_penalty",
-    )
-    return " ".join(f"--{k} {config['predict'][k]}" for k in keys)
-
-
 REPORT = f"{RESULTS}/report"
-DATA_STATS = f"{RESULTS}/data/belle_{SEQ}.stats.json"
-
-
-def node_rank_tables(table):
-    """With several nodes, node k's own table is <table>.node<k>.json."""
-    nodes = config["parallel"]["nodes"]
-    return " ".join(f"{table}.node{k}.json" for k in range(nodes)) if nodes > 1 else ""

@@ -2,11 +2,11 @@
 
 
 rule mf_config:
-    """The MindFormers YAML the recipe had users hand-edit, rendered from the config."""
+    """The MindFormers YAML the recipe had users hand-edit, rendered from the config. Needs only the
+    base model's config.json and tokenizer.model: the checkpoint and the data are finetune's inputs."""
     input:
-        hf_config=f"{base_model_dir()}/config.json",
-        base_ckpt=base_ckpt(),
-        train_data=mindrecord("train"),
+        hf_config=base_file("config.json"),
+        tokenizer=base_file("tokenizer.model"),
         script=f"{SCRIPTS}/render_mindformers_config.py",
     output:
         yaml=MF_CONFIG,
@@ -18,11 +18,26 @@ rule mf_config:
     conda:
         "../envs/lorapipe.yaml"
     params:
-        settings=json.dumps(finetune_settings()),
+        device_target=config["device_target"],
+        name=config["base_model"]["name"],
+        seq_length=config["data"]["seq_length"],
+        lora=config["lora"],
+        train=config["train"],
+        parallel=pick(
+            config["parallel"],
+            "data_parallel",
+            "model_parallel",
+            "pipeline_stage",
+            "max_device_memory",
+        ),
+        base_ckpt_dir=BASE_CKPT_DIR,
+        train_data=mindrecord("train"),
     shell:
         "python {input.script} --rule mf_config --log {log} --hf_config {input.hf_config} "
-        "--base_ckpt {input.base_ckpt} --train_data {input.train_data} --settings {params.settings:q} "
-        "--output {output.yaml}"
+        "--tokenizer {input.tokenizer} --base_ckpt_dir {params.base_ckpt_dir} "
+        "--train_data {params.train_data} --device_target {params.device_target} "
+        "--name {params.name} --seq_length {params.seq_length} --lora {params.lora:q} "
+        "--train {params.train:q} --parallel {params.parallel:q} --output {output.yaml}"
 
 
 rule finetune:
@@ -30,11 +45,11 @@ rule finetune:
     input:
         unpack(finetune_inputs),
         script=f"{SCRIPTS}/finetune.py",
-        worker=f"{SCRIPTS}/run_baichuan2.py",
+        worker=f"{SCRIPTS}/finetune_worker.py",
     output:
         checkpoints=directory(f"{FINETUNE}/checkpoint_network"),
         loss=f"{FINETUNE}/loss.tsv",
-        adapter=f"{FINETUNE}/adapter_config.json",
+        adapter=ADAPTER_CONFIG,
         rank_logs=directory(f"{FINETUNE}/rank_logs"),
         manifest=f"{FINETUNE}/checkpoint_network.manifest.json",
     log:
@@ -43,21 +58,34 @@ rule finetune:
         benchmark_path("finetune")
     conda:
         "../envs/lorapipe.yaml"
-    threads: config["parallel"]["workers"]
+    threads: config["parallel"]["cpus_per_task"]
     resources:
         npus=config["parallel"]["workers"],
-        slurm_extra=slurm_request(),
+        # The Slurm request (profiles/slurm): every node, one task each, and its devices.
+        nodes=config["parallel"]["nodes"],
+        tasks=config["parallel"]["nodes"],
+        cpus_per_task=config["parallel"]["cpus_per_task"],
+        gres=f"npu:{config['parallel']['workers']}"
+        if config["device_target"] == "Ascend"
+        else "",
     params:
-        state=f"{RESULTS}/.finetune_state",
-        launch=launch_flags(),
-        tokens_per_step=config["train"]["batch_size"]
-        * config["parallel"]["data_parallel"]
-        * SEQ,
-        adapter=json.dumps(adapter_settings()),
-        out_dir=lambda wildcards, output: os.path.dirname(output.loss),
         device_target=config["device_target"],
+        parallel=pick(
+            config["parallel"],
+            "launcher",
+            "workers",
+            "nodes",
+            "master_addr",
+            "master_port",
+            "visible_devices",
+        ),
+        base_model=BASE_MODEL,
+        state=FINETUNE_STATE,
+        out_dir=lambda wildcards, output: os.path.dirname(output.loss),
+        rank_table=lambda wildcards, input: input.get("rank_table", ""),
     shell:
         "python {input.script} --rule finetune --log {log} --config {input.config} "
-        "--state_dir {params.state} --out_dir {params.out_dir} {params.launch} "
-        "--tokens_per_step {params.tokens_per_step} --adapter_config {params.adapter:q} "
-        "--device_target {params.device_target} --inputs {input.base_ckpt} {input.train_data}"
+        "--worker {input.worker} --state_dir {params.state} --out_dir {params.out_dir} "
+        "--device_target {params.device_target} --parallel {params.parallel:q} "
+        "--rank_table={params.rank_table} --base_model {params.base_model:q} "
+        "--inputs {input.base_ckpt} {input.train_data}"

@@ -1,11 +1,11 @@
-# Weights stage: the base model (generated tiny default, or the user's HF download).
+# Weights stage: the base model (generated tiny default, or the user's HF download) -> MindSpore.
 
 if TINY:
 
     rule tiny_base:
         """The embedded tiny Baichuan2-shaped HF model; stands in for the 15 GB download."""
         input:
-            data=config["data"]["train"],
+            data=data_files,
             script=f"{SCRIPTS}/make_tiny_base.py",
         output:
             weights=f"{TINY_BASE}/pytorch_model.bin",
@@ -24,21 +24,22 @@ if TINY:
         conda:
             "../envs/lorapipe.yaml"
         params:
-            flags=cli_flags("tiny_base"),
+            tiny_base=config["tiny_base"],
             out_dir=lambda wildcards, output: os.path.dirname(output.config),
         shell:
-            "python {input.script} --rule tiny_base --log {log} "
-            "--data {input.data} --out_dir {params.out_dir} {params.flags}"
+            "python {input.script} --rule tiny_base --log {log} --data {input.data:q} "
+            "--out_dir {params.out_dir} --dims {params.tiny_base:q}"
 
 
 rule ckpt:
     """HF torch weights -> MindSpore checkpoint in rank_0/ (the recipe's convert_weight.py + mv)."""
     input:
-        base_model_files(),
+        weights=base_weight_files,
+        config=base_file("config.json"),
         script=f"{SCRIPTS}/convert_weight.py",
     output:
-        ckpt=base_ckpt(),
-        manifest=f"{base_ckpt()}.manifest.json",
+        ckpt=BASE_CKPT,
+        manifest=f"{BASE_CKPT}.manifest.json",
     log:
         log_path("ckpt"),
     benchmark:
@@ -47,7 +48,7 @@ rule ckpt:
         "../envs/lorapipe.yaml"
     params:
         dtype=config["base_model"]["dtype"],
-        source=lambda wildcards, input: os.path.dirname(input[0]),
+        source=BASE_MODEL,
     shell:
-        "python {input.script} --rule ckpt --log {log} --torch_ckpt_path {params.source} "
+        "python {input.script} --rule ckpt --log {log} --torch_ckpt_path {params.source:q} "
         "--mindspore_ckpt_path {output.ckpt} --dtype {params.dtype}"

@@ -1,63 +1,110 @@
 #!/usr/bin/env python
-"""The recipe's run_baichuan2.py: --run_mode finetune (one rank; started by scripts/finetune.py under
-msrun or the rank-table launcher), predict (chat answers, base and finetuned side by side) or eval
-(held-out loss and perplexity). Imports MindSpore and MindFormers."""
+"""The recipe's run_baichuan2.py for prediction, with its flags and their meaning:
 
-import os
+    python scripts/run_baichuan2.py --config <R>/predict/run_baichuan2.yaml --run_mode predict \\
+        --use_parallel False --load_checkpoint <R>/merged_lora/rank_0/merged_lora.ckpt \\
+        --auto_trans_ckpt False --predict_data "<reserved_106>你是谁？<reserved_107>"
+
+The tokenizer is the YAML's processor.tokenizer.vocab_file (or --vocab_file), the generation settings
+are the YAML's model_config (top_k, top_p, do_sample, ...; flags override them). A checkpoint that
+holds LoRA tensors (merged_ckpt) is folded on load with the trained run's scale: --adapter_config, or
+the YAML's pet_config. Answers go to --output as JSON lines, or to stdout.
+Training runs through the workflow (`snakemake finetune`), evaluation through scripts/evaluate.py.
+"""
+
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.launch import worker_status
+
+RECIPE_IGNORED = ("task", "train_dataset", "eval_dataset", "resume", "remote_save_url", "src_strategy")
+
+
+def str2bool(text):
+    """MindFormers' str2bool: the recipe writes `--use_parallel False`."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected True or False, got {text!r}")
+
+
+str2bool.__name__ = "True/False"  # argparse names the type in its error message
+
+
+def parse_args():
+    p = cli.parser(__doc__)
+    p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    recipe = p.add_argument_group("the recipe's flags")
+    recipe.add_argument("--config", required=True, help="rendered MindFormers YAML (predict or finetune)")
+    recipe.add_argument("--run_mode", default="predict", help="predict (train and finetune run in the workflow)")
+    recipe.add_argument("--load_checkpoint", required=True,
+                        help="a complete .ckpt, or a folder holding rank_0/ with one complete .ckpt")
+    recipe.add_argument("--predict_data", nargs="+", required=True,
+                        help="prompts (plain, or already as <reserved_106>q<reserved_107>), or @file, one per line")
+    recipe.add_argument("--use_parallel", type=str2bool, default=False, help="False: one device")
+    recipe.add_argument("--auto_trans_ckpt", type=str2bool, default=False,
+                        help="transform a distributed checkpoint for this layout; on one device with a "
+                             "complete checkpoint there is nothing to transform")
+    recipe.add_argument("--vocab_file", default=None, help="tokenizer.model (default: the YAML's)")
+    recipe.add_argument("--seq_length", type=int, default=None, help="model sequence length (default: the YAML's)")
+    recipe.add_argument("--max_length", type=int, default=None, help="cap on prompt + answer tokens")
+    recipe.add_argument("--device_id", type=int, default=None)
+    recipe.add_argument("--mode", type=int, choices=[0, 1], default=None, help="0 graph, 1 PyNative")
+    for flag in ("--dp", "--mp", "--pp", "--micro_batch_num"):
+        recipe.add_argument(flag, type=int, default=None, help="parallel layout (one device here: 1)")
+    for flag in RECIPE_IGNORED:
+        recipe.add_argument(f"--{flag}", default=None, help="training flag; not used for prediction")
+    chat = p.add_argument_group("generation (run_baichuan2_chat.py's flags; default: the YAML's)")
+    chat.add_argument("--max_new_tokens", type=int, default=None)
+    chat.add_argument("--do_sample", type=str2bool, default=None)
+    chat.add_argument("--top_k", type=int, default=None)
+    chat.add_argument("--top_p", type=float, default=None)
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--repetition_penalty", type=float, default=None)
+    chat.add_argument("--use_past", type=str2bool, default=True, help="incremental decoding (default True)")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed")
+    extra = p.add_argument_group("lorapipe")
+    extra.add_argument("--adapter_config", default=None,
+                       help="adapter_config.json of the run that trained the LoRA tensors in --load_checkpoint")
+    extra.add_argument("--compare_checkpoint", default=None, help="a second model (e.g. the base), side by side")
+    extra.add_argument("--output", default=None, help="predictions.jsonl (default: print to stdout)")
+    args = p.parse_args()
+    if args.run_mode != "predict":
+        p.error(f"--run_mode {args.run_mode}: this script predicts; train with `snakemake finetune`, evaluate "
+                f"with scripts/evaluate.py")
+    if args.use_parallel or any((getattr(args, k) or 1) != 1 for k in ("dp", "mp", "pp")):
+        p.error("--use_parallel True / --dp, --mp, --pp > 1: prediction runs on one device, as the recipe's "
+                "Baichuan2-7B predict; merge distributed checkpoints first (snakemake merged_ckpt)")
+    return p, args
 
 
 def main():
-    p = cli.parser(__doc__)
-    p.add_argument("--config", required=True, help="rendered MindFormers YAML")
-    p.add_argument("--run_mode", choices=["finetune", "predict", "eval"], default="finetune")
-    # finetune
-    p.add_argument("--output_dir", help="MindFormers output_dir (checkpoints, strategy)")
-    p.add_argument("--loss_tsv", help="per-step TSV; {rank} is replaced by the rank")
-    p.add_argument("--resume", default=None, help="checkpoint folder (with rank_*/) to continue from")
-    # predict / eval
-    p.add_argument("--load_checkpoint", help="complete checkpoint of the model (LoRA folded)")
-    p.add_argument("--compare_checkpoint", default=None, help="a second model, e.g. the base, side by side")
-    p.add_argument("--predict_data", nargs="+", default=[], help="prompts, or @file with one per line")
-    p.add_argument("--eval_dataset", help="held-out .mindrecord")
-    p.add_argument("--tokenizer", help="tokenizer.model")
-    p.add_argument("--output", help="predictions.jsonl or metrics.json")
-    p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--do_sample", type=lambda v: v.lower() in ("1", "true", "yes"), default=False)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if args.run_mode == "finetune":
-        with worker_status(int(os.environ.get("RANK_ID", "0"))):
-            from lorapipe.trainer import finetune
+    p, args = parse_args()
+    from lorapipe.generate import GENERATION_DEFAULTS, complete_checkpoint, predict, read_adapter, \
+        read_mindformers_yaml
 
-            finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume)
-        return
-
-    from lorapipe.generate import evaluate, predict, read_model_config
-
-    model_config = read_model_config(args.config)
-    models = {"finetuned": args.load_checkpoint}
-    if args.compare_checkpoint:
-        models["base"] = args.compare_checkpoint
-    if args.run_mode == "eval":
-        run = cli.start(args, {})
-        evaluate(models, model_config, args.eval_dataset, args.output, run=run)
-        return
-    generation = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature",
-                                                "repetition_penalty", "seed")}
+    rendered = read_mindformers_yaml(args.config)
+    model_config = dict(rendered["model"]["model_config"])
+    if args.seq_length:
+        model_config["seq_length"] = args.seq_length
+    generation = {k: model_config.get(k, v) if getattr(args, k) is None else getattr(args, k)
+                  for k, v in GENERATION_DEFAULTS.items()}
+    generation.update(seed=args.seed, use_past=args.use_past, max_length=args.max_length)
+    vocab_file = args.vocab_file or rendered.get("processor", {}).get("tokenizer", {}).get("vocab_file")
+    if not vocab_file:
+        p.error(f"{args.config} has no processor.tokenizer.vocab_file; pass --vocab_file")
     run = cli.start(args, generation)
     prompts = []
     for item in args.predict_data:
         prompts += Path(item[1:]).read_text(encoding="utf-8").splitlines() if item.startswith("@") else [item]
-    predict(models, args.tokenizer, model_config, [q for q in prompts if q.strip()], generation, args.output,
-            run=run)
+    # One device: a complete checkpoint, or a folder holding rank_0/ with one, needs no transformation,
+    # so --auto_trans_ckpt True and False load the same weights here.
+    models = {"finetuned": complete_checkpoint(args.load_checkpoint)}
+    if args.compare_checkpoint:
+        models["base"] = complete_checkpoint(args.compare_checkpoint)
+    adapter = read_adapter(args.adapter_config, model_config, args.config)
+    predict(models, vocab_file, model_config, [q for q in prompts if q.strip()], generation, args.output,
+            adapter=adapter, run=run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Held-out loss and perplexity of the finetuned model (and a second one, e.g. the base) on a
+MindRecord, masked as in training: only assistant tokens and end-of-turn markers count."""
+
+from lorapipe import cli
+
+
+def main():
+    p = cli.parser(__doc__)
+    p.add_argument("--config", required=True, help="rendered MindFormers YAML (model settings)")
+    p.add_argument("--load_checkpoint", required=True, help="complete checkpoint (or a folder with rank_0/)")
+    p.add_argument("--compare_checkpoint", default=None, help="a second model, e.g. the base")
+    p.add_argument("--adapter_config", default=None,
+                   help="adapter_config.json of the run that trained LoRA tensors in the checkpoint")
+    p.add_argument("--eval_dataset", required=True, help="held-out .mindrecord")
+    p.add_argument("--output", required=True, help="metrics.json")
+    args = p.parse_args()
+    from lorapipe.generate import complete_checkpoint, evaluate, read_adapter, read_mindformers_yaml
+
+    model_config = read_mindformers_yaml(args.config)["model"]["model_config"]
+    run = cli.start(args, {})
+    models = {"finetuned": complete_checkpoint(args.load_checkpoint)}
+    if args.compare_checkpoint:
+        models["base"] = complete_checkpoint(args.compare_checkpoint)
+    evaluate(models, model_config, args.eval_dataset, args.output,
+             adapter=read_adapter(args.adapter_config, model_config, args.config), run=run)
+
+
+if __name__ == "__main__":
+    cli.main_guard(main)

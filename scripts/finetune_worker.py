@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""One training rank of the LoRA finetune: MindFormers' Trainer on the rendered YAML. Started on every
+rank by scripts/finetune.py (under msrun, or the rank-table launcher); imports MindSpore."""
+
+import argparse
+import os
+
+from lorapipe.launch import worker_status
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True, help="rendered MindFormers YAML")
+    p.add_argument("--output_dir", required=True, help="MindFormers output_dir (checkpoints, strategy)")
+    p.add_argument("--loss_tsv", required=True, help="per-step TSV; {rank} is replaced by the rank")
+    p.add_argument("--resume", default=None, help="checkpoint folder (with rank_*/) to continue from")
+    args = p.parse_args()
+    with worker_status(int(os.environ.get("RANK_ID", "0"))):
+        from lorapipe.trainer import finetune
+
+        finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume)
+
+
+if __name__ == "__main__":
+    main()
