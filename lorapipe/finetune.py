@@ -63,7 +63,13 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
         "seed": train["seed"],
         "run_mode": "finetune",
         "output_dir": "./output",  # set per run by lorapipe.trainer.finetune
-        "load_checkpoint": f"{base_ckpt_dir}/rank_0/{name}.ckpt",
+        # The folder that directly holds the complete base checkpoint. MindFormers counts it as complete
+        # (trainer/utils.py:546-558 check_path_include_total_ckpt) and loads it into every rank before
+        # any parallel compile (utils.py:466-469); the compile then slices each parameter to its layout
+        # (mindspore/parallel/_utils.py:249-259). A file path under rank_0/ would count as a shard,
+        # loaded after the compile, and a folder holding rank_0/ with auto_trans_ckpt fails on every
+        # rank but 0 when only rank_0/ exists (utils.py:146-161).
+        "load_checkpoint": f"{base_ckpt_dir}/rank_0",
         "load_ckpt_format": "ckpt",
         "auto_trans_ckpt": False,
         "resume_training": False,
@@ -113,10 +119,12 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     }
 
 
-def render_predict_config(hf_config, *, tokenizer, seq_length, name, generation, device_target):
+def render_predict_config(hf_config, *, tokenizer, name, generation, device_target):
     """The recipe's predict YAML (run_baichuan2_7b_910b.yaml, section "MindSpore推理"): incremental
     decoding (use_past), fp32 weights as the recipe recommends for accuracy, the generation settings
-    in model_config, one device."""
+    in model_config, one device. The sequence length is the model's (prompt and answer together), not
+    the training rows'."""
+    seq_length = hf_config.get("model_max_length", hf_config["max_position_embeddings"])
     model_config = llama_config(hf_config, seq_length, param_init_type="float32", compute_dtype="float32",
                                 use_past=True)
     model_config.update(checkpoint_name_or_path="", do_sample=generation["do_sample"],

@@ -11,7 +11,6 @@ short answers; on Ascend, MindFormers' generate() with use_past is the fast path
 import json
 import logging
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -75,9 +74,24 @@ def next_token(logits, generated, rng, do_sample=False, top_k=0, top_p=1.0, temp
     return int(rng.choice(probs.size, p=probs))
 
 
-def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=None, use_past=True, **sampling):
+class TextStreamer:
+    """on_token callback for generate(): writes the answer's new text as it grows. Text that ends in
+    an incomplete UTF-8 sequence (byte-fallback tokens of one character) is held back until complete."""
+
+    def __init__(self, tok, write):
+        self.tok, self.write, self.shown = tok, write, ""
+
+    def __call__(self, new_ids):
+        text = self.tok.sp.decode(new_ids)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+
+def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=None, use_past=True,
+             on_token=None, **sampling):
     """New token ids after `prompt_ids`, stopping at eos (not included), after max_new_tokens, or when
-    prompt and answer reach max_length tokens."""
+    prompt and answer reach max_length tokens. `on_token(new_ids)` is called after every token."""
     from lorapipe.model import logits
 
     if max_length is not None:
@@ -90,6 +104,8 @@ def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=None
             break
         ids.append(token)
         new.append(token)
+        if on_token:
+            on_token(new)
     return new
 
 
@@ -106,6 +122,14 @@ def read_mindformers_yaml(path):
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a MindFormers YAML with model.model_config ({e})") from None
     return rendered
+
+
+def tokenizer_file(rendered, override, where):
+    """The tokenizer: `override` (--vocab_file), else the YAML's processor.tokenizer.vocab_file."""
+    path = override or (rendered.get("processor") or {}).get("tokenizer", {}).get("vocab_file")
+    if not path:
+        raise InputError(f"{where}: has no processor.tokenizer.vocab_file; pass --vocab_file")
+    return path
 
 
 def complete_checkpoint(path):
@@ -147,10 +171,6 @@ def load_model(model_config, ckpt, adapter=None):
     have, or a parameter the checkpoint lacks, is an error: nothing is dropped silently."""
     import mindspore as ms
 
-    # The decode loop feeds inputs of any length in PyNative mode; with ENFORCE_EAGER MindFormers slices
-    # its causal mask to the input's length (mindformers/tools/utils.py:608, read when the cells are
-    # built; modules/transformer/transformer.py:886). Training never needs it.
-    os.environ.setdefault("ENFORCE_EAGER", "true")
     from lorapipe.lora import check_adapter_shapes, fold, lora_pairs
     from lorapipe.model import build_model
     from lorapipe.msckpt import checkpoint_index, iter_checkpoint

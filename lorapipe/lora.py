@@ -72,7 +72,8 @@ def fold(weight, a, b, scaling, name="weight"):
     """W + (B @ A) * scaling, computed in fp32 and returned in W's dtype; a non-finite result (an fp16
     overflow, or a diverged adapter) is an error, not a silently broken model."""
     merged = weight.astype(np.float32) + (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(scaling)
-    merged = merged.astype(weight.dtype)
+    with np.errstate(over="ignore"):  # checked just below
+        merged = merged.astype(weight.dtype)
     if not np.isfinite(merged.astype(np.float32)).all():
         raise InputError(f"folding the LoRA adapter into {name} gives non-finite values in {weight.dtype}; "
                          f"the adapter diverged or the weight's dtype cannot hold the result")

@@ -86,7 +86,13 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
 
 
 def build_model(model_config, train=False):
-    """Instantiate the registered Baichuan2 model from a llama_config() dict."""
+    """Instantiate the registered Baichuan2 model from a llama_config() dict, for lorapipe's own
+    forward passes on the host (predict, evaluate, tests); training builds through MindFormers."""
+    # lorapipe's forward passes feed inputs of any length in PyNative mode; with ENFORCE_EAGER,
+    # MindFormers slices its causal mask to the input's length (read when the cells are built:
+    # mindformers/tools/utils.py:608, modules/transformer/transformer.py:886). The training ranks never
+    # set it: under semi-auto parallel that slice is an op without a shard strategy.
+    os.environ["ENFORCE_EAGER"] = "true"
     cfg = {k: v for k, v in model_config.items() if k != "type"}
     net = Baichuan2ForCausalLM(LlamaConfig(**cfg))
     net.set_train(train)

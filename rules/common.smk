@@ -29,7 +29,8 @@ def base_file(name):
 
 def base_weight_files(wildcards):
     """The weight files the conversion reads, as they are on disk when the DAG is built; the `ckpt`
-    step itself checks that they are complete (planning needs only config.json and tokenizer.model)."""
+    step itself checks that they are complete (planning needs only config.json and tokenizer.model).
+    """
     if TINY:
         return [base_file("pytorch_model.bin")]
     patterns = ("*.safetensors", "*.bin", "*.index.json")
@@ -74,7 +75,11 @@ FINETUNE_STATE = f"{RESULTS}/.finetune_state"
 
 
 def finetune_inputs(wildcards):
-    inputs = {"config": MF_CONFIG, "base_ckpt": BASE_CKPT, "train_data": mindrecord("train")}
+    inputs = {
+        "config": MF_CONFIG,
+        "base_ckpt": BASE_CKPT,
+        "train_data": mindrecord("train"),
+    }
     if RANK_TABLE_LAUNCH:
         inputs["rank_table"] = RANK_TABLE
     return inputs

@@ -3,7 +3,8 @@
 
 rule mf_config:
     """The MindFormers YAML the recipe had users hand-edit, rendered from the config. Needs only the
-    base model's config.json and tokenizer.model: the checkpoint and the data are finetune's inputs."""
+    base model's config.json and tokenizer.model: the checkpoint and the data are finetune's inputs.
+    """
     input:
         hf_config=base_file("config.json"),
         tokenizer=base_file("tokenizer.model"),
@@ -65,9 +66,11 @@ rule finetune:
         nodes=config["parallel"]["nodes"],
         tasks=config["parallel"]["nodes"],
         cpus_per_task=config["parallel"]["cpus_per_task"],
-        gres=f"npu:{config['parallel']['workers']}"
-        if config["device_target"] == "Ascend"
-        else "",
+        gres=(
+            f"npu:{config['parallel']['workers']}"
+            if config["device_target"] == "Ascend"
+            else ""
+        ),
     params:
         device_target=config["device_target"],
         parallel=pick(

@@ -20,7 +20,6 @@ rule predict_config:
     params:
         device_target=config["device_target"],
         name=config["base_model"]["name"],
-        seq_length=config["data"]["seq_length"],
         generation=pick(
             config["predict"],
             "max_new_tokens",
@@ -34,7 +33,7 @@ rule predict_config:
         "python {input.script} --rule predict_config --log {log} --run_mode predict "
         "--hf_config {input.hf_config} --tokenizer {input.tokenizer} "
         "--device_target {params.device_target} --name {params.name} "
-        "--seq_length {params.seq_length} --generation {params.generation:q} --output {output.yaml}"
+        "--generation {params.generation:q} --output {output.yaml}"
 
 
 rule predict:
@@ -67,7 +66,7 @@ rule predict:
 rule evaluate:
     """Held-out loss and perplexity, base vs finetuned, with the training masking."""
     input:
-        config=PREDICT_CONFIG,
+        config=MF_CONFIG,
         finetuned=MERGED_LORA,
         base=BASE_CKPT,
         heldout=mindrecord("heldout"),

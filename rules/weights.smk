@@ -48,7 +48,7 @@ rule ckpt:
         "../envs/lorapipe.yaml"
     params:
         dtype=config["base_model"]["dtype"],
-        source=BASE_MODEL,
+        source=lambda wildcards, input: os.path.dirname(input.config),
     shell:
         "python {input.script} --rule ckpt --log {log} --torch_ckpt_path {params.source:q} "
         "--mindspore_ckpt_path {output.ckpt} --dtype {params.dtype}"

@@ -1,35 +1,48 @@
 #!/usr/bin/env python
-"""Chat with the finetuned model in the terminal. /reset forgets the conversation, /quit leaves.
+"""Chat with the finetuned model in the terminal, the answer streamed token by token.
+/reset forgets the conversation, /quit leaves (the recipe's run_baichuan2_chat.py).
 
-    python scripts/chat.py --config results/tiny/finetune/run_baichuan2_lora.yaml \
-        --load_checkpoint results/tiny/merged_lora/rank_0/merged_lora.ckpt \
-        --tokenizer results/tiny/tiny_base/tokenizer.model
+    python scripts/chat.py --config results/tiny/predict/run_baichuan2.yaml \\
+        --load_checkpoint results/tiny/merged_lora/rank_0/merged_lora.ckpt
 """
 
 import argparse
 import sys
 
+from lorapipe import cli
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="rendered MindFormers YAML (model settings)")
-    p.add_argument("--load_checkpoint", required=True, help="complete checkpoint (LoRA folded)")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--do_sample", action="store_true")
-    p.add_argument("--top_k", type=int, default=5)
-    p.add_argument("--top_p", type=float, default=0.85)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.05)
+    p.add_argument("--config", required=True, help="rendered MindFormers YAML (model and generation settings)")
+    p.add_argument("--load_checkpoint", required=True, help="complete checkpoint (or a folder with rank_0/)")
+    p.add_argument("--vocab_file", "--tokenizer", default=None, help="tokenizer.model (default: the YAML's)")
+    p.add_argument("--adapter_config", default=None,
+                   help="adapter_config.json of the run that trained LoRA tensors in the checkpoint")
+    p.add_argument("--use_parallel", default="False", choices=["False"], help="one device")
+    p.add_argument("--auto_trans_ckpt", default="False", choices=["False", "True"],
+                   help="nothing to transform for a complete checkpoint on one device")
+    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--do_sample", choices=["True", "False"], default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=None)
     args = p.parse_args()
 
     from lorapipe.data import ChatTokenizer
-    from lorapipe.generate import chat_ids, generate, load_model, read_model_config
+    from lorapipe.generate import (GENERATION_DEFAULTS, TextStreamer, chat_ids, complete_checkpoint, generate,
+                                   load_model, read_adapter, read_mindformers_yaml, tokenizer_file)
 
-    model_config = read_model_config(args.config)
-    tok = ChatTokenizer(args.tokenizer)
-    net = load_model(model_config, args.load_checkpoint)
-    sampling = {k: getattr(args, k) for k in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty")}
+    rendered = read_mindformers_yaml(args.config)
+    model_config = rendered["model"]["model_config"]
+    overrides = {k: getattr(args, k) for k in GENERATION_DEFAULTS if getattr(args, k) is not None}
+    if "do_sample" in overrides:
+        overrides["do_sample"] = overrides["do_sample"] == "True"
+    generation = {k: overrides.get(k, model_config.get(k, v)) for k, v in GENERATION_DEFAULTS.items()}
+    tok = ChatTokenizer(tokenizer_file(rendered, args.vocab_file, args.config))
+    net = load_model(model_config, complete_checkpoint(args.load_checkpoint),
+                     read_adapter(args.adapter_config, model_config, args.config))
     history, turn = [], 0
     print("lorapipe chat: /reset forgets the conversation, /quit leaves.", flush=True)
     while True:
@@ -44,12 +57,13 @@ def main():
             continue
         if not question:
             continue
-        new = generate(net, chat_ids(tok, question, history), tok.eos, args.max_new_tokens, seed=turn, **sampling)
-        answer = tok.sp.decode(new)
-        history.append((question, answer))
+        print("assistant> ", end="", flush=True)
+        new = generate(net, chat_ids(tok, question, history), tok.eos, seed=turn,
+                       on_token=TextStreamer(tok, lambda text: print(text, end="", flush=True)), **generation)
+        print(flush=True)
+        history.append((question, tok.sp.decode(new)))
         turn += 1
-        print(f"assistant> {answer}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

@@ -7,7 +7,7 @@ from lorapipe import cli
 
 def main():
     p = cli.parser(__doc__)
-    p.add_argument("--config", required=True, help="rendered MindFormers YAML (model settings)")
+    p.add_argument("--config", required=True, help="rendered MindFormers YAML (the finetune's: model settings)")
     p.add_argument("--load_checkpoint", required=True, help="complete checkpoint (or a folder with rank_0/)")
     p.add_argument("--compare_checkpoint", default=None, help="a second model, e.g. the base")
     p.add_argument("--adapter_config", default=None,
@@ -17,7 +17,9 @@ def main():
     args = p.parse_args()
     from lorapipe.generate import complete_checkpoint, evaluate, read_adapter, read_mindformers_yaml
 
-    model_config = read_mindformers_yaml(args.config)["model"]["model_config"]
+    # The training YAML's model, evaluated on the host in fp32 whatever dtype it trained in.
+    model_config = dict(read_mindformers_yaml(args.config)["model"]["model_config"], compute_dtype="float32",
+                        param_init_type="float32")
     run = cli.start(args, {})
     models = {"finetuned": complete_checkpoint(args.load_checkpoint)}
     if args.compare_checkpoint:

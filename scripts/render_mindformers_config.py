@@ -15,9 +15,9 @@ def main():
     p.add_argument("--tokenizer", required=True, help="the base model's tokenizer.model")
     p.add_argument("--device_target", required=True, choices=["CPU", "Ascend", "GPU"])
     p.add_argument("--name", required=True, help="model name (base_model.name)")
-    p.add_argument("--seq_length", required=True, type=int)
     p.add_argument("--output", required=True)
     finetune = p.add_argument_group("finetune")
+    finetune.add_argument("--seq_length", type=int, help="training sequence length (data.seq_length)")
     finetune.add_argument("--base_ckpt_dir", help="the folder holding rank_0/<name>.ckpt")
     finetune.add_argument("--train_data", help="training .mindrecord")
     finetune.add_argument("--lora", type=json.loads, help="JSON: the config's lora section")
@@ -27,12 +27,12 @@ def main():
     predict = p.add_argument_group("predict")
     predict.add_argument("--generation", type=json.loads, help="JSON: the config's predict section, less prompts")
     args = p.parse_args()
-    needed = ("base_ckpt_dir", "train_data", "lora", "train", "parallel") if args.run_mode == "finetune" \
+    needed = ("seq_length", "base_ckpt_dir", "train_data", "lora", "train", "parallel") if args.run_mode == "finetune" \
         else ("generation",)
     missing = [f"--{k}" for k in needed if getattr(args, k) is None]
     if missing:
         p.error(f"--run_mode {args.run_mode} needs {', '.join(missing)}")
-    settings = {k: getattr(args, k) for k in ("device_target", "name", "seq_length", *needed)}
+    settings = {k: getattr(args, k) for k in ("device_target", "name", *needed)}
     run = cli.start(args, settings, device_target=args.device_target)
     with open(args.hf_config, encoding="utf-8") as f:
         hf_config = json.load(f)

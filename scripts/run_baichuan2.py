@@ -79,9 +79,9 @@ def parse_args():
 
 
 def main():
-    p, args = parse_args()
-    from lorapipe.generate import GENERATION_DEFAULTS, complete_checkpoint, predict, read_adapter, \
-        read_mindformers_yaml
+    _, args = parse_args()
+    from lorapipe.generate import (GENERATION_DEFAULTS, complete_checkpoint, predict, read_adapter,
+                                   read_mindformers_yaml, tokenizer_file)
 
     rendered = read_mindformers_yaml(args.config)
     model_config = dict(rendered["model"]["model_config"])
@@ -90,9 +90,7 @@ def main():
     generation = {k: model_config.get(k, v) if getattr(args, k) is None else getattr(args, k)
                   for k, v in GENERATION_DEFAULTS.items()}
     generation.update(seed=args.seed, use_past=args.use_past, max_length=args.max_length)
-    vocab_file = args.vocab_file or rendered.get("processor", {}).get("tokenizer", {}).get("vocab_file")
-    if not vocab_file:
-        p.error(f"{args.config} has no processor.tokenizer.vocab_file; pass --vocab_file")
+    vocab_file = tokenizer_file(rendered, args.vocab_file, args.config)
     run = cli.start(args, generation)
     prompts = []
     for item in args.predict_data:

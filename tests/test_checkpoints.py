@@ -107,7 +107,8 @@ def test_folded_model_equals_base_plus_adapter(tiny_base_dir, base_ckpt, tmp_pat
     base = dict(iter_checkpoint(base_ckpt))
     lora = lora_tensors(base)
     write_checkpoint(tmp_path / "merged.ckpt", [*base.items(), *lora.items()])
-    folded_names = fold_lora(tmp_path / "merged.ckpt", tmp_path / "folded.ckpt", LORA_ALPHA, LORA_RANK)
+    folded_names = fold_lora(tmp_path / "merged.ckpt", tmp_path / "folded.ckpt",
+                             adapter_json(tmp_path, LORA_RANK, LORA_ALPHA))
     assert len(folded_names) == 6
     folded = dict(iter_checkpoint(tmp_path / "folded.ckpt"))
     assert sorted(folded) == sorted(base)  # no LoRA keys left
@@ -135,11 +136,38 @@ def test_folded_model_equals_base_plus_adapter(tiny_base_dir, base_ckpt, tmp_pat
     assert np.abs(logits(plain, ids) - want).max() > 1e-3
 
 
-def test_fold_needs_the_training_rank(base_ckpt, tmp_path):
+def adapter_json(folder, rank, alpha):
+    path = folder / f"adapter_r{rank}.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha}))
+    return path
+
+
+def test_fold_takes_rank_and_alpha_from_the_adapter_config(base_ckpt, tmp_path):
+    base = dict(iter_checkpoint(base_ckpt))
+    lora = lora_tensors(base)
+    write_checkpoint(tmp_path / "m.ckpt", [*base.items(), *lora.items()])
+    fold_lora(tmp_path / "m.ckpt", tmp_path / "f.ckpt", adapter_json(tmp_path, LORA_RANK, 2 * LORA_ALPHA))
+    folded = dict(iter_checkpoint(tmp_path / "f.ckpt"))
+    name = next(n for n in lora if n.endswith("lora_a"))[: -len(".mindpet_delta_lora_a")]
+    a, b = lora[f"{name}.mindpet_delta_lora_a"], lora[f"{name}.mindpet_delta_lora_b"]
+    want = base[f"{name}.weight"] + (b @ a) * 2 * LORA_ALPHA / LORA_RANK
+    assert np.allclose(folded[f"{name}.weight"], want, atol=1e-6)
+
+
+def test_fold_refuses_what_does_not_fit(base_ckpt, tmp_path):
     base = dict(iter_checkpoint(base_ckpt))
     write_checkpoint(tmp_path / "m.ckpt", [*base.items(), *lora_tensors(base).items()])
-    with pytest.raises(InputError, match="has rank 4, but the config says lora.rank 8"):
-        fold_lora(tmp_path / "m.ckpt", tmp_path / "f.ckpt", LORA_ALPHA, 8)
+    with pytest.raises(InputError, match=r"the adapter config's rank 8 and the weight"):
+        fold_lora(tmp_path / "m.ckpt", tmp_path / "f.ckpt", adapter_json(tmp_path, 8, LORA_ALPHA))
     with pytest.raises(InputError, match="no LoRA tensors"):
-        fold_lora(base_ckpt, tmp_path / "f.ckpt", LORA_ALPHA, LORA_RANK)
+        fold_lora(base_ckpt, tmp_path / "f.ckpt", adapter_json(tmp_path, LORA_RANK, LORA_ALPHA))
+    (tmp_path / "bad.json").write_text('{"r": 0}')
+    with pytest.raises(InputError, match="positive integer 'r'"):
+        fold_lora(tmp_path / "m.ckpt", tmp_path / "f.ckpt", tmp_path / "bad.json")
+    # fp16 weights and an adapter that overflows them: refused (PEFT's safe_merge), never written
+    half = {k: v.astype(np.float16) for k, v in base.items()}
+    huge = {k: v * 1e4 for k, v in lora_tensors(base).items()}
+    write_checkpoint(tmp_path / "h.ckpt", [*half.items(), *huge.items()])
+    with pytest.raises(InputError, match="non-finite values in float16"):
+        fold_lora(tmp_path / "h.ckpt", tmp_path / "f.ckpt", adapter_json(tmp_path, LORA_RANK, LORA_ALPHA))
     assert not (tmp_path / "f.ckpt").exists()

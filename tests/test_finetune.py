@@ -25,7 +25,7 @@ HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4
 def render(cfg):
     par = cfg["parallel"]
     return render_mindformers_config(
-        HF_CONFIG, base_ckpt="ckpt/rank_0/x.ckpt", train_data="data/belle.mindrecord",
+        HF_CONFIG, tokenizer="base/tokenizer.model", base_ckpt_dir="ckpt", train_data="data/belle.mindrecord",
         seq_length=cfg["data"]["seq_length"], name="x", lora=cfg["lora"], train=cfg["train"],
         device_target=cfg["device_target"],
         parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")})
@@ -41,7 +41,9 @@ def test_render_tiny_cpu():
     assert mc["use_flash_attention"] is False and mc["fused_rms_norm"] is False and mc["use_rope_slice"] is True
     assert y["context"]["device_target"] == "CPU" and y["parallel"]["parallel_mode"] == 0
     assert y["runner_wrapper"]["type"] == "CpuTrainOneStepCell"
-    assert y["load_checkpoint"] == "ckpt/rank_0/x.ckpt"
+    # the folder that holds the complete checkpoint: loaded before any parallel compile
+    assert y["load_checkpoint"] == "ckpt/rank_0" and y["auto_trans_ckpt"] is False
+    assert y["processor"]["tokenizer"]["vocab_file"] == "base/tokenizer.model"
     assert y["train_dataset"]["data_loader"]["dataset_dir"] == "data/belle.mindrecord"
 
 
@@ -135,7 +137,7 @@ def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
     time.sleep(1)
     os.killpg(first.pid, signal.SIGTERM)  # what Snakemake's job gets on Ctrl-C
     first.wait(timeout=60)
-    assert no_workers_left("run_baichuan2.py")
+    assert no_workers_left("finetune_worker.py")
     assert not (tmp_path / "results/tiny/finetune/loss.tsv").exists()
 
     second = subprocess.run(cmd + ["finetune"], env=env, capture_output=True, text=True)
