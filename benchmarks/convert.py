@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 NAIVE = r"""
 import sys, numpy as np, torch, mindspore as ms
-from lorapipe.weights import hf_to_mindspore
+from lorapipe.baichuan2 import hf_to_mindspore
 state = torch.load(sys.argv[1], weights_only=True)          # everything in memory at once
 params = []
 for name, tensor in state.items():

@@ -1,0 +1,112 @@
+"""Baichuan2's checkpoint layout: the HF <-> MindSpore name map and the shapes a config.json implies.
+
+The one place that knows the names (torchtune's convert_weights.py). No file I/O here: lorapipe.hf_io
+reads and writes HF files, lorapipe.weights runs the two conversions.
+
+HF -> MindSpore (W_pack split into three row blocks [0:H], [H:2H], [2H:3H]):
+    model.embed_tokens.weight                   -> model.tok_embeddings.embedding_weight
+    model.layers.{i}.self_attn.W_pack.weight    -> model.layers.{i}.attention.wq|wk|wv.weight
+    model.layers.{i}.self_attn.o_proj.weight    -> model.layers.{i}.attention.wo.weight
+    model.layers.{i}.mlp.gate|down|up_proj      -> model.layers.{i}.feed_forward.w1|w2|w3.weight
+    model.layers.{i}.input_layernorm.weight     -> model.layers.{i}.attention_norm.weight
+    model.layers.{i}.post_attention_layernorm   -> model.layers.{i}.ffn_norm.weight
+    model.norm.weight                           -> model.norm_out.weight
+    lm_head.weight                              -> lm_head.weight
+"""
+
+import re
+
+from lorapipe.errors import InputError
+
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
+    "model.norm.weight": "model.norm_out.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_PER_LAYER = {
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+W_PACK = "self_attn.W_pack.weight"
+QKV = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def hf_shapes(config):
+    """{HF tensor name: shape} that a Baichuan2 config.json implies."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + W_PACK: (3 * h, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+            p + "mlp.up_proj.weight": (i, h), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def hf_to_mindspore(name, array):
+    """[(MindSpore name, array)] for one HF tensor; W_pack becomes wq, wk, wv (row blocks, views)."""
+    if name in _TOP_LEVEL:
+        return [(_TOP_LEVEL[name], array)]
+    layer, rest = _LAYER_NAME.fullmatch(name).groups()
+    prefix = f"model.layers.{layer}."
+    if rest == W_PACK:
+        h = array.shape[0] // 3
+        return [(prefix + q, array[k * h:(k + 1) * h]) for k, q in enumerate(QKV)]
+    return [(prefix + _PER_LAYER[rest], array)]
+
+
+
+def check_tensors(shapes, config, where):
+    """`shapes` ({HF name: (shape, path)}) holds every tensor config.json implies, with its shape, and
+    nothing else."""
+    expected = hf_shapes(config)
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        raise InputError(f"{where}: missing tensor {missing[0]!r}" + (
+            f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [n for n in shapes if n not in expected]
+    if extra:
+        raise InputError(f"{where}: unexpected tensor {extra[0]!r} in {shapes[extra[0]][1]}; "
+                         f"config.json implies {len(expected)} tensors")
+    for name, shape in expected.items():
+        if tuple(shapes[name][0]) != shape:
+            raise InputError(f"{shapes[name][1]}: tensor {name!r} has shape {tuple(shapes[name][0])}, "
+                             f"config.json implies {shape}")
+
+
+_TOP_LEVEL_HF = {ms: hf for hf, ms in _TOP_LEVEL.items()}
+_PER_LAYER_HF = {ms: hf for hf, ms in _PER_LAYER.items()}
+
+
+def mindspore_to_hf(pairs, fuse, where="checkpoint"):
+    """Yield (HF name, x) for (MindSpore name, x) pairs; wq, wk, wv of a layer are fused into W_pack
+    by `fuse([q, k, v])` once all three have been seen. Works on arrays or on shape records alike."""
+    pending = {}
+    for name, x in pairs:
+        if name in _TOP_LEVEL_HF:
+            yield _TOP_LEVEL_HF[name], x
+            continue
+        match = _LAYER_NAME.fullmatch(name)
+        rest = match and match.group(2)
+        if rest in QKV:
+            parts = pending.setdefault(match.group(1), {})
+            parts[rest] = x
+            if len(parts) == 3:
+                del pending[match.group(1)]
+                yield f"model.layers.{match.group(1)}.{W_PACK}", fuse([parts[q] for q in QKV])
+        elif rest in _PER_LAYER_HF:
+            yield f"model.layers.{match.group(1)}.{_PER_LAYER_HF[rest]}", x
+        else:
+            raise InputError(f"{where}: tensor {name!r} is not a Baichuan2 model weight (LoRA weights must "
+                             f"be folded first; optimizer state filtered out)")
+    for layer, parts in pending.items():
+        missing = sorted(set(QKV) - set(parts))
+        raise InputError(f"{where}: layer {layer} has no {', '.join(missing)} to fuse into W_pack")
