@@ -51,6 +51,21 @@ def hf_shapes(config):
     return shapes
 
 
+def network_shapes(model_config):
+    """{MindSpore parameter name: shape} of the Baichuan2 network a MindFormers model_config (a rendered
+    YAML's, lorapipe.spec.llama_config) describes: what a complete checkpoint for it holds."""
+    h, i, v = model_config["hidden_size"], model_config["intermediate_size"], model_config["vocab_size"]
+    shapes = {"model.tok_embeddings.embedding_weight": (v, h), "model.norm_out.weight": (h,),
+              "lm_head.weight": (v, h)}
+    for layer in range(model_config["num_layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({p + name: (h, h) for name in (*QKV, "attention.wo.weight")})
+        shapes.update({p + "feed_forward.w1.weight": (i, h), p + "feed_forward.w2.weight": (h, i),
+                       p + "feed_forward.w3.weight": (i, h), p + "attention_norm.weight": (h,),
+                       p + "ffn_norm.weight": (h,)})
+    return shapes
+
+
 def hf_to_mindspore(name, array):
     """[(MindSpore name, array)] for one HF tensor; W_pack becomes wq, wk, wv (row blocks, views)."""
     if name in _TOP_LEVEL:

@@ -81,32 +81,66 @@ class TextStreamer:
     def __init__(self, tok, write):
         self.tok, self.write, self.shown = tok, write, ""
 
-    def __call__(self, new_ids):
+    def __call__(self, new_ids, final=False):
         text = self.tok.sp.decode(new_ids)
-        if not text.endswith("\ufffd") and text.startswith(self.shown):
+        if (final or not text.endswith("\ufffd")) and text.startswith(self.shown):
             self.write(text[len(self.shown):])
             self.shown = text
 
+    def end(self, new_ids):
+        """Write what was held back: the answer is complete."""
+        self(new_ids, final=True)
 
-def generate(net, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=None, use_past=True,
-             on_token=None, **sampling):
-    """New token ids after `prompt_ids`, stopping at eos (not included), after max_new_tokens, or when
-    prompt and answer reach max_length tokens. `on_token(new_ids)` is called after every token."""
-    from lorapipe.model import logits
 
+def generate(model, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=None, on_token=None, **sampling):
+    """New token ids after `prompt_ids`, stopping at eos (not included), after max_new_tokens, when
+    prompt and answer reach max_length tokens, or at the model's seq_length. `on_token(new_ids)` is
+    called after every token.
+
+    `model` is a lorapipe.decode.KVCacheDecoder (a new token costs one position's forward), a
+    MindFormers network built with use_past (its own generate(), the Ascend path), or a plain network
+    (every step re-runs the whole sequence: the reference the decoder is tested against)."""
+    from lorapipe.decode import KVCacheDecoder
+
+    incremental = isinstance(model, KVCacheDecoder)
+    capacity = model.max_positions if incremental else model.config.seq_length
+    limit = min(max_new_tokens, capacity - len(prompt_ids))
     if max_length is not None:
-        max_new_tokens = min(max_new_tokens, max_length - len(prompt_ids))
+        limit = min(limit, max_length - len(prompt_ids))
+    if not incremental and model.config.use_past:
+        return _mindformers_generate(model, prompt_ids, eos_id, limit, seed, **sampling)
+    if incremental:
+        model.reset()
+        step = model.forward  # the tokens it has not seen yet: the prompt first, then one at a time
+    else:
+        from lorapipe.model import logits
+
+        def step(_):
+            return logits(model, np.array([ids], np.int32))[0, -1]
+
     rng = np.random.default_rng(seed)
-    ids, new = list(prompt_ids), []
-    for _ in range(max_new_tokens):
-        token = next_token(logits(net, np.array([ids], np.int32))[0, -1], ids, rng, **sampling)
+    ids, new, unseen = list(prompt_ids), [], list(prompt_ids)
+    for _ in range(limit):
+        last = step(unseen)
+        token = next_token(last, ids, rng, **sampling)
         if token == eos_id:
             break
         ids.append(token)
         new.append(token)
+        unseen = [token]
         if on_token:
             on_token(new)
     return new
+
+
+def _mindformers_generate(net, prompt_ids, eos_id, max_new_tokens, seed, do_sample=False, top_k=0, top_p=1.0,
+                          temperature=1.0, repetition_penalty=1.0):
+    """MindFormers' own generate() with use_past (paged attention; Ascend kernels): the recipe's path."""
+    output = net.generate([list(prompt_ids)], max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=top_k,
+                          top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
+                          eos_token_id=eos_id, seed=seed)
+    new = [int(t) for t in np.asarray(output[0])[len(prompt_ids):]]
+    return new[:new.index(eos_id)] if eos_id in new else new
 
 
 def read_mindformers_yaml(path):
@@ -162,54 +196,95 @@ def read_adapter(adapter_config, model_config, where):
     return None
 
 
-def load_model(model_config, ckpt, adapter=None):
-    """The plain Baichuan2 model (eval mode) with the weights of a complete checkpoint.
+def load_weights(model_config, ckpt, adapter=None):
+    """{parameter name: array} of a complete checkpoint for the Baichuan2 network `model_config`
+    describes (a rendered YAML's model_config), checked name by name and shape by shape.
 
-    `model_config` is the model_config of a rendered MindFormers YAML. A checkpoint that holds LoRA
-    tensors (merged_ckpt, as the recipe predicts from) is folded on load with `adapter` (the trained
-    run's settings, lorapipe.lora.read_adapter_config), which it then needs. A tensor the model does not
-    have, or a parameter the checkpoint lacks, is an error: nothing is dropped silently."""
-    import mindspore as ms
-
+    A checkpoint that holds LoRA tensors (merged_ckpt, as the recipe predicts from) is folded with
+    `adapter` (the trained run's settings, lorapipe.lora.read_adapter_config), which it then needs. A
+    tensor the model does not have, or a parameter the checkpoint lacks, is an error: nothing is dropped
+    silently."""
+    from lorapipe.baichuan2 import network_shapes
     from lorapipe.lora import check_adapter_shapes, fold, lora_pairs
-    from lorapipe.model import build_model
     from lorapipe.msckpt import checkpoint_index, iter_checkpoint
 
     if not Path(ckpt).is_file():
         raise InputError(f"{ckpt}: checkpoint not found")
     index = checkpoint_index(ckpt)
-    pairs = lora_pairs([name for name, _, _ in index], ckpt)
+    shapes = {name: shape for name, _, shape in index}
+    pairs = lora_pairs(shapes, ckpt)
     if pairs:
         if adapter is None:
             raise InputError(f"{ckpt}: holds LoRA adapters ({pairs[next(iter(pairs))][0]} ...) but no adapter "
                              f"config says how to scale them; pass --adapter_config <finetune>/adapter_config.json "
                              f"(or a YAML with model_config.pet_config), or load the folded merged_lora checkpoint")
-        check_adapter_shapes(pairs, {name: shape for name, _, shape in index}, adapter["r"], ckpt)
-    # The plain forward (use_past builds paged KV-cache ops that have no CPU kernels).
-    net = build_model({k: v for k, v in model_config.items() if k not in ("pet_config", "checkpoint_name_or_path")
-                       } | {"use_past": False})
-    expected = set(net.parameters_dict())
+        check_adapter_shapes(pairs, shapes, adapter["r"], ckpt)
+    expected = network_shapes(model_config)
     adapters = {n for pair in pairs.values() for n in pair}
-    unexpected = [name for name, _, _ in index if name not in expected and name not in adapters]
-    missing = sorted(expected - {name for name, _, _ in index})
-    if unexpected or missing:
-        what = [f"tensors the model does not have: {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")
-                ] if unexpected else []
-        what += [f"parameters it lacks: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []
-        raise InputError(f"{ckpt}: not a complete Baichuan2 checkpoint for this model ({'; '.join(what)})")
-    lora = dict(iter_checkpoint(ckpt, select=adapters.__contains__)) if adapters else {}
-    params = {}
+    unexpected = [n for n in shapes if n not in expected and n not in adapters]
+    missing = [n for n in expected if n not in shapes]
+    misshapen = [f"{n} {tuple(shapes[n])} (expected {s})" for n, s in expected.items()
+                 if n in shapes and tuple(shapes[n]) != s]
+    problems = [f"{what}: {_some(names)}" for what, names in (("tensors the model does not have", unexpected),
+                                                             ("parameters it lacks", missing),
+                                                             ("tensors of the wrong shape", misshapen)) if names]
+    if problems:
+        raise InputError(f"{ckpt}: not a complete Baichuan2 checkpoint for this model ({'; '.join(problems)})")
+    lora = dict(iter_checkpoint(ckpt, select=adapters.__contains__))
+    weights = {}
     for name, array in iter_checkpoint(ckpt, select=lambda n: n not in adapters):
-        if name in pairs:
-            array = fold(array, lora[pairs[name][0]], lora[pairs[name][1]], adapter["scaling"], name)
-        params[name] = ms.Parameter(ms.Tensor(array), name=name)
+        weights[name] = fold(array, lora[pairs[name][0]], lora[pairs[name][1]], adapter["scaling"], name) \
+            if name in pairs else array
     if pairs:
         log.info("%s: folded %d LoRA adapters on load (scale %s)", ckpt, len(pairs), adapter["scaling"])
-    ms.load_param_into_net(net, params, strict_load=True)
+    return weights
+
+
+def _some(names, shown=3):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def load_model(model_config, ckpt, adapter=None, use_past=False):
+    """The Baichuan2 MindSpore network (eval mode) with load_weights(...) in it; use_past builds
+    MindFormers' incremental network (paged attention: Ascend kernels only)."""
+    import mindspore as ms
+
+    from lorapipe.model import build_model
+
+    weights = load_weights(model_config, ckpt, adapter)
+    net = build_model({k: v for k, v in model_config.items() if k not in ("pet_config", "checkpoint_name_or_path")
+                       } | {"use_past": use_past})
+    not_loaded, _ = ms.load_param_into_net(net, {n: ms.Parameter(ms.Tensor(a), name=n) for n, a in weights.items()})
+    if [n for n in not_loaded if "cache" not in n]:  # use_past adds its key/value cache parameters
+        raise InputError(f"{ckpt}: the network has parameters the checkpoint does not: {_some(not_loaded)}")
     return net
 
 
-def predict(models, tokenizer_file, model_config, prompts, generation, out_path=None, adapter=None, run=None):
+def use_device(rendered, mode=None, device_id=None):
+    """MindSpore's device from a rendered YAML's context (the recipe's --mode and --device_id override
+    it); returns the device target. The host (CPU) decodes in PyNative, MindSpore's default."""
+    import mindspore as ms
+
+    context = rendered.get("context") or {}
+    target = context.get("device_target", "CPU")
+    if target != "CPU":
+        ms.set_context(device_target=target, mode=context.get("mode", 0) if mode is None else mode,
+                       **({} if device_id is None else {"device_id": device_id}))
+    return target
+
+
+def build_decoder(model_config, ckpt, adapter=None, use_past=True, device_target="CPU"):
+    """What predict and chat decode with: on the host with use_past, the KV-cache decoder; on Ascend,
+    MindFormers' use_past network; without use_past, the plain network (full recompute)."""
+    from lorapipe.decode import KVCacheDecoder
+
+    if use_past and device_target == "CPU":
+        return KVCacheDecoder(load_weights(model_config, ckpt, adapter), model_config)
+    return load_model(model_config, ckpt, adapter, use_past=use_past)
+
+
+def predict(models, tokenizer_file, model_config, prompts, generation, out_path=None, adapter=None,
+            device_target="CPU", run=None):
     """Answer every prompt with every model {label: ckpt} -> rows, prompt-major so that the models'
     answers to one prompt sit side by side, written to `out_path` as JSON lines (printed without one).
     Timings go to the log, not the rows: the predictions of a greedy run are byte-reproducible."""
@@ -219,9 +294,11 @@ def predict(models, tokenizer_file, model_config, prompts, generation, out_path=
 
     tok = ChatTokenizer(tokenizer_file)
     prompt_ids = [chat_ids(tok, prompt) for prompt in prompts]  # a bad prompt fails before any model loads
+    generation = dict(generation)
+    use_past = generation.pop("use_past", True)
     rows = []
     for label, ckpt in models.items():
-        net = load_model(model_config, ckpt, adapter)
+        net = build_decoder(model_config, ckpt, adapter, use_past, device_target)
         for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
             start = time.time()
             new = generate(net, ids, tok.eos, **generation)

@@ -9,7 +9,9 @@ Import this module only where MindSpore is wanted: it imports mindformers (secon
 writes its log folder under ./output unless LOCAL_DEFAULT_PATH says otherwise).
 """
 
+import contextlib
 import os
+import sys
 
 os.environ.setdefault("GLOG_v", "3")
 
@@ -19,8 +21,10 @@ from mindspore.common import dtype as mstype  # noqa: E402
 from mindspore.common.initializer import Normal, initializer  # noqa: E402
 from mindspore.context import ParallelMode  # noqa: E402
 from mindspore.parallel._utils import _get_parallel_mode  # noqa: E402
-from mindformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from mindformers.tools.register import MindFormerModuleType, MindFormerRegister  # noqa: E402
+# MindFormers' logger writes to stdout, which scripts/run_baichuan2.py keeps for the answers.
+with contextlib.redirect_stdout(sys.stderr):
+    from mindformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister  # noqa: E402
 
 from lorapipe.spec import MODEL_CLASS  # noqa: E402,F401
 

@@ -31,8 +31,8 @@ def main():
     args = p.parse_args()
 
     from lorapipe.data import ChatTokenizer
-    from lorapipe.generate import (GENERATION_DEFAULTS, TextStreamer, chat_ids, complete_checkpoint, generate,
-                                   load_model, read_adapter, read_mindformers_yaml, tokenizer_file)
+    from lorapipe.generate import (GENERATION_DEFAULTS, TextStreamer, build_decoder, chat_ids, complete_checkpoint,
+                                   generate, read_adapter, read_mindformers_yaml, tokenizer_file, use_device)
 
     rendered = read_mindformers_yaml(args.config)
     model_config = rendered["model"]["model_config"]
@@ -41,8 +41,10 @@ def main():
         overrides["do_sample"] = overrides["do_sample"] == "True"
     generation = {k: overrides.get(k, model_config.get(k, v)) for k, v in GENERATION_DEFAULTS.items()}
     tok = ChatTokenizer(tokenizer_file(rendered, args.vocab_file, args.config))
-    net = load_model(model_config, complete_checkpoint(args.load_checkpoint),
-                     read_adapter(args.adapter_config, model_config, args.config))
+    # the same incremental path as predict: the KV-cache decoder on the host, use_past on Ascend
+    net = build_decoder(model_config, complete_checkpoint(args.load_checkpoint),
+                        read_adapter(args.adapter_config, model_config, args.config), use_past=True,
+                        device_target=use_device(rendered))
     history, turn = [], 0
     print("lorapipe chat: /reset forgets the conversation, /quit leaves.", flush=True)
     while True:
@@ -58,8 +60,9 @@ def main():
         if not question:
             continue
         print("assistant> ", end="", flush=True)
-        new = generate(net, chat_ids(tok, question, history), tok.eos, seed=turn,
-                       on_token=TextStreamer(tok, lambda text: print(text, end="", flush=True)), **generation)
+        streamer = TextStreamer(tok, lambda text: print(text, end="", flush=True))
+        new = generate(net, chat_ids(tok, question, history), tok.eos, seed=turn, on_token=streamer, **generation)
+        streamer.end(new)
         print(flush=True)
         history.append((question, tok.sp.decode(new)))
         turn += 1

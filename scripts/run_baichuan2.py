@@ -81,7 +81,7 @@ def parse_args():
 def main():
     _, args = parse_args()
     from lorapipe.generate import (GENERATION_DEFAULTS, complete_checkpoint, predict, read_adapter,
-                                   read_mindformers_yaml, tokenizer_file)
+                                   read_mindformers_yaml, tokenizer_file, use_device)
 
     rendered = read_mindformers_yaml(args.config)
     model_config = dict(rendered["model"]["model_config"])
@@ -101,8 +101,9 @@ def main():
     if args.compare_checkpoint:
         models["base"] = complete_checkpoint(args.compare_checkpoint)
     adapter = read_adapter(args.adapter_config, model_config, args.config)
+    device_target = use_device(rendered, args.mode, args.device_id)
     predict(models, vocab_file, model_config, [q for q in prompts if q.strip()], generation, args.output,
-            adapter=adapter, run=run)
+            adapter=adapter, device_target=device_target, run=run)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ def built(tmp_path_factory):
     return workdir, configfile
 
 
+def tiny_config_prompts():
+    return default_config()["predict"]["prompts"]
+
+
 def test_end_to_end_tiny_default(built):
     tmp_path, tiny_config = built
     base = tmp_path / "results/tiny/tiny_base"
@@ -70,6 +74,17 @@ def test_end_to_end_tiny_default(built):
                    (tmp_path / "results/tiny/predict/predictions.jsonl").read_text().splitlines()]
     assert [(p["index"], p["model"]) for p in predictions] == [(i, m) for i in range(3) for m in ("finetuned", "base")]
     assert all(p["prompt_tokens"] > 0 and p["new_tokens"] >= 0 and "seconds" not in p for p in predictions)
+    # The recipe predicts from merged_ckpt (LoRA unfolded): folded on load with the trained run's scale,
+    # the answers are merged_lora's (the `finetuned` rows), not the base model's.
+    recipe = subprocess.run([sys.executable, str(REPO / "scripts/run_baichuan2.py"), "--config",
+                             "results/tiny/predict/run_baichuan2.yaml", "--run_mode", "predict", "--use_parallel",
+                             "False", "--load_checkpoint", "results/tiny/merged_ckpt/rank_0/checkpoint_0.ckpt",
+                             "--auto_trans_ckpt", "False", "--adapter_config", "results/tiny/finetune/adapter_config.json",
+                             "--predict_data", *tiny_config_prompts()], cwd=tmp_path, capture_output=True, text=True)
+    assert recipe.returncode == 0, recipe.stderr[-2000:]
+    from_merged_ckpt = [json.loads(line)["response"] for line in recipe.stdout.splitlines()]
+    assert from_merged_ckpt == [p["response"] for p in predictions if p["model"] == "finetuned"]
+    assert from_merged_ckpt != [p["response"] for p in predictions if p["model"] == "base"]
     report = snakemake(tmp_path, "--report", "report.html", configfile=tiny_config)
     assert (tmp_path / "report.html").stat().st_size > 10000, report.stderr
     # Nothing is stale after a complete run.

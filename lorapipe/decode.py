@@ -1,0 +1,110 @@
+"""Incremental decoding on the host CPU: the Baichuan2 network's inference forward with a KV cache.
+
+MindFormers 1.9 decodes incrementally only through its paged-attention path (use_past:
+models/llama/llama_transformer.py:316-333), whose kernels (ApplyRotaryPosEmb, ReshapeAndCache,
+PagedAttention) have no CPU implementation in MindSpore 2.9; on Ascend, lorapipe.generate uses it.
+On the host, this module runs the same network in numpy float32 from the same parameters, so that a
+new token costs one position's forward. It follows MindFormers' CPU forward op for op, which the tests
+check against the MindSpore model (logits, and greedy tokens against the full-recompute loop):
+  * RMSNorm: x * rsqrt(mean(x^2) + eps) * w          (models/llama/llama_layer.py, _self_norm)
+  * rotary: rotate-half, theta from the config        (modules/layers.py FreqsMgr, use_rope_slice)
+  * attention: softmax(q k^T / sqrt(d) + mask) v, fp32 (llama_transformer.py _attn)
+  * the additive mask is -10000 * (1 - keep_k * [k <= q]) with keep_k = (token_k != pad id): keys whose
+    token is the pad id are masked even when the model generated them
+    (modules/transformer/transformer.py:866-912, LowerTriangularMaskWithDynamic)
+  * SwiGLU feed-forward w2(silu(w1 x) * w3 x); NormHead: logits = x @ normalize_rows(lm_head).T
+Measured in benchmarks/predict.py. The weights are held as fp32 (28 GB for a 7B model): a host decode is
+for small models and checks; the 7B recipe predicts on Ascend.
+"""
+
+import math
+
+import numpy as np
+
+MASKED = np.float32(-10000.0)
+
+
+class KVCacheDecoder:
+    """The network's forward for new positions after the cached ones. `weights` holds the parameters
+    by MindSpore name (lorapipe.generate.load_weights); `model_config` a rendered YAML's model_config."""
+
+    def __init__(self, weights, model_config):
+        c = model_config
+        self.layers_n, self.heads = c["num_layers"], c["num_heads"]
+        self.hidden = c["hidden_size"]
+        self.head_dim = self.hidden // self.heads
+        self.eps = np.float32(c["rms_norm_eps"])
+        self.pad_id = c.get("pad_token_id", 0)
+        self.max_positions = c["seq_length"]
+
+        def f32(name):
+            return np.asarray(weights[name], np.float32)
+
+        self.embed = f32("model.tok_embeddings.embedding_weight")
+        head = f32("lm_head.weight")
+        self.head_t = np.ascontiguousarray(
+            (head / np.sqrt(np.maximum((head * head).sum(-1, keepdims=True), np.float32(1e-12)))).T)
+        self.norm_out = f32("model.norm_out.weight")
+        self.layers = []
+        for i in range(self.layers_n):
+            p = f"model.layers.{i}."
+            self.layers.append({  # fused and transposed once: x @ wqkv is q, k and v in one matmul
+                "wqkv": np.ascontiguousarray(np.concatenate([f32(p + f"attention.{w}.weight") for w in ("wq", "wk", "wv")]).T),
+                "wo": np.ascontiguousarray(f32(p + "attention.wo.weight").T),
+                "w13": np.ascontiguousarray(np.concatenate([f32(p + "feed_forward.w1.weight"),
+                                                            f32(p + "feed_forward.w3.weight")]).T),
+                "w2": np.ascontiguousarray(f32(p + "feed_forward.w2.weight").T),
+                "attention_norm": f32(p + "attention_norm.weight"), "ffn_norm": f32(p + "ffn_norm.weight")})
+        inv_freq = 1.0 / (np.float32(c.get("theta", 10000.0)) ** (
+            np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)))
+        angles = np.outer(np.arange(self.max_positions, dtype=np.float32), inv_freq)
+        angles = np.concatenate([angles, angles], -1)
+        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        shape = (self.layers_n, self.heads, self.max_positions, self.head_dim)
+        self.keys, self.values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.is_pad = np.zeros(self.max_positions, bool)
+        self.length = 0
+
+    def reset(self):
+        self.length = 0
+
+    def _rms_norm(self, x, weight):
+        return x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + self.eps) * weight
+
+    def _rotate(self, x, positions):
+        half = self.head_dim // 2
+        return x * self.cos[positions] + np.concatenate([-x[..., half:], x[..., :half]], -1) * self.sin[positions]
+
+    def _mask(self, ids, start):
+        end = start + len(ids)
+        self.is_pad[start:end] = np.asarray(ids) == self.pad_id
+        causal = np.tril(np.ones((len(ids), end), bool), k=start)
+        keep = causal & ~self.is_pad[:end]
+        return None if keep.all() else np.where(keep, np.float32(0), MASKED)
+
+    def forward(self, ids):
+        """Logits [vocab] of the last of the new tokens `ids`, whose keys and values join the cache."""
+        start, count = self.length, len(ids)
+        end = start + count
+        if end > self.max_positions:
+            raise ValueError(f"{end} tokens exceed the model's seq_length {self.max_positions}")
+        positions = slice(start, end)
+        mask = self._mask(ids, start)
+        h = self.embed[np.asarray(ids)]
+        for i, layer in enumerate(self.layers):
+            qkv = self._rms_norm(h, layer["attention_norm"]) @ layer["wqkv"]
+            q, k, v = (part.reshape(count, self.heads, self.head_dim).transpose(1, 0, 2)
+                       for part in np.split(qkv, 3, -1))
+            self.keys[i, :, positions] = self._rotate(k, positions)
+            self.values[i, :, positions] = v
+            scores = self._rotate(q, positions) @ self.keys[i, :, :end].transpose(0, 2, 1)
+            scores *= np.float32(1.0 / math.sqrt(self.head_dim))
+            if mask is not None:
+                scores += mask
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            h = h + (scores @ self.values[i, :, :end]).transpose(1, 0, 2).reshape(count, self.hidden) @ layer["wo"]
+            gate, up = np.split(self._rms_norm(h, layer["ffn_norm"]) @ layer["w13"], 2, -1)
+            h = h + (gate / (1.0 + np.exp(-gate)) * up) @ layer["w2"]
+        self.length = end
+        return self._rms_norm(h[-1], self.norm_out) @ self.head_t
