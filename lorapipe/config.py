@@ -93,6 +93,9 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
             f"{source}: parallel.data_parallel * model_parallel * pipeline_stage = {layout}, "
             f"but parallel.workers * nodes = {devices} devices; they must be equal"
         )
+    if config["train"]["use_flash_attention"] and config["device_target"] != "Ascend":
+        raise ConfigError(f"{source}: train.use_flash_attention needs device_target Ascend (FlashAttentionScore "
+                          f"has no {config['device_target']} kernel)")
     if par["nodes"] > 1 and par["launcher"] != "msrun":
         raise ConfigError(f"{source}: parallel.nodes {par['nodes']} needs parallel.launcher msrun (the rank-table "
                           f"launcher starts one node)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from lorapipe.data import ChatTokenizer
 from lorapipe.errors import InputError
 from lorapipe.launch import launch
 from lorapipe.msckpt import iter_checkpoint
@@ -42,7 +43,9 @@ def processor_config(tokenizer):
 
 def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data, seq_length, name, lora,
                               train, parallel, device_target):
-    """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand."""
+    """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand. On Ascend
+    it is the official r1.0 run_baichuan2_7b_lora_910b.yaml except for the deviations listed (with
+    their reasons) in tests/test_golden_yaml.py; on CPU it is what MindFormers can run there."""
     cpu = device_target == "CPU"
     opt, lr = train["optimizer"], train["lr_schedule"]
     if cpu:  # CPU: MindFormers' wrapper uses Ascend-only overflow ops (lorapipe.trainer)
@@ -56,9 +59,18 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
                "input_columns": ["input_ids", "labels"], "num_parallel_workers": 1 if cpu else 8,
                "python_multiprocessing": False, "drop_remainder": True, "batch_size": train["batch_size"],
                "repeat": 1, "numa_enable": False, "prefetch_size": 1}
-    context = {"mode": 0, "device_target": device_target, "max_call_depth": 10000, "save_graphs": False}
+    context = {"mode": 0, "device_target": device_target, "max_call_depth": 10000, "save_graphs": False,
+               "enable_graph_kernel": False}
     if parallel["max_device_memory"]:
         context["max_device_memory"] = parallel["max_device_memory"]
+    tok = ChatTokenizer(tokenizer)
+    model_config = llama_config(
+        hf_config, seq_length, compute_dtype=train["compute_dtype"], param_init_type=train["param_init_type"],
+        # Ascend has fused RMSNorm and flash-attention kernels; CPU has neither (no RmsNorm kernel).
+        fused_rms_norm=not cpu, use_flash_attention=train["use_flash_attention"],
+        user_token_id=tok.user, assistant_token_id=tok.assistant, offset=0, checkpoint_name_or_path="",
+        pet_config={"pet_type": "lora", "lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
+                    "lora_dropout": lora["dropout"], "target_modules": lora["target_modules"]})
     return {
         "seed": train["seed"],
         "run_mode": "finetune",
@@ -71,37 +83,39 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
         # rank but 0 when only rank_0/ exists (utils.py:146-161).
         "load_checkpoint": f"{base_ckpt_dir}/rank_0",
         "load_ckpt_format": "ckpt",
+        "src_strategy_path_or_dir": "",
         "auto_trans_ckpt": False,
         "resume_training": False,
         "only_save_strategy": False,
         "use_parallel": True,
         "context": context,
         # CPU trains data parallel only; on Ascend, semi-auto parallel as the recipe (strategy files).
-        "parallel": {"parallel_mode": 0 if cpu else 1, "gradients_mean": cpu, "full_batch": not cpu,
-                     "enable_parallel_optimizer": not cpu, "search_mode": "sharding_propagation",
-                     "strategy_ckpt_config": {"save_file": "./ckpt_strategy.ckpt",
-                                              "only_trainable_params": False}},
+        # No strategy save_file: MindFormers then writes output/strategy/ckpt_strategy_rank_<r>.ckpt
+        # (utils/file_utils.py:53-65), which merged_ckpt reads; the recipe's "./ckpt_strategy.ckpt"
+        # would override it with one file in each rank's working directory.
+        "parallel": {"parallel_mode": 0 if cpu else 1, "gradients_mean": cpu, "enable_alltoall": False,
+                     "full_batch": not cpu, "enable_parallel_optimizer": not cpu,
+                     "search_mode": "sharding_propagation",
+                     "strategy_ckpt_config": {"only_trainable_params": False},
+                     "parallel_optimizer_config": {"gradient_accumulation_shard": False,
+                                                   "parallel_optimizer_threshold": 64}},
         "parallel_config": {"data_parallel": parallel["data_parallel"],
                             "model_parallel": parallel["model_parallel"],
                             "pipeline_stage": parallel["pipeline_stage"], "micro_batch_num": 1,
                             "vocab_emb_dp": True, "gradient_aggregation_group": 4},
         "micro_batch_interleave_num": 1,
-        "recompute_config": {"recompute": not cpu, "mp_comm_recompute": not cpu,
+        "recompute_config": {"recompute": not cpu, "select_recompute": False,
+                             "parallel_optimizer_comm_recompute": False, "mp_comm_recompute": not cpu,
                              "recompute_slice_activation": not cpu},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
-        "model": {
-            "model_config": dict(
-                llama_config(hf_config, seq_length, compute_dtype=train["compute_dtype"],
-                             param_init_type=train["param_init_type"]), checkpoint_name_or_path="",
-                pet_config={"pet_type": "lora", "lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
-                            "lora_dropout": lora["dropout"], "target_modules": lora["target_modules"]}),
-            "arch": {"type": MODEL_CLASS},
-        },
+        "model": {"model_config": model_config, "arch": {"type": MODEL_CLASS}},
         "train_dataset": dataset,
         "train_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": dataset},
         "do_eval": False,
+        # Sink mode runs sink_size steps per device call; MindSpore on CPU has none (it falls back to
+        # step by step, mindspore/train/model.py:1065-1069), so CPU renders what it runs.
         "runner_config": {"epochs": train["epochs"], "batch_size": train["batch_size"],
-                          "sink_mode": False, "sink_size": 1, "gradient_accumulation_steps": 1},
+                          "sink_mode": not cpu, "sink_size": 1 if cpu else 2, "gradient_accumulation_steps": 1},
         "runner_wrapper": wrapper,
         "optimizer": {"type": opt["type"], "betas": [opt["beta1"], opt["beta2"]], "eps": opt["eps"],
                       "weight_decay": opt["weight_decay"]},
@@ -285,8 +299,11 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
         rows = read_loss_tsv(str(tsv).format(rank=ranks[0]))
         lines = ["step\tloss\tlr\ttokens_per_s"]
         for prev, row in zip([None, *rows], rows):
+            # In sink mode (Ascend) a row closes sink_size steps: its step is the optimizer's global step
+            # and its loss and lr are the last step's; the rate covers all the steps since the last row.
             dt = row["seconds"] - prev["seconds"] if prev and row["seconds"] > prev["seconds"] else None
-            speed = f"{tokens_per_step / dt:.0f}" if dt and tokens_per_step else ""
+            steps = row["step"] - prev["step"] if prev else row["step"]
+            speed = f"{tokens_per_step * steps / dt:.0f}" if dt and tokens_per_step else ""
             lines.append(f"{row['step']}\t{row['loss']:.6f}\t{row['lr']:.6g}\t{speed}")
         loss.write_text("\n".join(lines) + "\n")
         adapter_json.write_text(json.dumps(adapter, indent=2) + "\n")

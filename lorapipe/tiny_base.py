@@ -47,21 +47,21 @@ def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_
     }
 
 
-def train_tokenizer(texts, vocab_size):
+def train_tokenizer(texts, vocab_size, user_defined_symbols=(USER_PIECE, ASSISTANT_PIECE)):
     """Train a Baichuan2-style BPE sentencepiece model on `texts`; returns the model bytes.
 
     Single-threaded and over the texts in their given order, so the bytes are reproducible.
     """
     model = io.BytesIO()
     try:
-        _train_sentencepiece(texts, vocab_size, model)
+        _train_sentencepiece(texts, vocab_size, model, list(user_defined_symbols))
     except RuntimeError as e:  # sentencepiece's own message names its C++ source line, not the key
         raise ValueError(f"tiny_base.vocab_size {vocab_size} cannot be trained on this data: "
                          f"{str(e).split('] ')[-1]}") from None
     return model.getvalue()
 
 
-def _train_sentencepiece(texts, vocab_size, model):
+def _train_sentencepiece(texts, vocab_size, model, user_defined_symbols):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -75,7 +75,7 @@ def _train_sentencepiece(texts, vocab_size, model):
         allow_whitespace_only_pieces=True,
         normalization_rule_name="identity",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=[USER_PIECE, ASSISTANT_PIECE],
+        user_defined_symbols=user_defined_symbols,
         num_threads=1,
         minloglevel=2,
     )

@@ -22,17 +22,17 @@ HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4
              "vocab_size": 1000, "rms_norm_eps": 1e-6}
 
 
-def render(cfg):
+def render(cfg, tokenizer):
     par = cfg["parallel"]
     return render_mindformers_config(
-        HF_CONFIG, tokenizer="base/tokenizer.model", base_ckpt_dir="ckpt", train_data="data/belle.mindrecord",
+        HF_CONFIG, tokenizer=tokenizer, base_ckpt_dir="ckpt", train_data="data/belle.mindrecord",
         seq_length=cfg["data"]["seq_length"], name="x", lora=cfg["lora"], train=cfg["train"],
         device_target=cfg["device_target"],
         parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")})
 
 
-def test_render_tiny_cpu():
-    y = render(default_config())
+def test_render_tiny_cpu(tiny_base_dir):
+    y = render(default_config(), tiny_base_dir / "tokenizer.model")
     assert y["model"]["arch"]["type"] == "Baichuan2ForCausalLM"
     assert y["model"]["model_config"]["pet_config"] == {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16,
                                                         "lora_dropout": 0.0, "target_modules": ".*wq|.*wk|.*wv"}
@@ -43,15 +43,18 @@ def test_render_tiny_cpu():
     assert y["runner_wrapper"]["type"] == "CpuTrainOneStepCell"
     # the folder that holds the complete checkpoint: loaded before any parallel compile
     assert y["load_checkpoint"] == "ckpt/rank_0" and y["auto_trans_ckpt"] is False
-    assert y["processor"]["tokenizer"]["vocab_file"] == "base/tokenizer.model"
+    assert y["processor"]["tokenizer"]["vocab_file"] == str(tiny_base_dir / "tokenizer.model")
+    assert y["runner_config"]["sink_mode"] is False  # MindSpore has no sink mode on CPU
     assert y["train_dataset"]["data_loader"]["dataset_dir"] == "data/belle.mindrecord"
 
 
-def test_render_real_recipe():
+def test_render_real_recipe(tiny_base_dir):
     real = load_config(REPO / "config/baichuan2_7b_910b.yaml")
-    y = render(real)
+    y = render(real, tiny_base_dir / "tokenizer.model")  # the key-by-key check is tests/test_golden_yaml.py
     assert y["context"] == {"mode": 0, "device_target": "Ascend", "max_call_depth": 10000, "save_graphs": False,
-                            "max_device_memory": "59GB"}
+                            "enable_graph_kernel": False, "max_device_memory": "59GB"}
+    assert (y["runner_config"]["sink_mode"], y["runner_config"]["sink_size"]) == (True, 2)
+    assert y["model"]["model_config"]["fused_rms_norm"] is True
     assert y["parallel"]["parallel_mode"] == 1 and y["parallel_config"]["data_parallel"] == 8
     assert y["runner_wrapper"]["scale_sense"] == {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536,
                                                   "scale_factor": 2, "scale_window": 1000}
