@@ -38,7 +38,7 @@ def base_weight_files(wildcards):
 
 
 def data_files(wildcards):
-    """The chat JSON files data.train names (a path or a glob)."""
+    """The chat data files data.train names (a path, a glob, or a list of sources)."""
     from lorapipe.data import input_files
 
     return input_files(config["data"]["train"])
@@ -72,6 +72,7 @@ FINETUNE = f"{RESULTS}/finetune"
 MF_CONFIG = f"{FINETUNE}/run_baichuan2_lora.yaml"
 ADAPTER_CONFIG = f"{FINETUNE}/adapter_config.json"
 FINETUNE_STATE = f"{RESULTS}/.finetune_state"
+PREFLIGHT = f"{RESULTS}/preflight.json"
 
 
 def finetune_inputs(wildcards):

@@ -41,10 +41,43 @@ rule mf_config:
         "--train {params.train:q} --parallel {params.parallel:q} --output {output.yaml}"
 
 
+rule preflight:
+    """Before any rank starts, on the host: devices, rank table, checkpoint vs network, tokenizer,
+    data, memory per device, shard strategies."""
+    input:
+        unpack(finetune_inputs),
+        tokenizer=base_file("tokenizer.model"),
+        script=f"{SCRIPTS}/preflight.py",
+    output:
+        report=PREFLIGHT,
+        manifest=f"{PREFLIGHT}.manifest.json",
+    log:
+        log_path("preflight"),
+    benchmark:
+        benchmark_path("preflight")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        parallel=pick(
+            config["parallel"],
+            "launcher",
+            "workers",
+            "nodes",
+            "visible_devices",
+            "hccn_conf",
+        ),
+        rank_table=lambda wildcards, input: input.get("rank_table", ""),
+    shell:
+        "python {input.script} --rule preflight --log {log} --config {input.config} "
+        "--base_ckpt {input.base_ckpt} --tokenizer {input.tokenizer} --train_data {input.train_data} "
+        "--parallel {params.parallel:q} --rank_table={params.rank_table} --output {output.report}"
+
+
 rule finetune:
     """LoRA finetune on parallel.workers devices (msrun --join=True, or the rank-table launcher)."""
     input:
         unpack(finetune_inputs),
+        preflight=PREFLIGHT,
         script=f"{SCRIPTS}/finetune.py",
         worker=f"{SCRIPTS}/finetune_worker.py",
     output:

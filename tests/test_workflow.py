@@ -23,7 +23,7 @@ def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=tiny_config)
     assert planned_jobs(proc) == {"tiny_base": 1, "ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1,
                                   "filter_out": 1, "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1,
-                                  "predict_config": 1, "evaluate": 1, "report": 1, "all": 1}
+                                  "predict_config": 1, "preflight": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
 def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
@@ -35,12 +35,12 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "real.yaml", real))
     assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1, "filter_out": 1,
                                   "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1, "evaluate": 1,
-                                  "predict_config": 1, "report": 1, "all": 1}
+                                  "predict_config": 1, "preflight": 1, "report": 1, "all": 1}
 
 
-ALL_RULES = {"tiny_base", "ckpt", "mindrecord", "mf_config", "finetune", "filter_out", "merged_ckpt", "fold_lora",
+ALL_RULES = {"tiny_base", "ckpt", "mindrecord", "mf_config", "preflight", "finetune", "filter_out", "merged_ckpt", "fold_lora",
              "export_hf", "predict_config", "predict", "evaluate", "report", "all"}
-AFTER_FINETUNE = {"finetune", "filter_out", "merged_ckpt", "fold_lora", "export_hf", "predict", "evaluate",
+AFTER_FINETUNE = {"preflight", "finetune", "filter_out", "merged_ckpt", "fold_lora", "export_hf", "predict", "evaluate",
                   "report", "all"}
 
 
@@ -63,8 +63,8 @@ def test_end_to_end_tiny_default(built):
     assert (base / "pytorch_model.bin").stat().st_size > 0
     manifest = json.loads((base / "pytorch_model.bin.manifest.json").read_text())
     assert manifest["rule"] == "tiny_base"
-    for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "finetune", "filter_out", "merged_ckpt",
-                 "fold_lora", "export_hf", "predict", "evaluate", "report"):
+    for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "preflight", "finetune", "filter_out",
+                 "merged_ckpt", "fold_lora", "export_hf", "predict_config", "predict", "evaluate", "report"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
     assert (tmp_path / "results/tiny/finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt").exists()
@@ -97,6 +97,9 @@ def test_end_to_end_tiny_default(built):
     steps = [line.split()[0] for line in chain.stdout.splitlines() if line.strip() and "[" in line]
     assert steps == ["merged_ckpt", "filter_out", "finetune", "mf_config", "tiny_base", "ckpt", "mindrecord"]
     assert "belle_sample.json  (source)" in chain.stdout and "verify: 0 problem(s) in 7 step(s)" in chain.stdout
+    preflight = {c["name"]: c["status"] for c in json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"]}
+    assert preflight == {"devices": "ok", "rank table": "skipped", "checkpoint": "ok", "checkpoint dtype": "ok",
+                         "tokenizer": "ok", "data": "ok", "memory": "ok", "shard strategies": "skipped"}
 
 
 @pytest.mark.parametrize("key, value, reruns", [

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Check a finetune before any rank starts, on the host and without a device: devices and rank table,
+the converted checkpoint against the network the YAML builds, tokenizer, data, memory per device, and
+shard strategies. Writes preflight.json and prints one table; fails naming every failed check."""
+
+import json
+
+from lorapipe import cli
+from lorapipe.preflight import report, run_preflight, write_report
+
+
+def main():
+    p = cli.parser(__doc__)
+    p.add_argument("--config", required=True, help="the rendered finetune YAML")
+    p.add_argument("--base_ckpt", required=True, help="the converted base checkpoint")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--train_data", required=True, help="training .mindrecord")
+    p.add_argument("--parallel", required=True, type=json.loads,
+                   help="JSON: launcher, workers, nodes, visible_devices, hccn_conf")
+    p.add_argument("--rank_table", default="", help="the HCCL rank table (launcher rank_table)")
+    p.add_argument("--output", required=True, help="preflight.json")
+    args = p.parse_args()
+    run = cli.start(args, args.parallel)
+    checks = run_preflight(args.config, args.base_ckpt, args.tokenizer, args.train_data, args.parallel,
+                           args.rank_table or None, args.parallel["hccn_conf"])
+    cli.log.info("preflight:\n%s", report(checks))
+    write_report(checks, args.output, run=run,
+                 inputs=[args.config, args.base_ckpt, args.tokenizer, args.train_data,
+                         *([args.rank_table] if args.rank_table else [])])
+
+
+if __name__ == "__main__":
+    cli.main_guard(main)
