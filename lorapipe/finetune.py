@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import yaml
 
 from lorapipe.data import ChatTokenizer
-from lorapipe.errors import InputError
+from lorapipe.errors import InputError, StepError
 from lorapipe.launch import launch
 from lorapipe.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
@@ -236,9 +237,24 @@ def tokens_per_step(rendered):
             * rendered["model"]["model_config"]["seq_length"])
 
 
+def check_devices_here(device_target, workers, visible_devices):
+    """Stop before starting any rank when this host lacks the devices (every rank would fail with
+    MindSpore's "Unsupported device target" dump instead)."""
+    if device_target != "Ascend":
+        return
+    from lorapipe.preflight import ascend_devices
+
+    needed = [int(d) for d in (visible_devices or range(workers))][:workers]
+    found = ascend_devices()
+    if not set(needed) <= set(found):
+        have = f"Ascend devices {found}" if found else "no Ascend device (/dev/davinci*)"
+        raise StepError(f"device_target Ascend needs devices {needed}, but this host ({socket.gethostname()}) has "
+                        f"{have}: run finetune on an NPU node (profiles/slurm sends it to the ascend partition)")
+
+
 def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher="msrun", nodes=1,
                  master_addr=None, master_port=None, rank_table=None, visible_devices=None,
-                 base_model="", run=None, inputs=()):
+                 device_target="CPU", base_model="", run=None, inputs=()):
     """Train (or resume) with the rendered YAML, each rank running `worker` (a script taking
     --config, --output_dir, --loss_tsv and --resume), and write to `out_dir`:
     checkpoint_network/rank_<r>/<name>_lora.ckpt (+ strategy/), loss.tsv, adapter_config.json and
@@ -258,6 +274,7 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
         if resume:
             log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir,
                      min(_global_step(ckpt) for ckpt in saved))
+        check_devices_here(device_target, workers, visible_devices)
         progress = Progress("finetune", 1, unit="steps", every=5.0)
         rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
 
@@ -273,6 +290,10 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
             args += ["--resume", str(ckpt_dir.resolve())]
         # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
         env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
+        if device_target == "Ascend" and launcher == "msrun":
+            # msrun numbers its workers' devices 0..N-1 (DEVICE_ID = local rank); the Ascend runtime maps
+            # those to the physical devices listed here (mindspore/parallel/cluster/process_entity/_api.py)
+            env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, visible_devices or range(workers)))
         launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, master_addr=master_addr,
                master_port=master_port, rank_table=rank_table, visible_devices=visible_devices, env=env,
                on_poll=report)

@@ -9,9 +9,11 @@ Every value is a string. Device IPs come from /etc/hccn.conf lines `address_<id>
 recipe's hccl_tools.py, `--device_num "[0,8)"` and `"[0,8]"` both mean devices 0..7.
 """
 
+import ipaddress
 import json
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 from lorapipe.errors import InputError
@@ -51,17 +53,45 @@ def host_ip():
         return None
 
 
+def hccn_tool_ip(device_id):
+    """A device's IP as `hccn_tool -i <id> -ip -g` reports it (first line `ipaddr:<ip>`), the way the
+    official hccl_tools.py reads it; None where hccn_tool is missing or reports nothing."""
+    try:
+        out = subprocess.run(["hccn_tool", "-i", str(device_id), "-ip", "-g"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    return first.split(":", 1)[1].strip() or None if ":" in first else None
+
+
+def check_server_ip(server_ip):
+    """HCCL and the other nodes reach this node at server_ip: a loopback address cannot work (a host
+    name that /etc/hosts maps to 127.0.1.1 resolves to one)."""
+    try:
+        loopback = ipaddress.ip_address(server_ip).is_loopback
+    except ValueError:
+        raise InputError(f"server_ip {server_ip!r} is not an IP address") from None
+    if loopback:
+        raise InputError(f"server_ip {server_ip} is a loopback address, which HCCL and other nodes cannot reach; "
+                         f"set parallel.server_ip (--server_ip) to this node's address on the cluster network")
+
+
 def build_rank_table(devices, visible_devices, device_ips, server_ip, hccn_conf="hccn.conf"):
-    """One node's rank table for logical `devices`, mapped through `visible_devices` to device ids."""
+    """One node's rank table for logical `devices`, mapped through `visible_devices` to device ids.
+    A device missing from `device_ips` (hccn.conf) is asked of hccn_tool, as hccl_tools.py does."""
+    check_server_ip(server_ip)
     if len(visible_devices) < len(devices) or max(devices) >= len(visible_devices):
         raise InputError(f"--visible_devices {','.join(visible_devices)} has no entry for logical device "
                          f"{max(devices)}")
     entries = []
     for rank, logical in enumerate(devices):
         device_id = str(visible_devices[logical])
-        if device_id not in device_ips:
-            raise InputError(f"{hccn_conf}: no address_{device_id}= line for device {device_id}")
-        entries.append({"device_id": device_id, "device_ip": device_ips[device_id], "rank_id": str(rank)})
+        device_ip = device_ips.get(device_id) or hccn_tool_ip(device_id)
+        if not device_ip:
+            raise InputError(f"{hccn_conf}: no address_{device_id}= line for device {device_id}, and "
+                             f"`hccn_tool -i {device_id} -ip -g` reported no address")
+        entries.append({"device_id": device_id, "device_ip": device_ip, "rank_id": str(rank)})
     return {"version": "1.0", "server_count": "1",
             "server_list": [{"server_id": server_ip, "device": entries, "host_nic_ip": "reserve"}],
             "status": "completed"}

@@ -29,7 +29,8 @@ def main():
     run_finetune(args.config, args.worker, args.state_dir, args.out_dir, workers=par["workers"],
                  launcher=par["launcher"], nodes=par["nodes"], master_addr=par["master_addr"],
                  master_port=par["master_port"], rank_table=args.rank_table or None,
-                 visible_devices=par["visible_devices"].split(","), base_model=args.base_model, run=run,
+                 visible_devices=par["visible_devices"].split(","), device_target=args.device_target,
+                 base_model=args.base_model, run=run,
                  inputs=args.inputs)
 
 

@@ -162,3 +162,20 @@ def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16
     assert sorted(p.name for p in (out / "rank_logs").glob("worker_*.log")) == ["worker_0.log", "worker_1.log"]
     assert yaml.safe_load((out / "run_baichuan2_lora.yaml").read_text())["runner_config"]["epochs"] == 2
+
+
+def test_finetune_for_ascend_stops_at_once_on_a_host_without_npus(tmp_path):
+    """The Ascend recipe on this CPU-only host: preflight passes what it can check here, then finetune
+    stops with one line before starting any rank (not 8 ranks' "Unsupported device target" dumps)."""
+    cfg = default_config()
+    cfg["device_target"] = "Ascend"
+    configfile = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "2", "finetune", "--configfile", str(configfile)], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"))
+    assert proc.returncode != 0
+    log = (tmp_path / "results/tiny/logs/finetune.log").read_text()
+    assert "device_target Ascend needs devices [0, 1], but this host" in log and "no Ascend device" in log
+    assert "Unsupported device target" not in log
+    assert not list((tmp_path / "results/tiny/.finetune_state").rglob("worker_*.log"))  # no rank started
+    assert json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"][0]["status"] == "skipped"

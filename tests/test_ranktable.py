@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +63,24 @@ def test_merge_renumbers_ranks_across_nodes(tmp_path):
     with pytest.raises(InputError, match="same server twice"):
         merge_rank_tables([node0, node0])
 
+
+
+def test_missing_device_ips_come_from_hccn_tool(tmp_path, monkeypatch):
+    """hccn.conf lacks device 5: like the official hccl_tools.py, ask `hccn_tool -i 5 -ip -g`. hccn_tool
+    exists only on Ascend hosts; here a stand-in on PATH prints what the real one does."""
+    tool = tmp_path / "bin" / "hccn_tool"
+    tool.parent.mkdir()
+    tool.write_text('#!/bin/sh\n[ "$2" = 5 ] && printf "ipaddr:192.98.5.10\\nnetmask:255.255.255.0\\n"\nexit 0\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    ips = {"4": "192.98.4.10"}
+    table = build_rank_table([0, 1], ["4", "5"], ips, "10.0.0.1")
+    assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["192.98.4.10", "192.98.5.10"]
+    with pytest.raises(InputError, match=r"no address_6= line for device 6, and `hccn_tool -i 6 -ip -g` reported"):
+        build_rank_table([0, 1], ["4", "6"], ips, "10.0.0.1", "hccn.conf")
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "127.0.1.1", "::1"])
+def test_a_loopback_server_ip_is_refused(ip):
+    with pytest.raises(InputError, match=f"server_ip {re.escape(ip)} is a loopback address"):
+        build_rank_table([0], ["0"], {"0": "192.98.0.10"}, ip)
