@@ -101,13 +101,15 @@ class TsvLossMonitor(Callback):
                     f"{time.time() - self.start:.3f}\n")
 
 
-def finetune(config_path, output_dir, tsv_path, resume_from=None):
+def finetune(config_path, output_dir, tsv_path, resume_from=None, only_save_strategy=False):
     """Run MindFormers' finetune for the rendered YAML in this rank.
 
     `output_dir` receives checkpoint/rank_<r>/ (and strategy/); `resume_from` is an earlier run's
-    checkpoint folder (with rank_*/) to continue from."""
+    checkpoint folder (with rank_*/) to continue from. With `only_save_strategy`, MindFormers compiles
+    the parallel graph, writes the strategy files and exits (trainer/utils.py:498-500)."""
     cfg = MindFormerConfig(os.path.abspath(config_path))
     cfg.output_dir = os.path.abspath(output_dir)
+    cfg.only_save_strategy = only_save_strategy
     for callback in cfg.callbacks:
         if callback["type"] == "TsvLossMonitor":
             callback["path"] = os.path.abspath(tsv_path)

@@ -14,11 +14,15 @@ def main():
     p.add_argument("--output_dir", required=True, help="MindFormers output_dir (checkpoints, strategy)")
     p.add_argument("--loss_tsv", required=True, help="per-step TSV; {rank} is replaced by the rank")
     p.add_argument("--resume", default=None, help="checkpoint folder (with rank_*/) to continue from")
+    p.add_argument("--only_save_strategy", action="store_true",
+                   help="compile, write output_dir/strategy/ckpt_strategy_rank_<r>.ckpt and stop (a first check "
+                        "of the parallel layout on the hardware)")
     args = p.parse_args()
     with worker_status(int(os.environ.get("RANK_ID", "0"))):
         from lorapipe.trainer import finetune
 
-        finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume)
+        finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume,
+                 only_save_strategy=args.only_save_strategy)
 
 
 if __name__ == "__main__":
