@@ -33,6 +33,7 @@ include: "rules/data.smk"
 include: "rules/cluster.smk"
 include: "rules/finetune.smk"
 include: "rules/checkpoints.smk"
+include: "rules/export.smk"
 include: "rules/predict.smk"
 include: "rules/report.smk"
 
@@ -42,4 +43,7 @@ rule all:
     input:
         MERGED_CKPT,
         f"{HF_EXPORT}/model.safetensors",
+        f"{HF_LLAMA}/model.safetensors",
+        f"{HF_LLAMA_BASE}/model.safetensors",
+        f"{PEFT_ADAPTER}/adapter_model.safetensors",
         f"{REPORT}/summary.html",

@@ -23,7 +23,8 @@ def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=tiny_config)
     assert planned_jobs(proc) == {"tiny_base": 1, "ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1,
                                   "filter_out": 1, "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1,
-                                  "predict_config": 1, "preflight": 1, "evaluate": 1, "report": 1, "all": 1}
+                                  "predict_config": 1, "preflight": 1, "evaluate": 1, "report": 1, "export_llama": 1,
+                                  "export_llama_base": 1, "export_peft": 1, "all": 1}
 
 
 def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
@@ -35,13 +36,15 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "real.yaml", real))
     assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1, "filter_out": 1,
                                   "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1, "evaluate": 1,
-                                  "predict_config": 1, "preflight": 1, "report": 1, "all": 1}
+                                  "predict_config": 1, "preflight": 1, "report": 1, "export_llama": 1,
+                                  "export_llama_base": 1, "export_peft": 1, "all": 1}
 
 
 ALL_RULES = {"tiny_base", "ckpt", "mindrecord", "mf_config", "preflight", "finetune", "filter_out", "merged_ckpt", "fold_lora",
-             "export_hf", "predict_config", "predict", "evaluate", "report", "all"}
+             "export_hf", "predict_config", "predict", "evaluate", "report", "export_llama", "export_llama_base",
+             "export_peft", "all"}
 AFTER_FINETUNE = {"preflight", "finetune", "filter_out", "merged_ckpt", "fold_lora", "export_hf", "predict", "evaluate",
-                  "report", "all"}
+                  "report", "export_llama", "export_peft", "all"}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,8 @@ def test_end_to_end_tiny_default(built):
     manifest = json.loads((base / "pytorch_model.bin.manifest.json").read_text())
     assert manifest["rule"] == "tiny_base"
     for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "preflight", "finetune", "filter_out",
-                 "merged_ckpt", "fold_lora", "export_hf", "predict_config", "predict", "evaluate", "report"):
+                 "merged_ckpt", "fold_lora", "export_hf", "predict_config", "predict", "evaluate", "report",
+                 "export_llama", "export_llama_base", "export_peft"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
     assert (tmp_path / "results/tiny/finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt").exists()
@@ -107,7 +111,7 @@ def test_end_to_end_tiny_default(built):
     ("train.epochs", 1, {"mf_config"} | AFTER_FINETUNE),
     ("data.seq_length", 48, {"mindrecord", "mf_config"} | AFTER_FINETUNE),
     ("data.heldout_fraction", 0.2, {"mindrecord"} | AFTER_FINETUNE),
-    ("base_model.dtype", "fp16", {"ckpt"} | AFTER_FINETUNE),
+    ("base_model.dtype", "fp16", {"ckpt", "export_llama_base"} | AFTER_FINETUNE),
     ("tiny_base.seed", 1, ALL_RULES),
     ("predict.max_new_tokens", 8, {"predict_config", "predict", "report", "all"}),
     ("predict.prompts", ["Hello!"], {"predict", "report", "all"}),
@@ -148,10 +152,12 @@ def test_the_same_config_written_differently_reruns_nothing(built):
 
 
 @pytest.mark.parametrize("path, reruns", [
-    ("results/tiny/tiny_base/tokenizer.model", {"mindrecord", "mf_config", "predict_config"} | AFTER_FINETUNE),
+    ("results/tiny/tiny_base/tokenizer.model", {"mindrecord", "mf_config", "predict_config", "export_llama_base"}
+     | AFTER_FINETUNE),
     (REPO / "scripts/export_hf.py", {"export_hf", "all"}),
     (REPO / "scripts/run_baichuan2.py", {"predict", "report", "all"}),  # predict code never reruns finetune
-    (REPO / "scripts/fold_lora.py", {"fold_lora", "export_hf", "predict", "evaluate", "report", "all"}),
+    (REPO / "scripts/fold_lora.py", {"fold_lora", "export_hf", "export_llama", "predict", "evaluate", "report",
+                                     "all"}),
 ])
 def test_an_edited_file_reruns_its_consumers(built, path, reruns):
     workdir, configfile = built
