@@ -221,3 +221,52 @@ def test_multi_node_rank_table_is_written_per_node_and_merged(tmp_path):
     assert "--device_num '[0,8)'" in command and f"--output {table}.node\\$SLURM_NODEID.json" in command
     assert f"merge_hccl.py --rule rank_table --log results/tiny/logs/rank_table.log {table}.node0.json " \
            f"{table}.node1.json --output {table}" in command
+
+
+def readme_commands():
+    """Every `snakemake ...` and `python scripts/...` command in the README's bash blocks, one string
+    each (continuation lines joined, trailing comments dropped)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    lines += re.findall(r"`(snakemake [^`]*)`", text)  # inline ones too
+    return [shlex.split(line, comments=True) for line in lines if line.startswith(("snakemake ", "python scripts/"))]
+
+
+def test_every_readme_command_runs(built, tmp_path):
+    """The README's snakemake commands as dry runs (report and rendering for real), with my_910b.yaml a
+    copy of the 910B config whose base model has only config.json and tokenizer.model, as on a laptop;
+    its python commands for real on the finished tiny run."""
+    workdir, configfile = built
+    laptop = tmp_path / "Baichuan2-7B-Chat"
+    laptop.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (laptop / name).write_bytes((workdir / "results/tiny/tiny_base" / name).read_bytes())
+    real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
+    real["base_model"]["path"] = str(laptop)
+    real["data"]["train"] = str(SAMPLE_DATA)
+    rank4 = default_config()
+    rank4["lora"]["rank"] = 4
+    files = {"my_910b.yaml": write_config(tmp_path / "my_910b.yaml", real),
+             "rank4.yaml": write_config(tmp_path / "rank4.yaml", rank4)}
+    commands = readme_commands()
+    assert sum(c[0] == "snakemake" for c in commands) >= 10 and sum(c[0] == "python" for c in commands) >= 4
+    for words in commands:
+        for name, path in files.items():
+            words = [w.replace(name, str(path)) if w.endswith(name) else w for w in words]
+        words = [str(REPO / w) if w.startswith("profiles/") else w for w in words]  # run from the checkout
+        if words[0] == "snakemake":
+            args = words[1:]
+            if not any(a.startswith("--configfile") for a in args):
+                args += ["--configfile", str(configfile)]
+            if "--report" not in args and "mf_config" not in args:
+                args.append("-n")
+            proc = snakemake(workdir, *args)
+            assert "Error" not in proc.stderr.replace("WorkflowError", ""), proc.stderr[-2000:]
+        else:
+            proc = subprocess.run([sys.executable, str(REPO / words[1]), *words[2:]], cwd=workdir, input="Hi\n/quit\n",
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (words, proc.stderr[-2000:])
+    assert (workdir / "results/baichuan2_7b_910b/finetune/run_baichuan2_lora.yaml").is_file()  # rendered on a laptop
