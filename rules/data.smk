@@ -1,8 +1,12 @@
-# Data stage: chat JSON -> MindRecord (train and held-out), with stats.
+# Data stage: chat data (BELLE, ShareGPT, Alpaca, OpenAI messages; JSON or JSON Lines) -> MindRecord
+# (train and held-out), with stats.
+
+from lorapipe.data import draws_samples
 
 
 rule mindrecord:
-    """The recipe's belle_preprocess.py --seq_length N, plus the held-out split and stats."""
+    """The recipe's belle_preprocess.py --seq_length N, plus other formats, weighted sources, the
+    held-out split and stats."""
     input:
         data=data_files,
         tokenizer=base_file("tokenizer.model"),
@@ -22,9 +26,13 @@ rule mindrecord:
         "../envs/lorapipe.yaml"
     params:
         data=config["data"],
+        # train.seed draws the sample of a fractional source weight; other data never depends on it,
+        # so that editing train.seed rebuilds no MindRecord that it cannot change.
+        sample_seed=(
+            config["train"]["seed"] if draws_samples(config["data"]["train"]) else 0
+        ),
     shell:
-        "python {input.script} --rule mindrecord --log {log} --input_glob {params.data[train]:q} "
-        "--model_file {input.tokenizer} --output_file {output.train} "
-        "--seq_length {params.data[seq_length]} --heldout_output_file {output.heldout} "
-        "--heldout_fraction {params.data[heldout_fraction]} --split_seed {params.data[split_seed]} "
-        "--on_bad_record {params.data[on_bad_record]} --stats_file {output.stats}"
+        "python {input.script} --rule mindrecord --log {log} --data {params.data:q} "
+        "--sample_seed {params.sample_seed} --model_file {input.tokenizer} "
+        "--output_file {output.train} --heldout_output_file {output.heldout} "
+        "--stats_file {output.stats}"

@@ -1,16 +1,23 @@
-"""BELLE JSON -> MindRecord: exact row layouts, the MindRecord itself, and every kind of bad input."""
+"""Chat data -> MindRecord: the recipe's rows byte for byte, every input layout, weighted sources, drop
+reasons, control-token text, and every kind of bad input."""
 
 import json
+import logging
+import runpy
+import sys
 
 import mindspore.dataset as ds
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_DATA
+from conftest import REPO, SAMPLE_DATA
+from lorapipe.config import ConfigError, canonical, load_yaml, validate
+from lorapipe.data import (ChatTokenizer, Conversation, TokenizedConversations, assemble_rows, draws_samples,
+                           input_files, is_heldout, preprocess_conversations)
 from lorapipe.errors import InputError
-from lorapipe.data import ChatTokenizer, build_row, preprocess_belle, split_records
 
 M = -100  # masked label
+SAMPLE = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +25,56 @@ def tok(tiny_base_dir):
     return ChatTokenizer(tiny_base_dir / "tokenizer.model")
 
 
-def row(tok, turns, seq_length):
-    messages = [{"from": f, "value": v} for f, v in turns]
-    ids = tok.encode([m["value"] for m in messages])
-    return build_row(messages, ids, tok, seq_length), ids
+@pytest.fixture(scope="module")
+def tokenizer_file(tiny_base_dir):
+    return tiny_base_dir / "tokenizer.model"
 
+
+def recipe_row(messages, tok, seq_length):
+    """The reference: one sample as MindFormers r1.0's belle_preprocess.py builds it (and lorapipe did,
+    one conversation at a time, before its rows were assembled for all conversations at once)."""
+    input_ids, labels = [], []
+    for message in messages:
+        ids = tok.sp.encode(message["value"])
+        if message["from"] == "human":
+            input_ids += [tok.user] + ids
+            labels += [tok.eos] + [M] * len(ids)
+        else:
+            input_ids += [tok.assistant] + ids
+            labels += [M] + ids
+    input_ids.append(tok.eos)
+    labels.append(tok.eos)
+    width = seq_length + 1
+    return (np.array(input_ids[:width] + [0] * (width - len(input_ids)), np.int32),
+            np.array(labels[:width] + [M] * (width - len(labels)), np.int32))
+
+
+def rows_of(turn_lists, tok, seq_length):
+    """assemble_rows over conversations given as lists of turn texts (user first)."""
+    conversations = [Conversation(list(turns), i, 0, "x", i) for i, turns in enumerate(turn_lists)]
+    tokens = TokenizedConversations(conversations, tok)
+    return assemble_rows(tokens, np.arange(len(conversations)), tok, seq_length), tokens
+
+
+def read_rows(path):
+    return [(r["input_ids"], r["labels"])
+            for r in ds.MindDataset(str(path), shuffle=False).create_dict_iterator(output_numpy=True)]
+
+
+def preprocess(tmp_path, train, tokenizer_file, seq_length=32, name="out", **kwargs):
+    """(stats, rows of the train MindRecord) of one preprocessing run into tmp_path/name/."""
+    out = tmp_path / name / "train.mindrecord"
+    stats = preprocess_conversations(train, tokenizer_file, out, seq_length, **kwargs)
+    return stats, read_rows(out)
+
+
+def write_json(path, records, lines=False):
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) if lines else json.dumps(records)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- the row layout -----------------------------------------------------------------------------------
 
 def test_special_ids_are_looked_up_by_piece(tok):
     assert tok.sp.id_to_piece(tok.user) == "<reserved_106>"
@@ -31,97 +83,312 @@ def test_special_ids_are_looked_up_by_piece(tok):
 
 
 def test_multi_turn_layout(tok):
-    (inp, lab, length), (q1, a1, q2, a2) = row(tok, [("human", "Hi"), ("gpt", "Hello!"), ("human", "2+2?"),
-                                                     ("gpt", "4")], seq_length=40)
+    (inp, lab), tokens = rows_of([["Hi", "Hello!", "2+2?", "4"], ["Bye", "Ciao"]], tok, seq_length=40)
+    q1, a1, q2, a2 = tok.encode(["Hi", "Hello!", "2+2?", "4"])
     u, a, e = tok.user, tok.assistant, tok.eos
     want_inp = [u, *q1, a, *a1, u, *q2, a, *a2, e]
     want_lab = [e, *[M] * len(q1), M, *a1, e, *[M] * len(q2), M, *a2, e]
-    assert length == len(want_inp)
-    assert inp.tolist() == want_inp + [0] * (41 - len(want_inp))
-    assert lab.tolist() == want_lab + [M] * (41 - len(want_lab))
-    assert inp.dtype == lab.dtype == np.int32
-
-
-def test_conversation_starting_with_gpt_and_an_empty_value(tok):
-    (inp, lab, _), (a1, q1) = row(tok, [("gpt", "Welcome."), ("human", "")], seq_length=12)
-    assert q1 == []
-    u, a, e = tok.user, tok.assistant, tok.eos
-    want_inp = [a, *a1, u, e]
-    want_lab = [M, *a1, e, e]
-    assert inp.tolist()[:len(want_inp)] == want_inp and lab.tolist()[:len(want_lab)] == want_lab
+    assert tokens.length[0] == len(want_inp)
+    assert inp[0].tolist() == want_inp + [0] * (41 - len(want_inp))
+    assert lab[0].tolist() == want_lab + [M] * (41 - len(want_lab))
+    assert inp.dtype == lab.dtype == np.int32 and inp.shape == (2, 41)
+    assert inp[1].tolist()[:2] == [u, *tok.encode(["Bye"])[0]][:2]
 
 
 def test_truncation_cuts_the_final_eos(tok):
-    (inp, lab, length), (q, r) = row(tok, [("human", "What is the capital of France?"),
-                                           ("gpt", "The capital of France is Paris.")], seq_length=8)
+    (inp, lab), tokens = rows_of([["What is the capital of France?", "The capital of France is Paris."]], tok, 8)
+    q, r = tok.encode(["What is the capital of France?", "The capital of France is Paris."])
     full_inp = [tok.user, *q, tok.assistant, *r, tok.eos]
     full_lab = [tok.eos, *[M] * len(q), M, *r, tok.eos]
-    assert length == len(full_inp) > 9
-    assert inp.tolist() == full_inp[:9] and lab.tolist() == full_lab[:9]
-    assert tok.eos not in inp.tolist()[1:]
+    assert tokens.length[0] == len(full_inp) > 9
+    assert inp[0].tolist() == full_inp[:9] and lab[0].tolist() == full_lab[:9]
+    assert tok.eos not in inp[0].tolist()[1:]
 
 
-def test_mindrecord_rows_schema_and_stats(tiny_base_dir, tmp_path, tok):
+@pytest.mark.parametrize("seq_length", [8, 64])  # most rows truncated; none
+def test_rows_are_the_recipes_byte_for_byte(tmp_path, tok, tokenizer_file, seq_length):
+    stats, rows = preprocess(tmp_path, SAMPLE_DATA, tokenizer_file, seq_length)
+    assert len(rows) == len(SAMPLE) == stats["train"]["samples"]
+    for record, (inp, lab) in zip(SAMPLE, rows):
+        want_inp, want_lab = recipe_row(record["conversations"], tok, seq_length)
+        assert inp.tobytes() == want_inp.tobytes() and lab.tobytes() == want_lab.tobytes()
+    assert stats["train"]["label_tokens"] == sum(int((lab != M).sum()) for _, lab in rows)
+    lengths = [sum(len(ids) + 1 for ids in tok.encode(m["value"] for m in r["conversations"])) + 1 for r in SAMPLE]
+    assert stats["train"]["truncated"] == sum(n > seq_length + 1 for n in lengths)
+    assert stats["train"]["length_max"] == max(lengths)
+
+
+def test_mindrecord_splits_schema_and_stats(tiny_base_dir, tmp_path, tokenizer_file):
     out, held = tmp_path / "belle_32.mindrecord", tmp_path / "belle_32_heldout.mindrecord"
-    stats = preprocess_belle(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", out, 32, heldout_file=held,
-                             heldout_fraction=0.1, split_seed=0, stats_file=tmp_path / "stats.json")
+    stats = preprocess_conversations(SAMPLE_DATA, tokenizer_file, out, 32, heldout_file=held,
+                                     heldout_fraction=0.1, split_seed=0, stats_file=tmp_path / "stats.json")
     assert (tmp_path / "belle_32.mindrecord.db").is_file() and (tmp_path / "belle_32_heldout.mindrecord.db").is_file()
-    records = json.loads(SAMPLE_DATA.read_text())
-    train, heldout = split_records(records, 0.1, 0)
-    assert stats["train"]["samples"] == len(train) and stats["heldout"]["samples"] == len(heldout) > 0
+    heldout = [r for r in SAMPLE if is_heldout(r["id"], 0.1, 0)]
+    assert stats["train"]["samples"] == len(SAMPLE) - len(heldout) and stats["heldout"]["samples"] == len(heldout) > 0
     assert json.loads((tmp_path / "stats.json").read_text()) == json.loads(json.dumps(stats))
-    assert sum(stats["train"]["length_histogram"]["counts"]) == len(train)
-    got = list(ds.MindDataset(str(out), shuffle=False).create_dict_iterator(output_numpy=True))
-    assert len(got) == len(train)
-    for record, item in zip(train[:20], got):
-        messages = record["conversations"]
-        want_inp, want_lab, _ = build_row(messages, tok.encode(m["value"] for m in messages), tok, 32)
-        assert item["input_ids"].dtype == np.int32 and item["input_ids"].shape == (33,)
-        assert np.array_equal(item["input_ids"], want_inp) and np.array_equal(item["labels"], want_lab)
-    assert stats["train"]["label_tokens"] == sum(int((g["labels"] != M).sum()) for g in got)
+    assert sum(stats["train"]["length_histogram"]["counts"]) == stats["train"]["samples"]
+    assert stats["sources"] == [{"path": str(SAMPLE_DATA), "weight": 1.0, "records": 324, "dropped": 0,
+                                 "files": [{"file": str(SAMPLE_DATA), "format": "belle", "records": 324}],
+                                 "control_text_records": 0, "train_rows": 324 - len(heldout),
+                                 "heldout_rows": len(heldout)}]
+    assert stats["skipped"] == 0 and set(stats["drop_reasons"].values()) == {0}
+    assert read_rows(out)[0][0].shape == (33,)
 
 
-def test_heldout_split_is_stable_under_reordering():
-    records = json.loads(SAMPLE_DATA.read_text())
-    _, heldout = split_records(records, 0.1, 0)
-    _, heldout_reversed = split_records(records[::-1], 0.1, 0)
-    assert sorted(r["id"] for r in heldout) == sorted(r["id"] for r in heldout_reversed)
+def test_heldout_split_is_stable_under_reordering(tmp_path, tokenizer_file):
+    def heldout_ids(records, name):
+        path = write_json(tmp_path / f"{name}.json", records)
+        preprocess_conversations(path, tokenizer_file, tmp_path / name / "t.mindrecord", 16,
+                                 heldout_file=tmp_path / name / "h.mindrecord", heldout_fraction=0.1)
+        return sorted(r[0].tobytes() for r in read_rows(tmp_path / name / "h.mindrecord"))
+
+    assert heldout_ids(SAMPLE, "forward") == heldout_ids(SAMPLE[::-1], "reversed")
 
 
-BAD_INPUTS = [
-    (b'[{"id": 1, "conversations": [}]', r"bad.json: invalid JSON at line 1 column 30"),
-    (b'{"id": 1}', "bad.json: expected a JSON array of conversations, found a dict"),
-    (b'[{"id": 1, "conversations": [{"from": "human", "value": "x"}]}, {"id": 2}]',
-     "bad.json: record 1: no 'conversations' list"),
-    (b'[{"conversations": [{"from": "human"}]}]', r"bad.json: record 0: conversations\[0\] has no 'value'"),
-    (b'[{"conversations": [{"value": "x"}]}]', r"bad.json: record 0: conversations\[0\] has no 'from'"),
-    ('[{"conversations": [{"from": "human", "value": "caf\u00e9"}]}]'.encode("latin-1"),
-     r"bad.json: line 1 \(byte \d+\): bytes that are not UTF-8"),
-    (b"[]", "bad.json: no conversations to train on"),
+# -- input layouts ------------------------------------------------------------------------------------
+
+def as_alpaca(record):
+    turns = [m["value"] for m in record["conversations"]]
+    history = [[q, a] for q, a in zip(turns[:-2:2], turns[1:-2:2])]
+    return {"instruction": turns[-2], "input": "", "output": turns[-1], **({"history": history} if history else {})}
+
+
+def as_sharegpt(record, user="human", assistant="gpt"):
+    return {"id": record["id"], "conversations": [
+        {"from": user if m["from"] == "human" else assistant, "value": m["value"]} for m in record["conversations"]]}
+
+
+def as_messages(record):
+    return {"messages": [{"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]}
+                         for m in record["conversations"]]}
+
+
+def test_every_layout_gives_the_rows_of_the_equivalent_belle_file(tmp_path, tokenizer_file):
+    belle = [as_sharegpt(r, "human", "assistant") for r in SAMPLE[:80]] + [as_sharegpt(r) for r in SAMPLE[-20:]]
+    _, want = preprocess(tmp_path, write_json(tmp_path / "belle.json", belle), tokenizer_file, name="belle")
+    assert any(len(r["conversations"]) > 2 for r in belle)  # multi-turn: Alpaca's history
+    inputs = [  # (file, its format, what auto-detection calls it: belle and sharegpt are one layout)
+        (write_json(tmp_path / "alpaca.json", [as_alpaca(r) for r in belle]), "alpaca", "alpaca"),
+        (write_json(tmp_path / "sharegpt.jsonl", [as_sharegpt(r) for r in belle], lines=True), "sharegpt", "belle"),
+        (write_json(tmp_path / "messages.jsonl", [as_messages(r) for r in belle], lines=True), "messages", "messages"),
+        (write_json(tmp_path / "lines.json", belle, lines=True), "belle", "belle"),  # JSON Lines named .json
+    ]
+    for path, data_format, detected in inputs:
+        for given in ("auto", data_format):
+            stats, rows = preprocess(tmp_path, path, tokenizer_file, name=f"{path.name}-{given}", data_format=given)
+            assert [(i.tobytes(), l.tobytes()) for i, l in rows] == [(i.tobytes(), l.tobytes()) for i, l in want]
+            assert stats["sources"][0]["files"][0]["format"] == (detected if given == "auto" else given)
+
+
+def test_system_prompt_and_alpaca_input_join_the_first_user_turn(tmp_path, tokenizer_file):
+    belle = [{"conversations": [{"from": "human", "value": "Be brief.\nName a colour."},
+                                {"from": "assistant", "value": "Red."}]},
+             {"conversations": [{"from": "human", "value": "Translate.\ncat"}, {"from": "assistant", "value": "猫"}]}]
+    others = {
+        "sharegpt.json": [{"system": "Be brief.", "conversations": [
+            {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]}],
+        "messages.json": [{"messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Name a colour."},
+                                        {"role": "assistant", "content": "Red."}]}],
+        "alpaca.json": [{"system": "Be brief.", "instruction": "Name a colour.", "input": "", "output": "Red."}],
+    }
+    _, want = preprocess(tmp_path, write_json(tmp_path / "belle.json", belle), tokenizer_file, name="belle")
+    for name, records in others.items():
+        _, rows = preprocess(tmp_path, write_json(tmp_path / name, records), tokenizer_file, name=f"{name}-out")
+        assert rows[0][0].tobytes() == want[0][0].tobytes(), name
+    alpaca = [{"instruction": "Translate.", "input": "cat", "output": "猫"}]
+    _, rows = preprocess(tmp_path, write_json(tmp_path / "a2.json", alpaca), tokenizer_file, name="a2")
+    assert rows[0][0].tobytes() == want[1][0].tobytes()
+
+
+# -- control tokens in the text -------------------------------------------------------------------------
+
+def test_control_token_strings_are_text_and_counted(tmp_path, tok, tokenizer_file):
+    """DESIGN.md "Control tokens in data are text": r1.0's tokenizer turned `</s>` in a text into the eos
+    id (and split "a</s>b" around it); lorapipe encodes the characters, so data cannot end a sequence
+    or fake a turn. Records that contain such text are counted, since their rows differ from r1.0's."""
+    texts = ["hello </s> world", "a</s>b", "<s>x<unk>"]
+    for text, ids in zip(texts, tok.encode(texts)):
+        assert not {tok.eos, tok.sp.bos_id(), tok.sp.unk_id()} & set(ids), text
+        assert tok.sp.decode(ids) == text
+    records = [{"conversations": [{"from": "human", "value": "hello </s> world"}, {"from": "gpt", "value": "a</s>b"}]},
+               {"conversations": [{"from": "human", "value": "<s>x<unk>"}, {"from": "gpt", "value": "ok"}]},
+               *SAMPLE[:3]]
+    stats, rows = preprocess(tmp_path, write_json(tmp_path / "ctl.json", records), tokenizer_file, 64)
+    assert stats["control_text_records"] == 2 and stats["sources"][0]["control_text_records"] == 2
+    inp, lab = rows[0]
+    length = int((inp != 0).sum())
+    assert inp[:length].tolist().count(tok.eos) == 1 and inp[length - 1] == tok.eos  # only the row's own eos
+
+
+# -- several sources with weights ----------------------------------------------------------------------
+
+def test_weighted_sources_rows_per_source_and_seeded_samples(tmp_path, tok, tokenizer_file):
+    a = write_json(tmp_path / "a.json", SAMPLE[:40])
+    b = write_json(tmp_path / "b.jsonl", [as_messages(r) for r in SAMPLE[40:100]], lines=True)
+    train = [{"path": str(a), "weight": 2.0}, {"path": str(tmp_path / "b.*"), "format": "messages", "weight": 0.5}]
+    assert input_files(train) == [str(a), str(b)] and draws_samples(train) and not draws_samples(str(a))
+    stats, rows = preprocess(tmp_path, train, tokenizer_file, name="s3", sample_seed=3)
+    assert [s["train_rows"] for s in stats["sources"]] == [80, 30] and len(rows) == 110
+    assert stats["sample_seed"] == 3 and stats["sources"][1]["files"][0]["format"] == "messages"
+    want = {(i.tobytes(), l.tobytes()) for i, l in (recipe_row(r["conversations"], tok, 32) for r in SAMPLE[40:100])}
+    picked = [(i.tobytes(), l.tobytes()) for i, l in rows[80:]]
+    assert set(picked) <= want and len(set(picked)) == 30  # a sample without replacement
+    assert [r[0].tobytes() for r in rows[:40]] == [r[0].tobytes() for r in rows[40:80]]  # weight 2: twice
+    _, again = preprocess(tmp_path, train, tokenizer_file, name="s3-again", sample_seed=3)
+    _, other = preprocess(tmp_path, train, tokenizer_file, name="s4", sample_seed=4)
+    assert [r[0].tobytes() for r in again] == [r[0].tobytes() for r in rows]
+    assert [r[0].tobytes() for r in other[80:]] != picked
+
+
+def test_data_train_config_forms(tmp_path):
+    schema = load_yaml(REPO / "config" / "schema.yaml")
+    cfg = load_yaml(REPO / "config" / "config.yaml")
+    cfg["data"]["train"] = [{"path": "./data/a.jsonl", "format": "alpaca", "weight": 2}, {"path": "data//b*.json"}]
+    validate(cfg)
+    data = canonical(cfg, schema)["data"]
+    assert data["train"] == [{"format": "alpaca", "path": "data/a.jsonl", "weight": 2.0}, {"path": "data/b*.json"}]
+    assert str(data["train"][0]) == '{"format": "alpaca", "path": "data/a.jsonl", "weight": 2.0}'
+    for bad, message in [([{"path": "a", "weight": 0}], "data.train.0.weight"),
+                         ([{"path": "a", "format": "csv"}], "data.train.0.format"),
+                         ([{"file": "a"}], "unknown key data.train.0.file"), ([], "data.train")]:
+        cfg["data"]["train"] = bad
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            validate(cfg)
+
+
+# -- dropped records -------------------------------------------------------------------------------------
+
+def turns(*pairs):
+    return {"conversations": [{"from": f, "value": v} for f, v in pairs]}
+
+
+DROPPED = [  # (record, reason, problem)
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "malformed", r"conversations\[0\]\.from 'bot' is not a role"),
+    (turns(("gpt", "Hi"), ("human", "Hello")), "bad role order", "turn 0 is assistant, expected user"),
+    (turns(("human", "a"), ("human", "b"), ("gpt", "c")), "bad role order", "turn 1 is user, expected assistant"),
+    (turns(("human", "a"), ("gpt", "b"), ("human", "c")), "bad role order", "the last turn is a user turn"),
+    (turns(("human", "a"), ("gpt", "  ")), "empty turn", r"turn 1 \(assistant\) is empty"),
+    (turns(("human", "a")), "no assistant turn", "no assistant turn"),
 ]
 
 
-@pytest.mark.parametrize("content, message", BAD_INPUTS)
-def test_bad_input_is_named_and_leaves_nothing(tiny_base_dir, tmp_path, content, message):
-    (tmp_path / "bad.json").write_bytes(content)
-    out = tmp_path / "out" / "x.mindrecord"
-    with pytest.raises(InputError, match=message):
-        preprocess_belle(tmp_path / "bad.json", tiny_base_dir / "tokenizer.model", out, 16)
+@pytest.mark.parametrize("record, reason, problem", DROPPED)
+def test_a_bad_record_fails_naming_file_index_and_expectation(tmp_path, tokenizer_file, record, reason, problem):
+    path = write_json(tmp_path / "in.json", [SAMPLE[0], record])
+    with pytest.raises(InputError, match=rf"in\.json: record 1 \(belle format\): {problem}"):
+        preprocess_conversations(path, tokenizer_file, tmp_path / "out" / "x.mindrecord", 16)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_skip_counts_bad_records_and_rerun_replaces_output(tiny_base_dir, tmp_path):
-    records = json.loads(SAMPLE_DATA.read_text())[:10] + [{"id": "broken"}, {"conversations": []}]
-    (tmp_path / "in.json").write_text(json.dumps(records))
-    out = tmp_path / "x.mindrecord"
-    with pytest.raises(InputError, match="record 10: no 'conversations' list"):
-        preprocess_belle(tmp_path / "in.json", tiny_base_dir / "tokenizer.model", out, 16)
-    stats = preprocess_belle(tmp_path / "in.json", tiny_base_dir / "tokenizer.model", out, 16,
-                             on_bad_record="skip")
-    assert stats["skipped"] == 2 and stats["train"]["samples"] == 10
-    assert [s["index"] for s in stats["skipped_records"]] == [10, 11]
-    # A rerun over existing output replaces it cleanly (MindRecord would refuse to overwrite).
-    stats = preprocess_belle(tmp_path / "in.json", tiny_base_dir / "tokenizer.model", out, 24,
-                             on_bad_record="skip")
-    got = list(ds.MindDataset(str(out), shuffle=False).create_dict_iterator(output_numpy=True))
-    assert len(got) == 10 and got[0]["input_ids"].shape == (25,)
+def test_skip_drops_with_reasons_logs_the_first_and_counts_all(tmp_path, tokenizer_file, caplog):
+    long_answer = " ".join(["The capital of France is Paris."] * 40)
+    records = SAMPLE[:10] + [r for r, _, _ in DROPPED] + [turns(("human", "Tell me"), ("gpt", long_answer))]
+    path = write_json(tmp_path / "in.jsonl", records + ["not an object"], lines=True)
+    path.write_text(path.read_text() + "\n{broken\n")
+    with caplog.at_level(logging.WARNING, logger="lorapipe"):
+        stats, rows = preprocess(tmp_path, path, tokenizer_file, 128, on_bad_record="skip")
+    assert len(rows) == 10 and stats["skipped"] == 9
+    assert stats["drop_reasons"] == {"malformed": 3, "bad role order": 3, "empty turn": 1, "no assistant turn": 1,
+                                     "over length": 1}
+    assert [(d["index"], d["reason"]) for d in stats["skipped_records"]][-3:] == [
+        (17, "malformed"), (18, "malformed"), (16, "over length")]
+    assert "line 19 is not JSON" in stats["skipped_records"][-2]["problem"]
+    assert all(d["file"] == str(path) for d in stats["skipped_records"])
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped")]
+    assert len(logged) == 5 and logged[0].startswith(f"dropped {path} record 10: malformed:")
+    # without skip the over-length conversation is truncated, as the recipe does
+    stats, rows = preprocess(tmp_path, write_json(tmp_path / "long.json", records[-1:]), tokenizer_file, 128, name="t")
+    assert stats["train"]["truncated"] == 1 and len(rows) == 1
+
+
+def test_nothing_left_says_why_in_one_line(tmp_path, tokenizer_file):
+    path = write_json(tmp_path / "in.json", [r for r, _, _ in DROPPED])
+    with pytest.raises(InputError) as e:
+        preprocess_conversations(path, tokenizer_file, tmp_path / "x.mindrecord", 16, on_bad_record="skip")
+    assert str(e.value) == (f"{path}: no conversations to train on: all 6 records dropped (malformed 1, "
+                            f"bad role order 3, empty turn 1, no assistant turn 1)")
+    path = write_json(tmp_path / "long.json", SAMPLE[:5])
+    with pytest.raises(InputError, match=r"all 5 records dropped \(over length 5\); over length: longer than "
+                                         r"seq_length \+ 1 = 5 tokens$"):
+        preprocess_conversations(path, tokenizer_file, tmp_path / "x.mindrecord", 4, on_bad_record="skip")
+
+
+BAD_FILES = [
+    (b'[{"id": 1, "conversations": [}]', r"bad.json: invalid JSON at line 1 column 30"),
+    (b'{"id": 1}', "bad.json: expected a JSON array of conversations"),
+    (b'[{"id": 1, "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}, {"id": 2}]',
+     r"bad.json: record 1 \(belle format\): no 'conversations' list"),
+    (b'[{"conversations": [{"from": "human"}]}]', r"bad.json: record 0 \(belle format\): conversations\[0\] has no 'value'"),
+    (b'[{"conversations": [{"value": "x"}]}]', r"bad.json: record 0 \(belle format\): conversations\[0\] has no 'from'"),
+    (b'[{"instruction": "x", "input": 3, "output": "y"}]', r"bad.json: record 0 \(alpaca format\): 'input' must be a string"),
+    (b'[{"messages": [{"role": "user", "content": [{"type": "text"}]}]}]',
+     r"bad.json: record 0 \(messages format\): messages\[0\].content must be a string, found list"),
+    (b'[{"text": "x"}]', "bad.json: cannot tell the format: no record has a 'conversations', 'messages' or "
+                         "'instruction' key; set data.format"),
+    ('[{"conversations": [{"from": "human", "value": "caf\u00e9"}]}]'.encode("latin-1"),
+     r"bad.json: line 1 \(byte \d+\): bytes that are not UTF-8"),
+    (b"[]", r"bad.json: no conversations to train on \(no records\)"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_FILES)
+def test_bad_input_is_named_and_leaves_nothing(tokenizer_file, tmp_path, content, message):
+    (tmp_path / "bad.json").write_bytes(content)
+    out = tmp_path / "out" / "x.mindrecord"
+    with pytest.raises(InputError, match=message):
+        preprocess_conversations(tmp_path / "bad.json", tokenizer_file, out, 16)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_rerun_replaces_output(tmp_path, tokenizer_file):
+    path = write_json(tmp_path / "in.json", SAMPLE[:10])
+    preprocess(tmp_path, path, tokenizer_file, 16)
+    # MindRecord itself would refuse to overwrite; the atomic outputs replace it cleanly
+    _, rows = preprocess(tmp_path, path, tokenizer_file, 24)
+    assert len(rows) == 10 and rows[0][0].shape == (25,)
+
+
+# -- the script ------------------------------------------------------------------------------------------
+
+def run_script(monkeypatch, *args):
+    """scripts/belle_preprocess.py's main() with these arguments, in this process (MindSpore is imported
+    already); returns its exit status."""
+    monkeypatch.setattr(sys, "argv", ["belle_preprocess.py", *map(str, args)])
+    try:
+        runpy.run_path(str(REPO / "scripts/belle_preprocess.py"), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_script_takes_the_recipes_flags_or_the_config_data_section(tmp_path, tokenizer_file, monkeypatch):
+    alpaca = write_json(tmp_path / "a.json", [as_alpaca(r) for r in SAMPLE[:30]])
+    data = {"train": [{"path": str(SAMPLE_DATA)}, {"path": str(alpaca), "weight": 0.5}], "format": "auto",
+            "seq_length": 16, "heldout_fraction": 0.0, "split_seed": 0, "on_bad_record": "fail"}
+    assert run_script(monkeypatch, "--data", json.dumps(data), "--sample_seed", 1, "--model_file", tokenizer_file,
+                      "--output_file", tmp_path / "d.mindrecord", "--stats_file", tmp_path / "d.json") == 0
+    stats = json.loads((tmp_path / "d.json").read_text())
+    assert [s["train_rows"] for s in stats["sources"]] == [324, 15] and stats["seq_length"] == 16
+    assert run_script(monkeypatch, "--input_glob", SAMPLE_DATA, "--seq_length", 16, "--model_file", tokenizer_file,
+                      "--output_file", tmp_path / "r.mindrecord") == 0
+    assert [r[0].tobytes() for r in read_rows(tmp_path / "r.mindrecord")] == \
+        [r[0].tobytes() for r in read_rows(tmp_path / "d.mindrecord")][:324]
+    assert run_script(monkeypatch, "--data", json.dumps(data), "--seq_length", 16, "--model_file", tokenizer_file,
+                      "--output_file", tmp_path / "x.mindrecord") == 2  # one or the other
+
+
+def test_workflow_passes_a_list_of_sources_and_train_seed_for_a_fractional_weight(tmp_path):
+    from conftest import default_config, snakemake, write_config
+
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(as_alpaca(r)) for r in SAMPLE[:20]))
+    cfg = default_config()
+    cfg["train"]["seed"] = 7
+    cfg["data"]["train"] = [{"path": str(SAMPLE_DATA)}, {"path": str(tmp_path / "*.jsonl"), "weight": 0.5}]
+    plan = snakemake(tmp_path, "-n", "-p", "mindrecord", configfile=write_config(tmp_path / "c.yaml", cfg)).stdout
+    job = plan.split("rule mindrecord:")[1]
+    assert f"input: {SAMPLE_DATA}, {tmp_path / 'alpaca.jsonl'}, results/tiny/tiny_base/tokenizer.model" in job
+    assert f'"train": [{{"path": "{SAMPLE_DATA}"}}, {{"path": "{tmp_path}/*.jsonl", "weight": 0.5}}]' in job
+    assert "--sample_seed 7 " in job
+    assert f"--data {SAMPLE_DATA} {tmp_path / 'alpaca.jsonl'} " in plan.split("rule tiny_base:")[1]  # tokenizer data
+    # (without a fractional weight the rule passes --sample_seed 0 and train.seed edits rebuild nothing: draws_samples)
