@@ -276,8 +276,8 @@ class TorchZipWriter:
         pkl = io.BytesIO()
         _StatePickler(pkl, protocol=2).dump(state)
         self.zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED)
-        self.zip.writestr(f"{root}/data.pkl", pkl.getvalue())
-        self.zip.writestr(f"{root}/byteorder", "little")
+        self.zip.writestr(zipfile.ZipInfo(f"{root}/data.pkl"), pkl.getvalue())
+        self.zip.writestr(zipfile.ZipInfo(f"{root}/byteorder"), "little")
 
     def add(self, name, array):
         if not self.order or self.order[0] != name:
@@ -290,5 +290,7 @@ class TorchZipWriter:
             f.write(data)
 
     def close(self):
-        self.zip.writestr(f"{self.root}/version", "3\n")
+        # ZipInfo entries, never bare names: writestr(name) stamps the current time into the archive,
+        # and the export would differ from run to run
+        self.zip.writestr(zipfile.ZipInfo(f"{self.root}/version"), "3\n")
         self.zip.close()

@@ -270,3 +270,29 @@ def test_every_readme_command_runs(built, tmp_path):
                                   capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, (words, proc.stderr[-2000:])
     assert (workdir / "results/baichuan2_7b_910b/finetune/run_baichuan2_lora.yaml").is_file()  # rendered on a laptop
+
+
+def test_every_step_that_claims_to_be_deterministic_is(built, tmp_path):
+    """Rerun, in another folder, every rule whose manifests say `deterministic`: each output is
+    byte-identical to the first run's (the multi-rank finetune says it is not, and is not rerun)."""
+    import hashlib
+    import shutil
+
+    workdir, configfile = built
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(workdir / "results", copy / "results", symlinks=True)
+    recorded, rules = {}, set()
+    for path in (workdir / "results").rglob("*.manifest.json"):
+        manifest = json.loads(path.read_text())
+        if manifest["deterministic"]:
+            rules.add(manifest["rule"])
+            recorded.update({(path.parent / rel).relative_to(workdir): entry["sha256"]
+                             for rel, entry in manifest["outputs"].items()})
+        else:
+            assert manifest["rule"] == "finetune", manifest["rule"]
+    assert rules >= {"tiny_base", "ckpt", "mindrecord", "mf_config", "predict_config", "preflight", "filter_out",
+                     "merged_ckpt", "fold_lora", "export_hf", "predict", "evaluate", "report"}
+    snakemake(copy, "--cores", "2", "--forceall", "--allowed-rules", *sorted(rules), configfile=configfile)
+    changed = [str(rel) for rel, sha in recorded.items()
+               if hashlib.sha256((copy / rel).read_bytes()).hexdigest() != sha]
+    assert not changed, changed
