@@ -1,51 +1,107 @@
 #!/usr/bin/env python
-"""Benchmark: BELLE JSON -> MindRecord, lorapipe vs the recipe's per-sample loop, in one run.
+"""Benchmark: chat JSON -> MindRecord, lorapipe against the recipe's per-sample loop and the floor, in one run.
 
-On N conversations (default 20,000: the sample data repeated under new ids), times
+On N conversations (default 24,000: the sample data repeated under new ids), seq_length 512, times
   recipe loop  - the recipe's belle_preprocess.py approach: encode each message of each sample on its
-                 own, then one FileWriter.write_raw_data call per sample
-  lorapipe     - lorapipe.data.preprocess_belle: one batched multi-threaded encode, batched writes
-  tokenize     - the batched encode alone: the limit for any preprocessing
-checks that both MindRecords hold identical rows, and prints a markdown table.
+                 own, build the row in Python lists, one FileWriter.write_raw_data call per sample
+  lorapipe     - lorapipe.data.preprocess_conversations on the same JSON file: read, check, tokenize,
+                 assemble the rows, write the MindRecord and its stats
+  floor        - what any preprocessing must do: tokenize every message and write the finished rows;
+                 timed as the sum of
+  tokenize       the batched encode alone (sentencepiece's threads on every core), and
+  write          lorapipe's MindRecord writer alone, on rows built beforehand
+  FileWriter     for comparison: MindSpore's FileWriter.write_raw_data on the same rows (1,000-row
+                 batches), the public API lorapipe's writer bypasses for speed
+checks that all four MindRecords hold identical rows, byte for byte, and prints a markdown table with
+the ratios and the CPU use (CPU seconds / wall seconds: up to 2 on 2 cores).
+Everything runs in one process with MindSpore already imported, so no method pays for the import. The
+methods run in turn, --repeat times; the table gives each one's median (a shared machine is noisy).
 
-    .venv/bin/python benchmarks/preprocess.py [--conversations 20000] [--tokenizer results/tiny/tiny_base/tokenizer.model]
+    .venv/bin/python benchmarks/preprocess.py [--conversations 24000] [--repeat 3] [--tokenizer results/tiny/tiny_base/tokenizer.model]
 """
 
 import argparse
 import json
+import resource
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import mindspore.dataset as ds
+import numpy as np
 from mindspore.mindrecord import FileWriter
 
-from lorapipe.data import SCHEMA, ChatTokenizer, build_row, preprocess_belle
+from lorapipe.data import SCHEMA, ChatTokenizer, MindRecordWriter, preprocess_conversations
 
 REPO = Path(__file__).resolve().parent.parent
+IGNORE = -100
+
+
+def recipe_row(messages, tok, seq_length):
+    """One sample as the recipe's belle_preprocess.py builds it: a sentencepiece call per message."""
+    input_ids, labels = [], []
+    for message in messages:
+        ids = tok.sp.encode(message["value"])
+        if message["from"] == "human":
+            input_ids += [tok.user] + ids
+            labels += [tok.eos] + [IGNORE] * len(ids)
+        else:
+            input_ids += [tok.assistant] + ids
+            labels += [IGNORE] + ids
+    input_ids.append(tok.eos)
+    labels.append(tok.eos)
+    width = seq_length + 1
+    input_ids = input_ids[:width] + [0] * (width - len(input_ids))
+    labels = labels[:width] + [IGNORE] * (width - len(labels))
+    return np.array(input_ids, np.int32), np.array(labels, np.int32)
 
 
 def recipe_loop(records, tok, seq_length, out):
     writer = FileWriter(str(out), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "belle_baichuan2")
     for record in records:
-        messages = record["conversations"]
-        ids = [tok.sp.encode(m["value"]) for m in messages]
-        input_ids, labels, _ = build_row(messages, ids, tok, seq_length)
+        input_ids, labels = recipe_row(record["conversations"], tok, seq_length)
         writer.write_raw_data([{"input_ids": input_ids, "labels": labels}])
     writer.commit()
 
 
-def rows(path):
+def write_rows(input_ids, labels, out, batch=4096):
+    writer = MindRecordWriter(out)
+    for start in range(0, len(input_ids), batch):
+        writer.write(input_ids[start:start + batch], labels[start:start + batch])
+    writer.commit()
+
+
+def file_writer_rows(rows, out, batch=1000):
+    writer = FileWriter(str(out), shard_num=1, overwrite=True)
+    writer.add_schema(SCHEMA, "belle_baichuan2")
+    for start in range(0, len(rows), batch):
+        writer.write_raw_data([{"input_ids": i, "labels": l} for i, l in rows[start:start + batch]])
+    writer.commit()
+
+
+def read_rows(path):
     return [(r["input_ids"].tobytes(), r["labels"].tobytes())
             for r in ds.MindDataset(str(path), shuffle=False).create_dict_iterator(output_numpy=True)]
 
 
+def timed(fn, *args):
+    """(wall seconds, CPU seconds of this process and its threads) of one call."""
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    fn(*args)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return wall, (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--conversations", type=int, default=20000)
+    p.add_argument("--conversations", type=int, default=24000)
     p.add_argument("--seq_length", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tokenizer", type=Path, default=REPO / "results/tiny/tiny_base/tokenizer.model",
                    help="a tokenizer.model (make run builds the tiny one)")
     args = p.parse_args()
@@ -56,25 +112,36 @@ def main():
         source = work / "belle.json"
         source.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         tok = ChatTokenizer(args.tokenizer)
-        times = {}
-        start = time.perf_counter()
-        recipe_loop(records, tok, args.seq_length, work / "recipe.mindrecord")
-        times["recipe loop"] = time.perf_counter() - start
-        start = time.perf_counter()
-        preprocess_belle(source, args.tokenizer, work / "ours.mindrecord", args.seq_length)
-        times["lorapipe"] = time.perf_counter() - start
-        start = time.perf_counter()
-        tok.encode(m["value"] for r in records for m in r["conversations"])
-        times["tokenize"] = time.perf_counter() - start
-        identical = rows(work / "recipe.mindrecord") == rows(work / "ours.mindrecord")
+        texts = [m["value"] for r in records for m in r["conversations"]]
+        rows = [recipe_row(r["conversations"], tok, args.seq_length) for r in records]
+        methods = {
+            "recipe loop": (recipe_loop, records, tok, args.seq_length, work / "recipe.mindrecord"),
+            "lorapipe": (preprocess_conversations, source, args.tokenizer, work / "ours.mindrecord", args.seq_length),
+            "tokenize": (tok.encode, texts),
+            "write": (write_rows, np.stack([i for i, _ in rows]), np.stack([l for _, l in rows]),
+                      work / "floor.mindrecord"),
+            "FileWriter": (file_writer_rows, rows, work / "filewriter.mindrecord"),
+        }
+        runs = {name: [] for name in methods}
+        for _ in range(args.repeat):
+            for name, (fn, *fn_args) in methods.items():
+                runs[name].append(timed(fn, *fn_args))
+        times = {name: statistics.median(wall for wall, _ in r) for name, r in runs.items()}
+        cpu = {name: statistics.median(c / wall for wall, c in r) for name, r in runs.items()}
+        times["floor"] = times["tokenize"] + times["write"]
+        ours = read_rows(work / "ours.mindrecord")
+        identical = all(read_rows(work / f"{name}.mindrecord") == ours for name in ("recipe", "floor", "filewriter"))
     finally:
         shutil.rmtree(work)
-    base = times["recipe loop"]
-    print(f"{args.conversations} conversations, seq_length {args.seq_length}, rows identical: {identical}\n")
-    print("| method | wall s | conversations/s | speed-up vs recipe loop |")
-    print("|---|---|---|---|")
-    for name, t in times.items():
-        print(f"| {name} | {t:.2f} | {args.conversations / t:.0f} | {base / t:.1f}× |")
+    print(f"{args.conversations} conversations, seq_length {args.seq_length}, median of {args.repeat} runs, "
+          f"rows identical: {identical}\n")
+    print("| method | wall s | conversations/s | speed-up vs recipe loop | × floor | CPU s / wall s |")
+    print("|---|---|---|---|---|---|")
+    for name in ("recipe loop", "lorapipe", "floor", "tokenize", "write", "FileWriter"):
+        t = times[name]
+        use = f"{cpu[name]:.2f}" if name in cpu else ""
+        print(f"| {name} | {t:.2f} | {args.conversations / t:.0f} | {times['recipe loop'] / t:.1f}× "
+              f"| {t / times['floor']:.2f} | {use} |")
     if not identical:
         raise SystemExit("rows differ")
 

@@ -445,29 +445,50 @@ def assemble_rows(tokens, chosen, tok, seq_length):
 # -- writing ----------------------------------------------------------------------------------------
 
 class MindRecordWriter:
-    """A MindRecord file (+ `.db`) of SCHEMA rows, written in batches of rows."""
+    """A MindRecord file (+ `.db`) of SCHEMA rows, written a batch of equal-length rows at a time.
+
+    MindSpore's FileWriter creates the file, its header and, at commit, the `.db` index. The rows go to
+    the C++ shard writer that FileWriter.write_raw_data ends in, as the very blobs it would build, but a
+    batch is serialised at once with numpy: FileWriter checks and serialises each row in Python, which
+    costs more than all the rest of preprocessing (benchmarks/README.md). The file is byte-identical to
+    FileWriter's (tests/test_data.py checks it); the private attributes used are MindSpore 2.9's.
+    """
 
     def __init__(self, path, description="belle_baichuan2"):
         from mindspore.mindrecord import FileWriter
 
-        self.writer = FileWriter(str(path), shard_num=1, overwrite=True)
-        self.writer.add_schema(SCHEMA, description)
+        self.file = FileWriter(str(path), shard_num=1, overwrite=True)
+        self.file.add_schema(SCHEMA, description)
+        # what FileWriter.write_raw_data does before its first rows
+        self.file._writer.open(self.file._paths, True)
+        self.file._writer.set_shard_header(self.file._header)
+        self.blob_fields = self.file._header.blob_fields  # their order in a row's blob
 
     def write(self, input_ids, labels):
+        """Append rows: input_ids and labels are int32 arrays [rows, width]."""
+        columns = {"input_ids": input_ids, "labels": labels}
+        parts = []
+        for field in self.blob_fields:
+            column = np.ascontiguousarray(columns[field])
+            if column.dtype != np.int32 or column.ndim != 2:
+                raise ValueError(f"{field}: expected int32 rows [rows, width], got {column.dtype} {column.shape}")
+            # a row's blob, as FileWriter builds it: per field its byte length (8 bytes big-endian), its bytes
+            parts += [np.full((len(column), 1), column.shape[1] * 4, ">u8").view(np.uint8), column.view(np.uint8)]
         if len(input_ids):
-            self.writer.write_raw_data([{"input_ids": i, "labels": l} for i, l in zip(input_ids, labels)])
+            blobs = np.concatenate(parts, axis=1)
+            self.file._writer._writer.write_raw_data({}, [row.tobytes() for row in blobs], False, False)
 
     def commit(self):
-        self.writer.commit()
+        self.file.commit()
 
 
 def write_mindrecord(path, rows, description="belle_baichuan2"):
-    """Write (input_ids, labels, ...) rows to `path` (+ `path`.db)."""
+    """Write (input_ids, labels, ...) rows of one length to `path` (+ `path`.db)."""
     writer = MindRecordWriter(path, description)
     rows = list(rows)
     for start in range(0, len(rows), ROWS_PER_CHUNK):
         chunk = rows[start:start + ROWS_PER_CHUNK]
-        writer.write([r[0] for r in chunk], [r[1] for r in chunk])
+        writer.write(np.stack([r[0] for r in chunk]), np.stack([r[1] for r in chunk]))
     writer.commit()
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA
 from lorapipe.config import ConfigError, canonical, load_yaml, validate
-from lorapipe.data import (ChatTokenizer, Conversation, TokenizedConversations, assemble_rows, draws_samples,
-                           input_files, is_heldout, preprocess_conversations)
+from lorapipe.data import (SCHEMA, ChatTokenizer, Conversation, MindRecordWriter, TokenizedConversations,
+                           assemble_rows, draws_samples, input_files, is_heldout, preprocess_conversations)
 from lorapipe.errors import InputError
 
 M = -100  # masked label
@@ -392,3 +392,29 @@ def test_workflow_passes_a_list_of_sources_and_train_seed_for_a_fractional_weigh
     assert "--sample_seed 7 " in job
     assert f"--data {SAMPLE_DATA} {tmp_path / 'alpaca.jsonl'} " in plan.split("rule tiny_base:")[1]  # tokenizer data
     # (without a fractional weight the rule passes --sample_seed 0 and train.seed edits rebuild nothing: draws_samples)
+
+
+def test_writer_writes_the_bytes_of_mindspores_file_writer(tmp_path):
+    """MindRecordWriter hands MindSpore's C++ shard writer the blobs FileWriter would build (a batch
+    serialised with numpy, not row by row in Python): same file, same index, byte for byte."""
+    from mindspore.mindrecord import FileWriter
+
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(0, 1000, (300, 33), dtype=np.int32)
+    labels = rng.integers(-100, 1000, (300, 33), dtype=np.int32)
+    path = tmp_path / "x.mindrecord"  # (the header names the file: both are written under one name)
+    writer = FileWriter(str(path), shard_num=1, overwrite=True)
+    writer.add_schema(SCHEMA, "belle_baichuan2")
+    for start in range(0, 300, 100):  # (the batches need not be ours)
+        writer.write_raw_data([{"input_ids": i, "labels": l}
+                               for i, l in zip(input_ids[start:start + 100], labels[start:start + 100])])
+    writer.commit()
+    theirs = {name: (tmp_path / name).read_bytes() for name in ("x.mindrecord", "x.mindrecord.db")}
+    ours = MindRecordWriter(path)
+    for start in (0, 128, 256):
+        ours.write(input_ids[start:start + 128], labels[start:start + 128])
+    ours.commit()
+    for name, content in theirs.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    with pytest.raises(ValueError, match="input_ids: expected int32 rows"):
+        MindRecordWriter(tmp_path / "c.mindrecord").write(input_ids.astype(np.int64), labels)
