@@ -16,7 +16,10 @@ def model_args(description, workdir):
     p.add_argument("--intermediate", type=int, default=5504)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--workdir", type=Path, default=Path(workdir))
+    p.add_argument("--true-7b", action="store_true", help="Baichuan2-7B widths and vocabulary, 2 layers")
     args = p.parse_args()
+    if args.true_7b:
+        args.layers, args.hidden, args.intermediate, args.vocab = 2, 4096, 11008, 125696
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     return args

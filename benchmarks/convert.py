@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Benchmark: streaming HF -> MindSpore conversion vs a plain copy and a load-everything converter.
 
-Generates a scaled synthetic Baichuan2 checkpoint (default ~1.1 GB, fp32), then runs, each in its own
-process and all in this one run (page cache warmed first, so all three read from memory):
-  copy   - shutil.copyfile of pytorch_model.bin: the disk's limit
-  naive  - torch.load everything, convert every tensor, mindspore.save_checkpoint (the recipe's way)
-  ours   - lorapipe.weights.convert_hf_to_mindspore (streaming)
-  ours + manifest - scripts/convert_weight.py: the same, plus sha256 of input and output for provenance
+Generates a synthetic Baichuan2 checkpoint (default ~1.1 GB fp32; `--true-7b` for Baichuan2-7B widths,
+2 layers, bf16, 2.87 GB) as pytorch_model.bin and model.safetensors, then runs, each in its own process
+and all in this one run (page cache warmed first, so all read from memory):
+  copy            - cp --reflink=never of pytorch_model.bin: read and write every byte once
+  naive           - torch.load everything, convert, mindspore.save_checkpoint (the recipe's way)
+  ours            - lorapipe.weights.convert_hf_to_mindspore (streaming, hand-written readers)
+  torch mmap      - torch.load(mmap=True, weights_only=True), then the same streaming writer
+  ours (st)       - ours, from model.safetensors
+  safe_open (st)  - safetensors.safe_open, then the same streaming writer
+  ours + manifest - scripts/convert_weight.py: ours plus the sha256 of input and output for provenance
 and prints a markdown table of wall time, peak RSS and MB/s, with ratios against the copy.
 
-    .venv/bin/python benchmarks/convert.py [--layers 3] [--workdir /tmp/lorapipe-bench]
+    .venv/bin/python benchmarks/convert.py [--layers 3] [--true-7b] [--workdir /tmp/lorapipe-bench]
 """
 
 import json
@@ -38,57 +42,98 @@ GENERATE = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from convert import make_checkpoint
-print(make_checkpoint(*sys.argv[2:3], *map(int, sys.argv[3:])))
+print(make_checkpoint(sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7]))
 """
 
-
-def make_checkpoint(folder, layers, hidden, intermediate, vocab):
+# The same streaming writer fed by the library readers (see lorapipe/hf_io.py for the comparison).
+LIBRARY_READER = r"""
+import sys
+from lorapipe.baichuan2 import hf_to_mindspore
+from lorapipe.msckpt import CheckpointWriter
+src, dst, reader = sys.argv[1:4]
+if reader == "torch":
     import torch
+    state = torch.load(src, mmap=True, weights_only=True)
+    tensors = ((name, t.view(torch.int16).numpy().view(bf16) if t.dtype == torch.bfloat16 else t.numpy())
+               for name, t in state.items())
+else:
+    from safetensors import safe_open
+    f = safe_open(src, framework="np") if "bf16" not in sys.argv else None
+    if f is None:  # numpy has no bfloat16: read through torch
+        import torch
+        f = safe_open(src, framework="pt")
+        tensors = ((n, f.get_tensor(n).view(torch.int16).numpy().view(bf16)) for n in f.keys())
+    else:
+        tensors = ((n, f.get_tensor(n)) for n in f.keys())
+with CheckpointWriter(dst) as w:
+    for name, array in tensors:
+        for ms_name, part in hf_to_mindspore(name, array):
+            w.add(ms_name, part)
+""".replace("bf16)", "__import__('ml_dtypes').bfloat16)")
+
+
+def make_checkpoint(folder, layers, hidden, intermediate, vocab, dtype="fp32"):
+    import torch
+    from safetensors.torch import save_file
 
     folder = Path(folder)
     config = {"hidden_size": hidden, "intermediate_size": intermediate, "vocab_size": vocab,
               "num_hidden_layers": layers, "num_attention_heads": hidden // 128, "rms_norm_eps": 1e-6}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
-    state = {"model.embed_tokens.weight": torch.randn(vocab, hidden)}
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def randn(*shape):
+        return torch.randn(*shape).to(torch_dtype)
+
+    state = {"model.embed_tokens.weight": randn(vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        state.update({p + "self_attn.W_pack.weight": torch.randn(3 * hidden, hidden),
-                      p + "self_attn.o_proj.weight": torch.randn(hidden, hidden),
-                      p + "mlp.gate_proj.weight": torch.randn(intermediate, hidden),
-                      p + "mlp.down_proj.weight": torch.randn(hidden, intermediate),
-                      p + "mlp.up_proj.weight": torch.randn(intermediate, hidden),
-                      p + "input_layernorm.weight": torch.ones(hidden),
-                      p + "post_attention_layernorm.weight": torch.ones(hidden)})
-    state["model.norm.weight"] = torch.ones(hidden)
-    state["lm_head.weight"] = torch.randn(vocab, hidden)
+        state.update({p + "self_attn.W_pack.weight": randn(3 * hidden, hidden),
+                      p + "self_attn.o_proj.weight": randn(hidden, hidden),
+                      p + "mlp.gate_proj.weight": randn(intermediate, hidden),
+                      p + "mlp.down_proj.weight": randn(hidden, intermediate),
+                      p + "mlp.up_proj.weight": randn(intermediate, hidden),
+                      p + "input_layernorm.weight": torch.ones(hidden, dtype=torch_dtype),
+                      p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch_dtype)})
+    state["model.norm.weight"] = torch.ones(hidden, dtype=torch_dtype)
+    state["lm_head.weight"] = randn(vocab, hidden)
     torch.save(state, folder / "pytorch_model.bin")
-    return max(t.numel() * 4 for t in state.values())
+    (folder / "st").mkdir(exist_ok=True)
+    (folder / "st" / "config.json").write_text(json.dumps(config))
+    save_file(state, folder / "st" / "model.safetensors")
+    return max(t.numel() * t.element_size() for t in state.values())
 
 
 def main():
     args = model_args(__doc__, "/tmp/lorapipe-bench-convert")
+    dtype = "bf16" if args.true_7b else "fp32"  # the 7B is published in bf16: 2.87 GB at 2 layers
     src = args.workdir / "hf"
     py = sys.executable
     # Generated in a child process: a forked child inherits this process's peak RSS, so this one
     # must stay small for the measurements below to be true.
     largest = int(subprocess.check_output([py, "-c", GENERATE, str(Path(__file__).parent), str(src), str(args.layers),
-                                           str(args.hidden), str(args.intermediate), str(args.vocab)]))
+                                           str(args.hidden), str(args.intermediate), str(args.vocab), dtype]))
     size = (src / "pytorch_model.bin").stat().st_size
     warm(src / "pytorch_model.bin")
+    warm(src / "st" / "model.safetensors")
+    ours = "import sys; from lorapipe.weights import convert_hf_to_mindspore as c; c(sys.argv[1], sys.argv[2])"
     runs = {
-        "copy": [py, "-c", "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
-                 str(src / "pytorch_model.bin"), str(args.workdir / "copy.bin")],
+        "copy": ["cp", "--reflink=never", str(src / "pytorch_model.bin"), str(args.workdir / "copy.bin")],
         "naive": [py, "-c", NAIVE, str(src / "pytorch_model.bin"), str(args.workdir / "naive.ckpt")],
-        "ours": [py, "-c", "import sys; from lorapipe.weights import convert_hf_to_mindspore as c; "
-                 "c(sys.argv[1], sys.argv[2])", str(src), str(args.workdir / "ours.ckpt")],
+        "ours": [py, "-c", ours, str(src), str(args.workdir / "ours.ckpt")],
+        "torch mmap": [py, "-c", LIBRARY_READER, str(src / "pytorch_model.bin"), str(args.workdir / "t.ckpt"),
+                       "torch"],
+        "ours (st)": [py, "-c", ours, str(src / "st"), str(args.workdir / "st.ckpt")],
+        "safe_open (st)": [py, "-c", LIBRARY_READER, str(src / "st" / "model.safetensors"),
+                           str(args.workdir / "so.ckpt"), "safetensors", dtype],
         "ours + manifest": [py, str(REPO / "scripts/convert_weight.py"), "--torch_ckpt_path", str(src),
                             "--mindspore_ckpt_path", str(args.workdir / "ours" / "rank_0" / "x.ckpt")],
     }
     results = {}
     for name, cmd in runs.items():
         results[name] = measure(cmd)
-        for out in (*args.workdir.glob("*.bin"), *args.workdir.glob("*.ckpt")):
+        for out in (*args.workdir.glob("*.bin"), *args.workdir.glob("*.ckpt"), *args.workdir.glob("ours/*/*")):
             out.unlink()  # keep the page cache for the source, not for earlier outputs
     copy_wall = results["copy"][0]
     print(f"checkpoint: {size / 1e9:.2f} GB, {args.layers} layers, largest tensor {largest / 2**20:.0f} MiB; "

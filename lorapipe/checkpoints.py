@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from lorapipe.digests import copy_hashed
 from lorapipe.errors import InputError
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
 from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint
@@ -67,7 +68,7 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
                                  f"parallel ranks must agree (was this trained with model parallel?)")
         progress.update(i + 1)
     with atomic_outputs([dst], run=run, inputs=list(rank_ckpts)) as (tmp,):
-        shutil.copyfile(rank_ckpts[0], tmp)
+        copy_hashed(rank_ckpts[0], tmp)
 
 
 def fold_lora(src, dst, adapter_config, run=None):

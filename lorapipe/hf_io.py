@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorapipe.digests import HashingFile, HashingReader
 from lorapipe.errors import InputError
 from lorapipe.msckpt import bfloat16
 
@@ -190,6 +191,24 @@ def tensor_refs(source):
     return list(refs.values())
 
 
+def read_in_file_order(refs, buffer):
+    """Yield (ref, array) for every ref, each file read once from start to end in offset order and
+    hashed on the way (lorapipe.digests), so that the manifest need not read the input again. Each
+    array lives in `buffer` (a bytearray as large as the largest tensor) until the next one is read."""
+    by_file = {}
+    for ref in refs:
+        by_file.setdefault(ref.path, []).append(ref)
+    for path, file_refs in by_file.items():
+        with HashingReader(path) as reader:
+            for ref in sorted(file_refs, key=lambda r: r.offset):
+                view = memoryview(buffer)[:ref.nbytes]
+                got = reader.read_into(ref.offset, view)
+                if got != ref.nbytes:
+                    raise InputError(f"{path}: truncated: tensor {ref.name!r} needs {ref.nbytes} bytes at offset "
+                                     f"{ref.offset}, the file has {got}")
+                yield ref, np.frombuffer(view, ref.dtype).reshape(ref.shape)
+
+
 def find_config(source):
     """config.json beside an HF source."""
     source = Path(source)
@@ -221,7 +240,7 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         self.order = [name for name, _, _ in plan]
-        self.file = open(path, "wb")
+        self.file = HashingFile(path)
         self.file.write(struct.pack("<Q", len(raw)) + raw)
 
     def add(self, name, array):

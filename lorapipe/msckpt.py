@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from lorapipe.digests import HashingFile
 from lorapipe.errors import InputError
 
 CHUNK_BYTES = 512 << 20
@@ -92,14 +93,14 @@ class CheckpointWriter:
     """Append tensors to a new .ckpt one at a time: `with CheckpointWriter(path) as w: w.add(n, a)`.
 
     Holds no tensor after add() returns. Names must be unique. The caller owns atomicity (write to a
-    temporary path, see outputs.atomic_outputs).
+    temporary path, see outputs.atomic_outputs). The file is hashed as it is written (digests).
     """
 
     def __init__(self, path, chunk_bytes=CHUNK_BYTES):
         self.path = path
         self.chunk_bytes = chunk_bytes
         self.names = set()
-        self._file = open(path, "wb")
+        self._file = HashingFile(path)
 
     def add(self, name, array):
         if name in self.names:

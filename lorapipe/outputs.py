@@ -21,13 +21,14 @@ def remove_path(path):
 
 
 @contextmanager
-def atomic_outputs(paths, run=None, inputs=()):
+def atomic_outputs(paths, run=None, inputs=(), hashed_inline=()):
     """Yield one temporary path per final path; rename them all into place on success.
 
     `paths` may name files or directories (a directory output is written as a temporary directory).
     On any exception the temporaries are deleted, no final path is left half-written, and the
     exception propagates. With a provenance `run`, its manifest over `inputs` and the outputs is
-    written after the rename.
+    written after the rename. `hashed_inline` are inputs the step hashes as it reads them
+    (lorapipe.digests.HashingReader), which the manifest then need not read again.
     """
     finals = [Path(p) for p in paths]
     # Temporaries keep their final file names, in a hidden folder beside them: some formats record
@@ -38,7 +39,7 @@ def atomic_outputs(paths, run=None, inputs=()):
         remove_path(d)
         d.mkdir(parents=True)
     if run is not None:
-        run.hash_inputs(inputs, finals)
+        run.hash_inputs(inputs, finals, hashed_inline)
     try:
         yield temps
         if run is not None:

@@ -8,7 +8,6 @@ Inputs made by another lorapipe step point at that step's manifest, which is how
 walks an artifact's chain back to its sources.
 """
 
-import hashlib
 import json
 import os
 import platform
@@ -21,19 +20,11 @@ from pathlib import Path
 
 import psutil
 
+from lorapipe.digests import sha256_file
+
 MANIFEST_SUFFIX = ".manifest.json"
 PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "snakemake", "sentencepiece", "numpy")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_HASH_CHUNK = 16 << 20
-
-
-def sha256_file(path):
-    """Stream a file through sha256 (constant memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(path):
@@ -136,13 +127,17 @@ class Run:
         first = Path(outputs[0])
         return first.parent / (first.name + MANIFEST_SUFFIX)
 
-    def hash_inputs(self, inputs, outputs):
+    def hash_inputs(self, inputs, outputs, hashed_inline=()):
         """Start hashing the inputs on a background thread (hashlib releases the GIL), so that
-        reading a 15 GB base model for its sha256 overlaps the step's own work."""
+        reading a 15 GB base model for its sha256 overlaps the step's own work. Inputs the step hashes
+        itself as it reads them (`hashed_inline`, lorapipe.digests) are recorded at the end instead."""
         base = self.manifest_path(outputs).parent
+        inline = {os.path.abspath(f) for f in hashed_inline}
         self._hashing = ThreadPoolExecutor(max_workers=1)
-        self._input_records = {_rel(f, base): self._hashing.submit(file_record, f, base, True)
-                               for p in inputs for f in _files(p)}
+        self._input_records = {}
+        for f in (f for p in inputs for f in _files(p)):
+            hashing = None if os.path.abspath(f) in inline else self._hashing.submit(file_record, f, base, True)
+            self._input_records[_rel(f, base)] = (f, hashing)
 
     def cancel(self):
         if self._hashing is not None:
@@ -153,7 +148,8 @@ class Run:
         base = path.parent
         if self._hashing is None:
             self.hash_inputs(inputs, outputs)
-        input_records = {rel: future.result() for rel, future in self._input_records.items()}
+        input_records = {rel: hashing.result() if hashing else file_record(path, base, True)
+                         for rel, (path, hashing) in self._input_records.items()}
         self._hashing.shutdown()
         manifest = {
             "lorapipe_manifest": 1,
@@ -220,6 +216,6 @@ def verify(steps):
                 path = _abs(manifest_path, rel)
                 if not path.is_file():
                     problems.append((path, "missing"))
-                elif sha256_file(path) != entry["sha256"]:
+                elif sha256_file(path, fresh=True) != entry["sha256"]:
                     problems.append((path, f"changed since {manifest['rule']} recorded it"))
     return sorted(set(problems))

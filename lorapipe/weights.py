@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.baichuan2 import check_tensors, hf_to_mindspore, mindspore_to_hf
-from lorapipe.hf_io import SafetensorsWriter, TorchZipWriter, find_config, tensor_refs, weight_files
+from lorapipe.hf_io import (SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs,
+                            weight_files)
 from lorapipe.msckpt import CheckpointWriter, bfloat16
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
@@ -30,16 +31,18 @@ def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
     target = bfloat16() if target == "bfloat16" else target
     progress = Progress("convert", sum(r.nbytes for r in refs), unit="MB", scale=1e6)
     buffer, done = bytearray(max(r.nbytes for r in refs)), 0
-    with atomic_outputs([output], run=run, inputs=weight_files(source)) as (tmp,):
-        with CheckpointWriter(tmp) as writer:
-            for ref in refs:
-                array = ref.read(buffer)
-                if target is not None and array.dtype != target:
-                    array = array.astype(target)
-                for name, part in hf_to_mindspore(ref.name, array):
-                    writer.add(name, part)
-                done += ref.nbytes
-                progress.update(done)
+    files = weight_files(source)
+    # One sequential pass over each file converts it and hashes it for the manifest: the output's tensor
+    # order follows the files, which MindSpore's loader does not mind.
+    with atomic_outputs([output], run=run, inputs=files, hashed_inline=files) as (tmp,), \
+            CheckpointWriter(tmp) as writer:
+        for ref, array in read_in_file_order(refs, buffer):
+            if target is not None and array.dtype != target:
+                array = array.astype(target)
+            for name, part in hf_to_mindspore(ref.name, array):
+                writer.add(name, part)
+            done += ref.nbytes
+            progress.update(done)
     return output
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA
 from lorapipe import provenance
-from lorapipe.provenance import Run, sha256_file, trace, verify
+from lorapipe.digests import sha256_file
+from lorapipe.provenance import Run, trace, verify
 from lorapipe.tiny_base import FILES, build_tiny_base
 
 DIMS = dict(seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,

@@ -1,0 +1,116 @@
+"""sha256 of the files a step reads and writes, computed while the bytes pass through, not in a second
+pass: a 7B conversion would otherwise read 15 GB twice more just for its manifest.
+
+Streaming writers write through HashingFile; streaming readers that read an input from start to end
+hash it as they go. Both remember the digest for the file's identity (device, inode, size, mtime):
+renaming a temporary output into place keeps all four, so the manifest (lorapipe.provenance) finds the
+digest without reading the file again. No dependencies beyond the standard library.
+"""
+
+import hashlib
+import os
+
+_CHUNK = 16 << 20
+_known = {}  # (st_dev, st_ino) -> (size, mtime_ns, sha256 hex)
+
+
+def remember(path, digest):
+    """Record `digest` as the sha256 of the file at `path` as it is now."""
+    st = os.stat(path)
+    _known[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns, digest)
+
+
+def known(st):
+    """The remembered sha256 for a file with stat result `st`, if its bytes are still those hashed."""
+    entry = _known.get((st.st_dev, st.st_ino))
+    return entry[2] if entry and entry[:2] == (st.st_size, st.st_mtime_ns) else None
+
+
+def sha256_file(path, fresh=False):
+    """The file's sha256: remembered, or (always with `fresh`) streamed through the hash."""
+    digest = None if fresh else known(os.stat(path))
+    if digest:
+        return digest
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    remember(path, h.hexdigest())
+    return h.hexdigest()
+
+
+class HashingFile:
+    """A new file whose bytes are hashed as they are written (sequential writes only); its digest is
+    remembered when it is closed."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._hash = hashlib.sha256()
+
+    def write(self, data):
+        self._hash.update(data)
+        return self._file.write(data)
+
+    def close(self):
+        if not self._file.closed:
+            self._file.close()
+            remember(self.path, self._hash.hexdigest())
+
+
+def copy_hashed(src, dst):
+    """Copy a file, hashing the bytes on the way (the copy's digest is remembered)."""
+    out = HashingFile(dst)
+    try:
+        with open(src, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+    finally:
+        out.close()
+
+
+class HashingReader:
+    """Reads one file from start to end in one pass, hashing every byte, also those the caller skips;
+    `read_into(offset, view)` must be called with increasing offsets. Remembers the digest on close."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path, "rb")
+        self._hash = hashlib.sha256()
+        self._skip_buffer = bytearray(_CHUNK)
+        self.position = 0
+
+    def _hash_up_to(self, offset):
+        view = memoryview(self._skip_buffer)
+        while self.position < offset:
+            got = self._file.readinto(view[:min(_CHUNK, offset - self.position)])
+            if not got:
+                return
+            self._hash.update(view[:got])
+            self.position += got
+
+    def read_into(self, offset, view):
+        """Fill `view` from `offset` on; returns the number of bytes read (short at the end of file)."""
+        if offset < self.position:
+            raise ValueError(f"{self.path}: offset {offset} is behind the read position {self.position}")
+        self._hash_up_to(offset)
+        got = self._file.readinto(view)
+        self._hash.update(view[:got])
+        self.position += got
+        return got
+
+    def close(self):
+        """Hash the rest of the file, remember the digest and close."""
+        if not self._file.closed:
+            self._hash_up_to(os.fstat(self._file.fileno()).st_size)
+            self._file.close()
+            remember(self.path, self._hash.hexdigest())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self._file.close()
