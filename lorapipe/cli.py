@@ -34,9 +34,11 @@ def start(args, params, **run_kwargs):
 
 
 def main_guard(main):
-    """Run a script's main(); a bad-input error becomes one clear line on stderr and exit status 1."""
+    """Run a script's main(); a bad-input error (InputError, StepError, or a file named on the command
+    line that is not there) becomes one clear line on stderr and exit status 1. Any other exception is
+    a bug and shows its traceback."""
     try:
         main()
-    except (StepError, FileNotFoundError, ValueError) as e:
+    except (StepError, FileNotFoundError) as e:
         log.error("%s", e)  # to stderr, and to the log file once setup_logging ran
         sys.exit(1)

@@ -18,10 +18,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from lorapipe.errors import InputError
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or value that cannot be used; the message names the file and the key."""
 
 
@@ -175,6 +177,37 @@ def load_config(path):
 # What planning and rendering need; the weights are checked where the conversion reads them, so that
 # `snakemake -n` and `mf_config` work on a machine that has only these two files.
 BASE_MODEL_FILES = ("config.json", "tokenizer.model")
+
+
+def position_embedding(config):
+    """"rope" or "alibi": the architecture of the run's base model (lorapipe.spec.position_embedding),
+    for planning (rule `all`: a Llama-format export needs RoPE) and for an early, clear error. The tiny
+    model's comes from tiny_base (the config.json it will write); a user's from its config.json, which
+    planning needs anyway (BASE_MODEL_FILES). Raises ConfigError for an impossible combination: an
+    override that contradicts config.json, or ALiBi with train.use_flash_attention."""
+    from lorapipe.spec import ALIBI
+    from lorapipe.spec import position_embedding as from_hf_config
+
+    base = config["base_model"]
+    if base["path"] == "tiny":
+        tiny = config["tiny_base"]
+        hf_config = {"hidden_size": tiny["hidden_size"]}
+        if "position_embedding" in tiny:
+            hf_config["position_embedding"] = tiny["position_embedding"].upper()
+        where = "tiny_base.position_embedding"
+    else:
+        path = Path(base["path"]) / "config.json"
+        try:
+            hf_config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"base_model.path: cannot read {path}: {e}") from None
+        where = str(path)
+    kind = from_hf_config(hf_config, base.get("position_embedding", "auto"), where)
+    if kind == ALIBI and config["train"]["use_flash_attention"]:
+        raise ConfigError(f"train.use_flash_attention: the base model is ALiBi ({where}); MindFormers' flash "
+                          f"attention takes ALiBi as a separate input that lorapipe's Baichuan2-13B network does "
+                          f"not build (the r1.0 13B recipe trains without it): set it to false")
+    return kind
 
 
 def check_base_model_dir(path):

@@ -27,7 +27,7 @@ from lorapipe.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
 from lorapipe.provenance import find_manifest
-from lorapipe.spec import LORA_A, LORA_B, MODEL_CLASS, llama_config
+from lorapipe.spec import LORA_A, LORA_B, llama_config, model_arch
 
 log = logging.getLogger("lorapipe")
 
@@ -43,11 +43,13 @@ def processor_config(tokenizer):
 
 
 def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data, seq_length, name, lora,
-                              train, parallel, device_target):
+                              train, parallel, device_target, position_embedding="auto"):
     """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand. On Ascend
-    it is the official r1.0 run_baichuan2_7b_lora_910b.yaml except for the deviations listed (with
-    their reasons) in tests/test_golden_yaml.py; on CPU it is what MindFormers can run there."""
+    it is the official r1.0 run_baichuan2_7b_lora_910b.yaml (run_baichuan2_13b_lora_910b.yaml for an
+    ALiBi base model) except for the deviations listed (with their reasons) in
+    tests/test_golden_yaml.py; on CPU it is what MindFormers can run there."""
     cpu = device_target == "CPU"
+    kind, arch = model_arch(hf_config, position_embedding)
     opt, lr = train["optimizer"], train["lr_schedule"]
     if cpu:  # CPU: MindFormers' wrapper uses Ascend-only overflow ops (lorapipe.trainer)
         wrapper = {"type": "CpuTrainOneStepCell", "use_clip_grad": True, "max_grad_norm": 1.0}
@@ -67,6 +69,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     tok = ChatTokenizer(tokenizer)
     model_config = llama_config(
         hf_config, seq_length, compute_dtype=train["compute_dtype"], param_init_type=train["param_init_type"],
+        position_embedding_type=kind,
         # Ascend has fused RMSNorm and flash-attention kernels; CPU has neither (no RmsNorm kernel).
         fused_rms_norm=not cpu, use_flash_attention=train["use_flash_attention"],
         user_token_id=tok.user, assistant_token_id=tok.assistant, offset=0, checkpoint_name_or_path="",
@@ -109,7 +112,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
                              "parallel_optimizer_comm_recompute": False, "mp_comm_recompute": not cpu,
                              "recompute_slice_activation": not cpu},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
-        "model": {"model_config": model_config, "arch": {"type": MODEL_CLASS}},
+        "model": {"model_config": model_config, "arch": {"type": arch}},
         "train_dataset": dataset,
         "train_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": dataset},
         "do_eval": False,
@@ -134,14 +137,16 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     }
 
 
-def render_predict_config(hf_config, *, tokenizer, name, generation, device_target):
+def render_predict_config(hf_config, *, tokenizer, name, generation, device_target, position_embedding="auto"):
     """The recipe's predict YAML (run_baichuan2_7b_910b.yaml, section "MindSpore推理"): incremental
     decoding (use_past), fp32 weights as the recipe recommends for accuracy, the generation settings
     in model_config, one device. The sequence length is the model's (prompt and answer together), not
-    the training rows'."""
+    the training rows'. For an ALiBi model use_past means lorapipe's host decoder (lorapipe.generate
+    build_decoder): MindFormers 1.9's incremental path is RoPE-only."""
     seq_length = hf_config.get("model_max_length", hf_config["max_position_embeddings"])
+    kind, arch = model_arch(hf_config, position_embedding)
     model_config = llama_config(hf_config, seq_length, param_init_type="float32", compute_dtype="float32",
-                                use_past=True)
+                                use_past=True, position_embedding_type=kind)
     model_config.update(checkpoint_name_or_path="", do_sample=generation["do_sample"],
                         top_k=generation["top_k"], top_p=generation["top_p"],
                         temperature=generation["temperature"],
@@ -156,7 +161,7 @@ def render_predict_config(hf_config, *, tokenizer, name, generation, device_targ
         "use_parallel": False,
         "context": {"mode": 0, "device_target": device_target, "max_call_depth": 10000, "save_graphs": False},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
-        "model": {"model_config": model_config, "arch": {"type": MODEL_CLASS}},
+        "model": {"model_config": model_config, "arch": {"type": arch}},
         "processor": processor_config(tokenizer),
     }
 
@@ -216,8 +221,8 @@ def last_checkpoint(rank_dir):
     return max(ckpts, key=_global_step) if ckpts else None
 
 
-def read_loss_tsv(path):
-    """Rows of a TsvLossMonitor file as dicts, the last row of each step (re-run steps repeat)."""
+def read_rank_log(path):
+    """Rows of a rank's TsvLossMonitor file as dicts, the last row of each step (re-run steps repeat)."""
     if not Path(path).is_file():
         return []
     lines = Path(path).read_text().splitlines()
@@ -229,6 +234,23 @@ def read_loss_tsv(path):
             rows[int(step)] = {"step": int(step), "total": int(total), "epoch": int(epoch), "loss": float(loss),
                                "lr": float(lr), "global_norm": float(norm), "seconds": float(seconds)}
     return [rows[s] for s in sorted(rows)]
+
+
+LOSS_TSV_COLUMNS = ("step", "loss", "lr", "tokens_per_s")
+
+
+def read_loss_tsv(path):
+    """The rows of a finetune's loss.tsv: {"step": int, "loss": float, "lr": float, "tokens_per_s": float
+    or None}."""
+    lines = Path(path).read_text().splitlines()
+    if not lines or tuple(lines[0].split("\t")) != LOSS_TSV_COLUMNS:
+        raise InputError(f"{path}: not a loss.tsv (expected the header {' '.join(LOSS_TSV_COLUMNS)})")
+    rows = []
+    for line in lines[1:]:
+        step, loss, lr, speed = line.split("\t")
+        rows.append({"step": int(step), "loss": float(loss), "lr": float(lr),
+                     "tokens_per_s": float(speed) if speed else None})
+    return rows
 
 
 def tokens_per_step(rendered):
@@ -279,7 +301,7 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
         rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
 
         def report():
-            rows = read_loss_tsv(rank0_tsv)
+            rows = read_rank_log(rank0_tsv)
             if rows:
                 progress.total = rows[-1]["total"]
                 progress.update(rows[-1]["step"], loss=rows[-1]["loss"], lr=rows[-1]["lr"])
@@ -317,8 +339,8 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
         strategy = state / "output" / "strategy"
         if strategy.is_dir() and any(strategy.iterdir()):
             shutil.copytree(strategy, ckpts / "strategy")
-        rows = read_loss_tsv(str(tsv).format(rank=ranks[0]))
-        lines = ["step\tloss\tlr\ttokens_per_s"]
+        rows = read_rank_log(str(tsv).format(rank=ranks[0]))
+        lines = ["\t".join(LOSS_TSV_COLUMNS)]
         for prev, row in zip([None, *rows], rows):
             # In sink mode (Ascend) a row closes sink_size steps: its step is the optimizer's global step
             # and its loss and lr are the last step's; the rate covers all the steps since the last row.

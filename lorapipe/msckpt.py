@@ -49,7 +49,7 @@ def tensor_type(dtype):
     for name, t in _DTYPES.items():
         if t == dtype:
             return name
-    raise TypeError(f"no MindSpore checkpoint type for numpy dtype {dtype}")
+    raise InputError(f"no MindSpore checkpoint type for numpy dtype {dtype}")
 
 
 def numpy_dtype(type_name):
@@ -107,7 +107,7 @@ class CheckpointWriter:
             raise ValueError(f"{self.path}: tensor {name!r} written twice")
         array = np.asarray(array)
         if array.size == 0:
-            raise ValueError(f"{self.path}: tensor {name!r} is empty; MindSpore cannot store it")
+            raise InputError(f"{self.path}: tensor {name!r} is empty; MindSpore cannot store it")
         self.names.add(name)
         type_name = tensor_type(array.dtype).encode()
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))

@@ -46,7 +46,7 @@ def atomic_outputs(paths, run=None, inputs=(), hashed_inline=()):
             remove_path(run.manifest_path(finals))
         for temp, final in zip(temps, finals):
             if not (temp.exists() or temp.is_symlink()):
-                raise FileNotFoundError(f"the step finished without writing its output {final}")
+                raise RuntimeError(f"the step finished without writing its output {final}")  # a bug
         for temp, final in zip(temps, finals):
             remove_path(final)
             os.replace(temp, final)

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from lorapipe.digests import sha256_file
+from lorapipe.errors import InputError
 
 MANIFEST_SUFFIX = ".manifest.json"
 PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "snakemake", "sentencepiece", "numpy")
@@ -188,7 +189,7 @@ def trace(artifact):
     """
     found = find_manifest(artifact)
     if found is None:
-        raise FileNotFoundError(f"{artifact}: no lorapipe manifest lists this file (looked for "
+        raise InputError(f"{artifact}: no lorapipe manifest lists this file (looked for "
                                 f"*{MANIFEST_SUFFIX} in its folder and the folders above)")
     steps, seen = [], set()
 

@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_loss(loss_tsv, png):
-    lines = Path(loss_tsv).read_text().splitlines()[1:]
-    steps = [int(line.split("\t")[0]) for line in lines]
-    loss = [float(line.split("\t")[1]) for line in lines]
+    from lorapipe.finetune import read_loss_tsv
+
+    rows = read_loss_tsv(loss_tsv)
+    steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, loss, lw=1, label="loss (rank 0)")
     window = max(1, len(loss) // 10)

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from lorapipe.errors import InputError
 from lorapipe.provenance import trace, verify
 
 
@@ -33,7 +34,7 @@ def main():
     args = p.parse_args()
     try:
         steps = trace(args.artifact)
-    except FileNotFoundError as e:
+    except InputError as e:
         sys.exit(f"error: {e}")
     print("\n".join(describe(*step) for step in steps))
     if args.verify:

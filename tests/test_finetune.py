@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
-from lorapipe.finetune import read_loss_tsv, render_mindformers_config
+from lorapipe.finetune import read_loss_tsv, read_rank_log, render_mindformers_config
 from lorapipe.launch import LaunchError, launch
 from lorapipe.msckpt import iter_checkpoint
 
@@ -146,11 +146,11 @@ def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
     second = subprocess.run(cmd + ["finetune"], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from the checkpoints" in second.stderr
-    rows = read_loss_tsv(next(state.glob("*/train_log_rank_0.tsv")))
+    rows = read_rank_log(next(state.glob("*/train_log_rank_0.tsv")))
     assert [r["step"] for r in rows] == list(range(1, rows[-1]["total"] + 1))
 
     out = tmp_path / "results/tiny/finetune"
-    loss = [float(line.split("\t")[1]) for line in (out / "loss.tsv").read_text().splitlines()[1:]]
+    loss = [row["loss"] for row in read_loss_tsv(out / "loss.tsv")]
     assert sum(loss[-10:]) / 10 < sum(loss[:10]) / 10 - 0.5  # training loss falls
     base = dict(iter_checkpoint(tmp_path / "results/tiny/ckpt/rank_0/baichuan2_tiny.ckpt"))
     for rank in (0, 1):

@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, SAMPLE_DATA
 from lorapipe import provenance
 from lorapipe.digests import sha256_file
+from lorapipe.errors import InputError
 from lorapipe.provenance import Run, trace, verify
 from lorapipe.tiny_base import FILES, build_tiny_base
 
@@ -65,7 +66,7 @@ def test_trace_and_verify_catch_a_modified_file(built):
 
 def test_trace_of_a_file_no_step_made(tmp_path):
     (tmp_path / "x").write_text("x")
-    with pytest.raises(FileNotFoundError, match="no lorapipe manifest lists this file"):
+    with pytest.raises(InputError, match="no lorapipe manifest lists this file"):
         trace(tmp_path / "x")
 
 
