@@ -253,6 +253,13 @@ def read_loss_tsv(path):
     return rows
 
 
+def _finished(ckpt_dir, ranks, rank0_tsv):
+    """Whether every rank saved a checkpoint at the run's last step (the total the rank log records)."""
+    rows = read_rank_log(rank0_tsv)
+    saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
+    return bool(rows) and all(saved) and min(_global_step(ckpt) for ckpt in saved) >= rows[-1]["total"]
+
+
 def tokens_per_step(rendered):
     """Tokens of one optimizer step: global batch x sequence length."""
     return (rendered["runner_config"]["batch_size"] * rendered["parallel_config"]["data_parallel"]
@@ -288,6 +295,11 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
     ranks = list(range(nodes * workers))
     ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
     complete = state / "complete"
+    rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
+    if not complete.exists() and _finished(ckpt_dir, ranks, rank0_tsv):
+        # Killed after the final checkpoint was saved, before the marker: collect, never resume (MindSpore
+        # refuses to train 0 more epochs, and the rerun would fail for ever).
+        complete.write_text("done\n")
     if complete.exists():
         log.info("training with this config already finished in %s; collecting its outputs", state)
     else:
@@ -298,7 +310,6 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
                      min(_global_step(ckpt) for ckpt in saved))
         check_devices_here(device_target, workers, visible_devices)
         progress = Progress("finetune", 1, unit="steps", every=5.0)
-        rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
 
         def report():
             rows = read_rank_log(rank0_tsv)
