@@ -202,20 +202,24 @@ def _turns_of(messages, list_key, role_key, text_key, role_names):
     """(roles, texts) of a list of role/text objects."""
     roles, texts = [], []
     for j, message in enumerate(messages):
-        where = f"{list_key}[{j}]"
         if not isinstance(message, dict):
-            raise BadRecord(MALFORMED, f"{where} is not an object")
-        for key in (role_key, text_key):
-            if key not in message:
-                raise BadRecord(MALFORMED, f"{where} has no '{key}'")
-            _string(message[key], f"{where}.{key}")
-        role = role_names.get(message[role_key])
-        if role is None:
-            raise BadRecord(MALFORMED, f"{where}.{role_key} {message[role_key]!r} is not a role "
-                                       f"(expected {', '.join(role_names)})")
-        roles.append(role)
-        texts.append(message[text_key])
+            raise BadRecord(MALFORMED, f"{list_key}[{j}] is not an object")
+        role, text = message.get(role_key), message.get(text_key)
+        if not (isinstance(text, str) and isinstance(role, str) and role in role_names):
+            raise BadRecord(MALFORMED, _message_problem(message, f"{list_key}[{j}]", role_key, text_key, role_names))
+        roles.append(role_names[role])
+        texts.append(text)
     return roles, texts
+
+
+def _message_problem(message, where, role_key, text_key, role_names):
+    """What is wrong with one role/text object (only worded when something is)."""
+    for key in (role_key, text_key):
+        if key not in message:
+            return f"{where} has no '{key}'"
+        if not isinstance(message[key], str):
+            return f"{where}.{key} must be a string, found {type(message[key]).__name__}"
+    return f"{where}.{role_key} {message[role_key]!r} is not a role (expected {', '.join(role_names)})"
 
 
 def _sharegpt(record):
