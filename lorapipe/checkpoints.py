@@ -6,13 +6,16 @@ transform_checkpoints, which needs the shards of each tensor together).
 """
 
 import logging
+import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import InputError
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
-from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint
+from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 from lorapipe.spec import LORA_A, LORA_B
@@ -45,7 +48,7 @@ def _open(path):
 def filter_checkpoint(src, dst, run=None):
     """Copy only the network parameters of `src` to `dst`, one tensor at a time; returns the names
     dropped."""
-    with atomic_outputs([dst], run=run, inputs=[src]) as (tmp,):
+    with atomic_outputs([dst], run=run, inputs=[src], hashed_inline=[src], need_bytes=_kept_bytes(src)) as (tmp,):
         return _filter_into(src, tmp)
 
 
@@ -60,14 +63,15 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
             missing = sorted({n for n, _, _ in indexes[0]} ^ {n for n, _, _ in index})
             raise InputError(f"{path}: holds different tensors than {rank_ckpts[0]} (e.g. {missing[:3]})")
     progress = Progress("compare ranks", len(indexes[0]), unit="tensors")
-    for i, tensors in enumerate(zip(*(iter_checkpoint(p) for p in rank_ckpts))):
+    for i, tensors in enumerate(zip(*(iter_checkpoint(p, hashed=True) for p in rank_ckpts))):
         (name, first), rest = tensors[0], tensors[1:]
         for path, (_, array) in zip(rank_ckpts[1:], rest):
             if array.dtype != first.dtype or array.shape != first.shape or array.tobytes() != first.tobytes():
                 raise InputError(f"{path}: tensor {name!r} differs from rank 0's ({rank_ckpts[0]}); data-"
                                  f"parallel ranks must agree (was this trained with model parallel?)")
         progress.update(i + 1)
-    with atomic_outputs([dst], run=run, inputs=list(rank_ckpts)) as (tmp,):
+    with atomic_outputs([dst], run=run, inputs=list(rank_ckpts), hashed_inline=rank_ckpts,
+                        need_bytes=os.path.getsize(rank_ckpts[0])) as (tmp,):
         copy_hashed(rank_ckpts[0], tmp)
 
 
@@ -84,8 +88,10 @@ def fold_lora(src, dst, adapter_config, run=None):
     adapter_names = {n for pair in pairs.values() for n in pair}
     adapters = dict(iter_checkpoint(src, select=adapter_names.__contains__))  # small: rank x hidden each
     progress = Progress("fold", len(index) - len(adapter_names), unit="tensors")
-    with atomic_outputs([dst], run=run, inputs=[src, adapter_config]) as (tmp,), CheckpointWriter(tmp) as writer:
-        for done, (name, array) in enumerate(iter_checkpoint(src, select=lambda n: n not in adapter_names)):
+    with atomic_outputs([dst], run=run, inputs=[src, adapter_config], hashed_inline=[src],
+                        need_bytes=os.path.getsize(src)) as (tmp,), CheckpointWriter(tmp) as writer:
+        for done, (name, array) in enumerate(iter_checkpoint(src, select=lambda n: n not in adapter_names,
+                                                             hashed=True)):
             if name in pairs:
                 a, b = (adapters[n] for n in pairs[name])
                 array = fold(array, a, b, adapter["scaling"], name)
@@ -120,13 +126,20 @@ def rank_checkpoints(src_dir, ranks=None):
 def filter_checkpoint_dir(src_dir, dst_dir, run=None):
     """filter_checkpoint for every rank_<r>/*.ckpt of src_dir -> dst_dir/rank_<r>/ (strategy/ kept)."""
     ckpts = rank_checkpoints(src_dir)
-    with atomic_outputs([dst_dir], run=run, inputs=ckpts) as (tmp,):
+    with atomic_outputs([dst_dir], run=run, inputs=ckpts, hashed_inline=ckpts,
+                        need_bytes=sum(_kept_bytes(c) for c in ckpts)) as (tmp,):
         for ckpt in ckpts:
             (tmp / ckpt.parent.name).mkdir(parents=True)
             _filter_into(ckpt, tmp / ckpt.parent.name / ckpt.name)
         if (Path(src_dir) / "strategy").is_dir():
             shutil.copytree(Path(src_dir) / "strategy", tmp / "strategy")
     return dst_dir
+
+
+def _kept_bytes(src):
+    """The bytes of the network parameters in a checkpoint: what filtering writes."""
+    return sum(int(np.prod(shape)) * numpy_dtype(type_name).itemsize
+               for name, type_name, shape in _open(src) if is_model_parameter(name))
 
 
 def _filter_into(src, dst):
@@ -137,7 +150,7 @@ def _filter_into(src, dst):
         raise InputError(f"{src}: no network parameters in it (only {', '.join(dropped[:5])} ...)")
     progress = Progress(f"filter {Path(src).parent.name}", kept, unit="tensors")
     with CheckpointWriter(dst) as writer:
-        for i, (name, array) in enumerate(iter_checkpoint(src, select=is_model_parameter)):
+        for i, (name, array) in enumerate(iter_checkpoint(src, select=is_model_parameter, hashed=True)):
             writer.add(name, array)
             progress.update(i + 1)
     log.info("%s: kept %d parameters, dropped %d entries (%s)", src, kept, len(dropped),

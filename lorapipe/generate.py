@@ -232,7 +232,7 @@ def load_weights(model_config, ckpt, adapter=None):
         raise InputError(f"{ckpt}: not a complete Baichuan2 checkpoint for this model ({'; '.join(problems)})")
     lora = dict(iter_checkpoint(ckpt, select=adapters.__contains__))
     weights = {}
-    for name, array in iter_checkpoint(ckpt, select=lambda n: n not in adapters):
+    for name, array in iter_checkpoint(ckpt, select=lambda n: n not in adapters, hashed=True):
         weights[name] = fold(array, lora[pairs[name][0]], lora[pairs[name][1]], adapter["scaling"], name) \
             if name in pairs else array
     if pairs:
@@ -275,11 +275,18 @@ def use_device(rendered, mode=None, device_id=None):
 
 def build_decoder(model_config, ckpt, adapter=None, use_past=True, device_target="CPU"):
     """What predict and chat decode with: on the host with use_past, the KV-cache decoder; on Ascend,
-    MindFormers' use_past network; without use_past, the plain network (full recompute)."""
+    MindFormers' use_past network; without use_past, the plain network (full recompute). An ALiBi model
+    (Baichuan2-13B) on Ascend decodes with the plain network: MindFormers 1.9's use_past path for LLaMA
+    applies rotary embeddings and no ALiBi bias (models/llama/llama.py:353-370, llama_transformer.py:494-496)."""
     from lorapipe.decode import KVCacheDecoder
+    from lorapipe.spec import is_alibi
 
     if use_past and device_target == "CPU":
         return KVCacheDecoder(load_weights(model_config, ckpt, adapter), model_config)
+    if use_past and is_alibi(model_config):
+        log.warning("ALiBi model on %s: MindFormers has no incremental ALiBi path for this network; decoding "
+                    "re-runs the whole sequence for every new token", device_target)
+        use_past = False
     return load_model(model_config, ckpt, adapter, use_past=use_past)
 
 

@@ -226,10 +226,11 @@ def export_llama(ckpt, base_dir, out_dir, run=None):
     inputs += [base_dir / "generation_config.json"] if (base_dir / "generation_config.json").is_file() else []
     outputs = [out_dir / "model.safetensors", out_dir / "tokenizer.model", *(out_dir / f for f in side)]
     progress = Progress("export llama", len(plan), unit="tensors")
-    with atomic_outputs(outputs, run=run, inputs=inputs) as temps:
+    with atomic_outputs(outputs, run=run, inputs=inputs, hashed_inline=[ckpt],
+                        need_bytes=Path(ckpt).stat().st_size) as temps:
         writer = SafetensorsWriter(temps[0], plan)
         try:
-            for i, (name, array) in enumerate(llama_tensors(iter_checkpoint(ckpt), ckpt)):
+            for i, (name, array) in enumerate(llama_tensors(iter_checkpoint(ckpt, hashed=True), ckpt)):
                 writer.add(name, normalize_rows(array) if name == "lm_head.weight" else array)
                 progress.update(i + 1)
         finally:

@@ -15,14 +15,16 @@ reader reassembles them and the writer does the same. Files written here load wi
 This module needs numpy only, not MindSpore.
 """
 
+import hashlib
 import os
 
 import numpy as np
 
-from lorapipe.digests import HashingFile
+from lorapipe.digests import HashingFile, remember
 from lorapipe.errors import InputError
 
 CHUNK_BYTES = 512 << 20
+_SKIP_CHUNK = 16 << 20
 CRC_MAGIC = b"crc_num"
 CRC_FOOTER = len(CRC_MAGIC) + 10
 
@@ -137,10 +139,11 @@ def write_checkpoint(path, tensors):
 # -- reading --------------------------------------------------------------------------------------
 
 class _Reader:
-    """Sequential reads with bounds checks against the end of the record data."""
+    """Sequential reads with bounds checks against the end of the record data; with a `hasher`, every
+    byte passes through it (skipped bytes are read, not seeked over)."""
 
-    def __init__(self, f, end, path):
-        self.f, self.pos, self.end, self.path = f, 0, end, path
+    def __init__(self, f, end, path, hasher=None):
+        self.f, self.pos, self.end, self.path, self.hasher = f, 0, end, path, hasher
 
     def need(self, n):
         if self.pos + n > self.end:
@@ -150,18 +153,30 @@ class _Reader:
     def read(self, n):
         self.need(n)
         self.pos += n
-        return self.f.read(n)
+        data = self.f.read(n)
+        if self.hasher:
+            self.hasher.update(data)
+        return data
 
     def read_into(self, view):
         self.need(len(view))
         if self.f.readinto(view) != len(view):
             raise CheckpointFormatError(f"{self.path}: short read at offset {self.pos}")
+        if self.hasher:
+            self.hasher.update(view)
         self.pos += len(view)
 
     def skip(self, n):
         self.need(n)
-        self.f.seek(n, os.SEEK_CUR)
-        self.pos += n
+        if self.hasher:
+            while n:
+                chunk = self.f.read(min(n, _SKIP_CHUNK))
+                self.hasher.update(chunk)
+                n -= len(chunk)
+                self.pos += len(chunk)
+        else:
+            self.f.seek(n, os.SEEK_CUR)
+            self.pos += n
 
     def varint(self):
         shift = value = 0
@@ -220,16 +235,18 @@ def _data_end(f, size):
     return size
 
 
-def iter_checkpoint(path, select=None):
+def iter_checkpoint(path, select=None, hashed=False):
     """Yield (name, numpy array) one tensor at a time, in file order.
 
     `select(name) -> bool` skips unwanted tensors without reading their bytes. Tensors split over
     several records are reassembled. A truncated or corrupt file raises CheckpointFormatError naming
-    the file and the tensor.
+    the file and the tensor. With `hashed`, the whole file is read and its sha256 remembered
+    (lorapipe.digests) once the last tensor is yielded: the manifest need not read it again.
     """
     path = str(path)
+    hasher = hashlib.sha256() if hashed else None
     with open(path, "rb") as f:
-        r = _Reader(f, _data_end(f, os.path.getsize(path)), path)
+        r = _Reader(f, _data_end(f, os.path.getsize(path)), path, hasher)
         if r.end == 0:
             raise CheckpointFormatError(f"{path}: empty file, not a MindSpore checkpoint")
         f.seek(0)
@@ -263,6 +280,9 @@ def iter_checkpoint(path, select=None):
         if current is not None:
             raise CheckpointFormatError(f"{path}: truncated: tensor {current[0]!r} has {filled} of "
                                         f"{current[1].nbytes} bytes")
+        if hasher:
+            hasher.update(f.read())  # the crc footer, if any
+            remember(path, hasher.hexdigest())
 
 
 def checkpoint_index(path):

@@ -67,19 +67,21 @@ def find_manifest(path, levels=3):
     return None
 
 
-def file_record(path, base, reuse_upstream=False):
-    """{sha256, bytes, mtime_ns} for one file; the hash is reused from the upstream manifest when
-    the file's size and mtime are those it recorded (a 15 GB checkpoint is hashed once)."""
+def file_record(path, base, check_upstream=False):
+    """{sha256, bytes, mtime_ns} of one file. With `check_upstream`, an input another lorapipe step
+    made also names that step's manifest, and must still hold the bytes the manifest records: a
+    corrupt or edited artifact stops the step that would read it."""
     st = os.stat(path)
-    record = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    found = find_manifest(path) if reuse_upstream else None
+    record = {"sha256": sha256_file(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    found = find_manifest(path) if check_upstream else None
     if found:
-        manifest_path, _, entry = found
+        manifest_path, manifest, entry = found
         record["manifest"] = _rel(manifest_path, base)
-        if entry.get("bytes") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            record["sha256"] = entry["sha256"]
-            return record
-    record["sha256"] = sha256_file(path)
+        if entry["sha256"] != record["sha256"]:
+            raise InputError(f"{path}: changed since the {manifest['rule']} step wrote it (sha256 "
+                             f"{record['sha256'][:12]}..., its manifest {manifest_path} records "
+                             f"{entry['sha256'][:12]}...): corrupt or edited; rebuild it with "
+                             f"snakemake --forcerun {manifest['rule']}")
     return record
 
 
@@ -121,7 +123,7 @@ class Run:
         self.deterministic = deterministic
         self.note = note
         self.started = psutil.Process().create_time()  # the step's whole process, imports included
-        self._hashing = None  # hash_inputs() starts it, write_manifest() collects it
+        self._hashing = None  # hash_inputs() starts it, stage_manifest() collects it
 
     @staticmethod
     def manifest_path(outputs):
@@ -144,20 +146,26 @@ class Run:
         if self._hashing is not None:
             self._hashing.shutdown(wait=False, cancel_futures=True)
 
-    def write_manifest(self, inputs, outputs):
-        path = self.manifest_path(outputs)
-        base = path.parent
+    def stage_manifest(self, inputs, outputs, temps, dest):
+        """Write the manifest for `outputs`, still at their temporary paths `temps`, to `dest`; raise
+        InputError if an input is no longer what its step wrote."""
+        base = self.manifest_path(outputs).parent
         if self._hashing is None:
             self.hash_inputs(inputs, outputs)
-        input_records = {rel: hashing.result() if hashing else file_record(path, base, True)
-                         for rel, (path, hashing) in self._input_records.items()}
+        input_records = {rel: hashing.result() if hashing else file_record(file, base, True)
+                         for rel, (file, hashing) in self._input_records.items()}
         self._hashing.shutdown()
+        output_records = {}
+        for final, temp in zip(outputs, temps):
+            for file in _files(temp):
+                output_records[_rel(Path(final) / file.relative_to(temp) if file != temp else final, base)] = \
+                    file_record(file, base)
         manifest = {
             "lorapipe_manifest": 1,
             "rule": self.rule,
             "params": self.params,
             "inputs": input_records,
-            "outputs": {_rel(f, base): file_record(f, base) for p in outputs for f in _files(p)},
+            "outputs": output_records,
             "deterministic": self.deterministic,
             "note": self.note,
             "git": git_state(),
@@ -169,12 +177,10 @@ class Run:
             "wall_seconds": round(time.time() - self.started, 3),
             "peak_rss_mb": peak_rss_mb(),
         }
-        tmp = base / f".{path.name}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(dest, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, ensure_ascii=False)
             f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return dest
 
 
 def _abs(manifest_path, rel):

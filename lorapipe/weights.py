@@ -34,7 +34,9 @@ def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
     files = weight_files(source)
     # One sequential pass over each file converts it and hashes it for the manifest: the output's tensor
     # order follows the files, which MindSpore's loader does not mind.
-    with atomic_outputs([output], run=run, inputs=files, hashed_inline=files) as (tmp,), \
+    need = sum(int(np.prod(ref.shape)) * (np.dtype(target) if target is not None else ref.dtype).itemsize
+               for ref in refs)
+    with atomic_outputs([output], run=run, inputs=files, hashed_inline=files, need_bytes=need) as (tmp,), \
             CheckpointWriter(tmp) as writer:
         for ref, array in read_in_file_order(refs, buffer):
             if target is not None and array.dtype != target:
@@ -65,10 +67,12 @@ def export_hf(ckpt, base_dir, out_dir, run=None):
     side = [f for f in HF_SIDE_FILES if (Path(base_dir) / f).is_file()]
     outputs = [out_dir / "model.safetensors", out_dir / "pytorch_model.bin", *(out_dir / f for f in side)]
     progress = Progress("export", len(plan), unit="tensors")
-    with atomic_outputs(outputs, run=run, inputs=[ckpt, *(Path(base_dir) / f for f in side)]) as temps:
+    with atomic_outputs(outputs, run=run, inputs=[ckpt, *(Path(base_dir) / f for f in side)], hashed_inline=[ckpt],
+                        need_bytes=2 * Path(ckpt).stat().st_size) as temps:
         safetensors, torch_zip = SafetensorsWriter(temps[0], plan), TorchZipWriter(temps[1], plan)
         try:
-            for i, (name, array) in enumerate(mindspore_to_hf(iter_checkpoint(ckpt), np.concatenate, ckpt)):
+            for i, (name, array) in enumerate(mindspore_to_hf(iter_checkpoint(ckpt, hashed=True), np.concatenate,
+                                                              ckpt)):
                 safetensors.add(name, array)
                 torch_zip.add(name, array)
                 progress.update(i + 1)

@@ -5,7 +5,6 @@ import sys
 import pytest
 
 from conftest import REPO, SAMPLE_DATA
-from lorapipe import provenance
 from lorapipe.digests import sha256_file
 from lorapipe.errors import InputError
 from lorapipe.provenance import Run, trace, verify
@@ -38,17 +37,27 @@ def test_manifest_records_what_made_the_artifact(built):
     assert m["device_target"] == "CPU" and m["peak_rss_mb"] > 0 and m["wall_seconds"] > 0
 
 
-def test_upstream_hash_is_reused_not_recomputed(built, tmp_path, monkeypatch):
+def test_a_changed_input_stops_the_step_that_reads_it(built, tmp_path):
+    """An artifact that no longer holds the bytes its manifest records (bit rot keeps its size and
+    mtime) is refused by the next step, which writes nothing."""
+    import os
+
     base, _ = built
-    hashed = []
-    monkeypatch.setattr(provenance, "sha256_file", lambda p: hashed.append(p) or "recomputed")
-    record = provenance.file_record(base / "pytorch_model.bin", tmp_path, reuse_upstream=True)
-    assert hashed == [] and record["sha256"] != "recomputed"
-    assert record["manifest"] == "base/pytorch_model.bin.manifest.json"
-    # A file changed after its manifest was written is hashed again.
-    (base / "config.json").write_text("{}")
-    record = provenance.file_record(base / "config.json", tmp_path, reuse_upstream=True)
-    assert record["sha256"] == "recomputed"
+    weights = base / "pytorch_model.bin"
+    before = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    step = ("import sys; from lorapipe.outputs import atomic_outputs; from lorapipe.provenance import Run\n"
+            "with atomic_outputs([sys.argv[1]], run=Run('next', {}), inputs=[sys.argv[2]]) as (tmp,):\n"
+            "    tmp.write_text('made from a corrupt input')")
+    proc = subprocess.run([sys.executable, "-c", step, str(tmp_path / "out.txt"), str(weights)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "pytorch_model.bin: changed since the tiny_base step wrote it" in proc.stderr
+    assert not (tmp_path / "out.txt").exists() and not list(tmp_path.glob(".lorapipe-tmp-*"))
 
 
 def test_trace_and_verify_catch_a_modified_file(built):
