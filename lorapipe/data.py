@@ -618,14 +618,15 @@ def preprocess_conversations(train, model_file, output_file, seq_length, heldout
         splits["heldout"] = kept[heldout]
     for split, rows in splits.items():
         if not len(rows):
-            raise InputError(f"{where}: data.heldout_fraction {heldout_fraction} leaves no {split} "
-                             f"records out of {len(kept)}")
+            raise InputError(f"{where}: data.heldout_fraction {heldout_fraction}"
+                             + (" and the source weights leave" if split == "train" else " leaves")
+                             + f" no {split} rows from {len(kept)} conversations")
 
     control = np.fromiter((has_control_text(c) for c in conversations), bool, len(conversations)) & usable
     stats = {"input": where, "seq_length": seq_length, "skipped": len(drops), "drop_reasons": _reasons(drops),
              "skipped_records": [d.as_dict() for d in drops[:LISTED_DROPS]],
              "control_text_records": int(control.sum()),
-             "sample_seed": sample_seed if any(s.weight % 1 for s in sources) else None,
+             "sample_seed": sample_seed if draws_samples(sources) else None,
              "sources": _source_stats(sources, files, drops, source_of, control, splits)}
     outputs = {"train": Path(output_file), "heldout": Path(heldout_file) if heldout_file else None}
     finals = [p for split in splits for p in (outputs[split], Path(f"{outputs[split]}.db"))]

@@ -418,3 +418,12 @@ def test_writer_writes_the_bytes_of_mindspores_file_writer(tmp_path):
         assert (tmp_path / name).read_bytes() == content, name
     with pytest.raises(ValueError, match="input_ids: expected int32 rows"):
         MindRecordWriter(tmp_path / "c.mindrecord").write(input_ids.astype(np.int64), labels)
+
+
+def test_a_split_left_empty_is_named(tmp_path, tokenizer_file):
+    path = write_json(tmp_path / "in.json", SAMPLE[:3])
+    with pytest.raises(InputError, match=r"in\.json: data\.heldout_fraction 0\.01 leaves no heldout rows from 3 "):
+        preprocess_conversations(path, tokenizer_file, tmp_path / "t.mindrecord", 16,
+                                 heldout_file=tmp_path / "h.mindrecord", heldout_fraction=0.01)
+    with pytest.raises(InputError, match="and the source weights leave no train rows from 3 conversations"):
+        preprocess_conversations([{"path": str(path), "weight": 0.1}], tokenizer_file, tmp_path / "t.mindrecord", 16)
