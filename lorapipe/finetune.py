@@ -10,6 +10,8 @@ it names. A rerun with the same key continues from the last checkpoint saved the
 a fresh state folder, and stale ones are deleted.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -203,7 +205,7 @@ def _state_dir(config_path, state_root, inputs=()):
     state_root = Path(state_root)
     if state_root.is_dir():
         for stale in state_root.iterdir():
-            if stale.name != digest:
+            if stale.name != digest and not _in_use(stale):
                 log.info("removing training state of an earlier config: %s", stale)
                 remove_path(stale)
     return state_root / digest
@@ -281,6 +283,37 @@ def check_devices_here(device_target, workers, visible_devices):
                         f"{have}: run finetune on an NPU node (profiles/slurm sends it to the ascend partition)")
 
 
+def _in_use(state):
+    """Whether a running finetune holds this training state (see state_lock)."""
+    if not (state / "lock").is_file():
+        return False
+    with open(state / "lock") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def state_lock(state):
+    """Hold the training state for this process: a second launcher for the same run (a second
+    Snakemake started with --nolock, or by hand) is refused instead of training into the same folder."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise StepError(f"another finetune ({lock.read().strip() or 'unknown process'}) is using the training "
+                            f"state {state}; wait for it, or stop it") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield  # the lock goes with the file when it is closed, also when the process is killed
+
+
 def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher="msrun", nodes=1,
                  master_addr=None, master_port=None, rank_table=None, visible_devices=None,
                  device_target="CPU", base_model="", run=None, inputs=()):
@@ -291,49 +324,50 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
     rendered = yaml.safe_load(Path(config_path).read_text())
     name = rendered["trainer"]["model_name"] + LORA_SUFFIX
     state = _state_dir(config_path, state_root, inputs)
-    (state / "home").mkdir(parents=True, exist_ok=True)
-    ranks = list(range(nodes * workers))
-    ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
-    complete = state / "complete"
-    rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
-    if not complete.exists() and _finished(ckpt_dir, ranks, rank0_tsv):
-        # Killed after the final checkpoint was saved, before the marker: collect, never resume (MindSpore
-        # refuses to train 0 more epochs, and the rerun would fail for ever).
-        complete.write_text("done\n")
-    if complete.exists():
-        log.info("training with this config already finished in %s; collecting its outputs", state)
-    else:
-        saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
-        resume = all(saved)
-        if resume:
-            log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir,
-                     min(_global_step(ckpt) for ckpt in saved))
-        check_devices_here(device_target, workers, visible_devices)
-        progress = Progress("finetune", 1, unit="steps", every=5.0)
+    with state_lock(state):
+        (state / "home").mkdir(parents=True, exist_ok=True)
+        ranks = list(range(nodes * workers))
+        ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
+        complete = state / "complete"
+        rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
+        if not complete.exists() and _finished(ckpt_dir, ranks, rank0_tsv):
+            # Killed after the final checkpoint was saved, before the marker: collect, never resume (MindSpore
+            # refuses to train 0 more epochs, and the rerun would fail for ever).
+            complete.write_text("done\n")
+        if complete.exists():
+            log.info("training with this config already finished in %s; collecting its outputs", state)
+        else:
+            saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
+            resume = all(saved)
+            if resume:
+                log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir,
+                         min(_global_step(ckpt) for ckpt in saved))
+            check_devices_here(device_target, workers, visible_devices)
+            progress = Progress("finetune", 1, unit="steps", every=5.0)
 
-        def report():
-            rows = read_rank_log(rank0_tsv)
-            if rows:
-                progress.total = rows[-1]["total"]
-                progress.update(rows[-1]["step"], loss=rows[-1]["loss"], lr=rows[-1]["lr"])
+            def report():
+                rows = read_rank_log(rank0_tsv)
+                if rows:
+                    progress.total = rows[-1]["total"]
+                    progress.update(rows[-1]["step"], loss=rows[-1]["loss"], lr=rows[-1]["lr"])
 
-        args = [str(Path(worker).resolve()), "--config", str(Path(config_path).resolve()),
-                "--output_dir", str((state / "output").resolve()), "--loss_tsv", str(tsv.resolve())]
-        if resume:
-            args += ["--resume", str(ckpt_dir.resolve())]
-        # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
-        env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
-        if device_target == "Ascend" and launcher == "msrun":
-            # msrun numbers its workers' devices 0..N-1 (DEVICE_ID = local rank); the Ascend runtime maps
-            # those to the physical devices listed here (mindspore/parallel/cluster/process_entity/_api.py)
-            env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, visible_devices or range(workers)))
-        launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, master_addr=master_addr,
-               master_port=master_port, rank_table=rank_table, visible_devices=visible_devices, env=env,
-               on_poll=report)
-        report()
-        complete.write_text("done\n")
-    return collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step(rendered),
-                           adapter_config(rendered, base_model), run, [config_path, *inputs])
+            args = [str(Path(worker).resolve()), "--config", str(Path(config_path).resolve()),
+                    "--output_dir", str((state / "output").resolve()), "--loss_tsv", str(tsv.resolve())]
+            if resume:
+                args += ["--resume", str(ckpt_dir.resolve())]
+            # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
+            env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
+            if device_target == "Ascend" and launcher == "msrun":
+                # msrun numbers its workers' devices 0..N-1 (DEVICE_ID = local rank); the Ascend runtime maps
+                # those to the physical devices listed here (mindspore/parallel/cluster/process_entity/_api.py)
+                env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, visible_devices or range(workers)))
+            launch(args, workers, state / "logs", launcher=launcher, nodes=nodes, master_addr=master_addr,
+                   master_port=master_port, rank_table=rank_table, visible_devices=visible_devices, env=env,
+                   on_poll=report)
+            report()
+            complete.write_text("done\n")
+        return collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step(rendered),
+                               adapter_config(rendered, base_model), run, [config_path, *inputs])
 
 
 def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs):

@@ -69,12 +69,25 @@ def _safetensors_refs(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = bfloat16() if info["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
+        try:
+            dtype = bfloat16() if info["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: tensor {name!r}: its header entry is not a safetensors tensor "
+                             f"(dtype, shape, data_offsets): {info!r}") from None
+        ref = TensorRef(name, path, 8 + header_len + start, dtype, shape)
+        if not 0 <= start <= end or end - start != ref.nbytes:
+            raise InputError(f"{path}: tensor {name!r}: the header's data_offsets [{start}, {end}] do not hold its "
+                             f"shape {list(shape)} of {info['dtype']} ({ref.nbytes} bytes)")
         if 8 + header_len + end > size:
             raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {8 + header_len + end}, "
                              f"the file has {size}")
-        refs.append(TensorRef(name, path, 8 + header_len + start, dtype, tuple(info["shape"])))
+        refs.append(ref)
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise InputError(f"{path}: the header's data_offsets of {first!r} and {second!r} overlap")
     return refs
 
 
@@ -97,7 +110,8 @@ class _TorchIndexUnpickler(pickle.Unpickler):
             return bfloat16()
         if module == "torch" and name in _TORCH_STORAGES:
             return np.dtype(_TORCH_STORAGES[name])
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a state dict")
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict (was a whole model object "
+                                     f"saved, torch.save(model) instead of torch.save(model.state_dict())?)")
 
     def persistent_load(self, pid):
         _, dtype, key, _location, _numel = pid  # ('storage', dtype, key, location, numel)
@@ -176,7 +190,12 @@ def weight_files(source):
             weight_map = json.loads(source.read_text())["weight_map"]
         except (ValueError, KeyError):
             raise InputError(f"{source}: not a sharded-checkpoint index (no weight_map)") from None
-        return [source.parent / f for f in dict.fromkeys(weight_map.values())]
+        shards = [source.parent / f for f in dict.fromkeys(weight_map.values())]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise InputError(f"{source}: names {len(shards)} shards, and {', '.join(missing)} is not in "
+                             f"{source.parent}")
+        return shards
     return [source]
 
 

@@ -44,12 +44,12 @@ def _size(nbytes):
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
-def check_free_space(folder, need_bytes, what):
-    """Refuse to start writing `what` when `folder`'s file system lacks the room it will take."""
-    free = shutil.disk_usage(folder).free
-    if need_bytes and free < need_bytes + (16 << 20):
-        raise StepError(f"{what}: not enough free space: it needs about {_size(need_bytes)}, {folder} has "
-                        f"{_size(free)} free")
+def check_free_space(what, need_bytes):
+    """Refuse to start writing `what` when its file system lacks the room it will take."""
+    free = shutil.disk_usage(Path(what).parent).free
+    if need_bytes and free < need_bytes * 1.01 + (1 << 20):
+        raise StepError(f"{what}: not enough free space: it needs about {_size(need_bytes)}, {Path(what).parent} "
+                        f"has {_size(free)} free")
 
 
 @contextmanager
@@ -76,7 +76,7 @@ def atomic_outputs(paths, run=None, inputs=(), hashed_inline=(), need_bytes=0):
         d.mkdir()
     succeeded = False
     try:
-        check_free_space(temp_dirs[0], need_bytes, finals[0])
+        check_free_space(finals[0], need_bytes)
         if run is not None:
             run.hash_inputs(inputs, finals, hashed_inline)
         try:
