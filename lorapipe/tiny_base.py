@@ -1,8 +1,11 @@
-"""The embedded tiny default base model: a small Baichuan2-7B-shaped HF model directory.
+"""The embedded tiny default base model: a small Baichuan2-7B-shaped HF model directory (or, with
+position_embedding "alibi", Baichuan2-13B-shaped).
 
 It stands in for the 15 GB `baichuan-inc/Baichuan2-7B-Chat` download: the same files and tensor names
 (config.json, pytorch_model.bin with `model.layers.{i}.self_attn.W_pack.weight`, `lm_head.weight`, ...,
-tokenizer.model), at small dimensions, generated deterministically from a seed. The sentencepiece
+tokenizer.model), at small dimensions, generated deterministically from a seed. Baichuan2-13B has the
+same files and names; a tiny ALiBi model says so in config.json ("position_embedding": "ALIBI"), since
+its width is not 13B's 5120 (lorapipe.spec.position_embedding). The sentencepiece
 tokenizer is trained on the sample conversations with Baichuan2's special pieces: unk 0, bos 1, eos 2,
 and `<reserved_106>` / `<reserved_107>` (the user and assistant markers) as single symbols.
 """
@@ -15,16 +18,17 @@ import torch
 
 from lorapipe.data import conversation_texts, input_files
 from lorapipe.outputs import atomic_outputs
-from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.spec import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
 
 FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
          "tokenizer.model")
 
 
 def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
-              max_position_embeddings, vocab_size):
-    """config.json as Baichuan2-7B-Chat ships it, with the given dimensions."""
-    return {
+              max_position_embeddings, vocab_size, position_embedding=None):
+    """config.json as Baichuan2-7B-Chat ships it, with the given dimensions; `position_embedding`
+    ("rope" | "alibi") adds the explicit "position_embedding" key, None leaves it out (the 7B's file)."""
+    config = {
         "architectures": ["BaichuanForCausalLM"],
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -45,6 +49,11 @@ def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_
         "use_cache": True,
         "vocab_size": vocab_size,
     }
+    if position_embedding is not None:
+        if position_embedding not in (ROPE, ALIBI):
+            raise ValueError(f"tiny_base.position_embedding {position_embedding!r}: expected {ROPE} or {ALIBI}")
+        config["position_embedding"] = position_embedding.upper()
+    return config
 
 
 def train_tokenizer(texts, vocab_size, user_defined_symbols=(USER_PIECE, ASSISTANT_PIECE)):
@@ -109,7 +118,8 @@ def random_weights(config, seed, init_std):
 
 
 def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_attention_heads,
-                    intermediate_size, max_position_embeddings, vocab_size, init_std, run=None):
+                    intermediate_size, max_position_embeddings, vocab_size, init_std, position_embedding=None,
+                    run=None):
     """Write the tiny base model directory (FILES) atomically. Same arguments, same bytes."""
     from pathlib import Path
 
@@ -120,7 +130,7 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
     tokenizer = train_tokenizer(conversation_texts(data), vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
     config = hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
-                       max_position_embeddings, sp.get_piece_size())
+                       max_position_embeddings, sp.get_piece_size(), position_embedding)
     state = random_weights(config, seed, init_std)
     generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id":
                   sp.piece_to_id(USER_PIECE), "assistant_token_id": sp.piece_to_id(ASSISTANT_PIECE)}

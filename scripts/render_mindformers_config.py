@@ -15,6 +15,8 @@ def main():
     p.add_argument("--tokenizer", required=True, help="the base model's tokenizer.model")
     p.add_argument("--device_target", required=True, choices=["CPU", "Ascend", "GPU"])
     p.add_argument("--name", required=True, help="model name (base_model.name)")
+    p.add_argument("--position_embedding", choices=["auto", "rope", "alibi"], default="auto",
+                   help="base_model.position_embedding: auto (from config.json), or rope / alibi")
     p.add_argument("--output", required=True)
     finetune = p.add_argument_group("finetune")
     finetune.add_argument("--seq_length", type=int, help="training sequence length (data.seq_length)")
@@ -32,7 +34,7 @@ def main():
     missing = [f"--{k}" for k in needed if getattr(args, k) is None]
     if missing:
         p.error(f"--run_mode {args.run_mode} needs {', '.join(missing)}")
-    settings = {k: getattr(args, k) for k in ("device_target", "name", *needed)}
+    settings = {k: getattr(args, k) for k in ("device_target", "name", "position_embedding", *needed)}
     run = cli.start(args, settings, device_target=args.device_target)
     with open(args.hf_config, encoding="utf-8") as f:
         hf_config = json.load(f)
