@@ -13,6 +13,9 @@ check against the MindSpore model (logits, and greedy tokens against the full-re
     token is the pad id are masked even when the model generated them
     (modules/transformer/transformer.py:866-912, LowerTriangularMaskWithDynamic)
   * SwiGLU feed-forward w2(silu(w1 x) * w3 x); NormHead: logits = x @ normalize_rows(lm_head).T
+  * ALiBi (Baichuan2-13B, lorapipe.model.Baichuan13BV2ForCausalLM): no rotary; the scores get
+    slope_h * (k - q) for keys k <= q on top of the same mask, pad keys included, as the network's
+    mask cell adds it (slopes from lorapipe.spec.alibi_slopes, float32 as the network's)
 Measured in benchmarks/predict.py. The weights are held as fp32 (28 GB for a 7B model): a host decode is
 for small models and checks; the 7B recipe predicts on Ascend.
 """
@@ -20,6 +23,8 @@ for small models and checks; the 7B recipe predicts on Ascend.
 import math
 
 import numpy as np
+
+from lorapipe.spec import alibi_slopes, is_alibi
 
 MASKED = np.float32(-10000.0)
 
@@ -55,6 +60,8 @@ class KVCacheDecoder:
                                                             f32(p + "feed_forward.w3.weight")]).T),
                 "w2": np.ascontiguousarray(f32(p + "feed_forward.w2.weight").T),
                 "attention_norm": f32(p + "attention_norm.weight"), "ffn_norm": f32(p + "ffn_norm.weight")})
+        self.alibi = is_alibi(c)
+        self.slopes = np.array(alibi_slopes(self.heads), np.float32)[:, None, None] if self.alibi else None
         inv_freq = 1.0 / (np.float32(c.get("theta", 10000.0)) ** (
             np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)))
         angles = np.outer(np.arange(self.max_positions, dtype=np.float32), inv_freq)
@@ -72,15 +79,23 @@ class KVCacheDecoder:
         return x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + self.eps) * weight
 
     def _rotate(self, x, positions):
+        if self.alibi:
+            return x
         half = self.head_dim // 2
         return x * self.cos[positions] + np.concatenate([-x[..., half:], x[..., :half]], -1) * self.sin[positions]
 
     def _mask(self, ids, start):
+        """What the scores of the new positions get added: the mask, plus ALiBi's bias; None for nothing."""
         end = start + len(ids)
         self.is_pad[start:end] = np.asarray(ids) == self.pad_id
         causal = np.tril(np.ones((len(ids), end), bool), k=start)
         keep = causal & ~self.is_pad[:end]
-        return None if keep.all() else np.where(keep, np.float32(0), MASKED)
+        mask = None if keep.all() else np.where(keep, np.float32(0), MASKED)
+        if not self.alibi:
+            return mask
+        distance = np.minimum(np.arange(end)[None, :] - np.arange(start, end)[:, None], 0).astype(np.float32)
+        bias = self.slopes * distance  # [heads, new, end]
+        return bias if mask is None else mask + bias
 
     def forward(self, ids):
         """Logits [vocab] of the last of the new tokens `ids`, whose keys and values join the cache."""
