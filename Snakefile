@@ -6,7 +6,11 @@
 # (Targets before --configfile, or --configfile=FILE: --configfile takes several values, so a target
 # after `--configfile FILE` would be read as a second config file.)
 
-from lorapipe.config import check_base_model_dir, load_workflow_config
+from lorapipe.config import (
+    check_base_model_dir,
+    load_workflow_config,
+    position_embedding,
+)
 
 # The config: config/config.yaml, or the file(s) given with --configfile INSTEAD of it (Snakemake's
 # own `configfile:` would merge the tiny default's keys into the real recipe). Each file is read
@@ -21,6 +25,9 @@ config.clear()
 config.update(_loaded)
 if config["base_model"]["path"] != "tiny":
     check_base_model_dir(config["base_model"]["path"])
+# RoPE (Baichuan2-7B) or ALiBi (Baichuan2-13B), from config.json or the tiny model's settings; an
+# impossible combination stops here (lorapipe/config.py position_embedding).
+ALIBI = position_embedding(config) == "alibi"
 
 
 envvars:
@@ -43,7 +50,6 @@ rule all:
     input:
         MERGED_CKPT,
         f"{HF_EXPORT}/model.safetensors",
-        f"{HF_LLAMA}/model.safetensors",
-        f"{HF_LLAMA_BASE}/model.safetensors",
-        f"{PEFT_ADAPTER}/adapter_model.safetensors",
+        # Llama has no ALiBi: the Llama-format exports are for RoPE models (rules/export.smk).
+        LLAMA_EXPORTS,
         f"{REPORT}/summary.html",

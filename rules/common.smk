@@ -92,6 +92,23 @@ MERGED_LORA = f"{RESULTS}/merged_lora/rank_0/merged_lora.ckpt"
 HF_EXPORT = f"{RESULTS}/hf"
 
 
+def rope_only(rule):
+    """An extra input of the Llama-format exports (rules/export.smk): none for a RoPE base model. An
+    ALiBi one (Baichuan2-13B) has no Llama equivalent, so asking for those targets stops the plan with
+    the reason (rule `all` does not ask for them then)."""
+
+    def check(wildcards):
+        if ALIBI:
+            raise ValueError(
+                f"{rule}: the base model uses ALiBi (Baichuan2-13B); Llama has rotary position "
+                f"embeddings only, so a Llama-format export (and a PEFT adapter for it) would compute "
+                f"something else. The Baichuan2 layout (export_hf) keeps ALiBi"
+            )
+        return []
+
+    return check
+
+
 def strategy_flag(checkpoints_dir):
     """Semi-auto parallel (Ascend) writes strategy files; data parallel on CPU writes none."""
     strategy = Path(checkpoints_dir) / "strategy"

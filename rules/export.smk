@@ -5,6 +5,15 @@ HF_LLAMA = f"{RESULTS}/hf_llama"
 HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
 PEFT_ADAPTER = f"{RESULTS}/peft_adapter"
 PEFT_ADAPTER_W_PACK = f"{RESULTS}/peft_adapter_w_pack"
+LLAMA_EXPORTS = (
+    []
+    if ALIBI
+    else [
+        f"{HF_LLAMA}/model.safetensors",
+        f"{HF_LLAMA_BASE}/model.safetensors",
+        f"{PEFT_ADAPTER}/adapter_model.safetensors",
+    ]
+)
 
 
 rule export_llama:
@@ -15,6 +24,7 @@ rule export_llama:
         base=base_file("config.json"),
         tokenizer=base_file("tokenizer.model"),
         script=f"{SCRIPTS}/export_llama.py",
+        rope=rope_only("export_llama"),
     output:
         safetensors=f"{HF_LLAMA}/model.safetensors",
         others=multiext(
@@ -46,6 +56,7 @@ rule export_llama_base:
         base=base_file("config.json"),
         tokenizer=base_file("tokenizer.model"),
         script=f"{SCRIPTS}/export_llama.py",
+        rope=rope_only("export_llama_base"),
     output:
         safetensors=f"{HF_LLAMA_BASE}/model.safetensors",
         others=multiext(
@@ -77,6 +88,7 @@ rule export_peft:
         ckpt=MERGED_CKPT,
         adapter=ADAPTER_CONFIG,
         script=f"{SCRIPTS}/export_peft.py",
+        rope=rope_only("export_peft"),
     output:
         adapter=f"{PEFT_ADAPTER}/adapter_model.safetensors",
         config=f"{PEFT_ADAPTER}/adapter_config.json",

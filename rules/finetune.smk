@@ -21,6 +21,7 @@ rule mf_config:
     params:
         device_target=config["device_target"],
         name=config["base_model"]["name"],
+        position_embedding=config["base_model"].get("position_embedding", "auto"),
         seq_length=config["data"]["seq_length"],
         lora=config["lora"],
         train=config["train"],
@@ -37,7 +38,8 @@ rule mf_config:
         "python {input.script} --rule mf_config --log {log} --hf_config {input.hf_config} "
         "--tokenizer {input.tokenizer} --base_ckpt_dir {params.base_ckpt_dir} "
         "--train_data {params.train_data} --device_target {params.device_target} "
-        "--name {params.name} --seq_length {params.seq_length} --lora {params.lora:q} "
+        "--name {params.name} --position_embedding {params.position_embedding} "
+        "--seq_length {params.seq_length} --lora {params.lora:q} "
         "--train {params.train:q} --parallel {params.parallel:q} --output {output.yaml}"
 
 

@@ -20,6 +20,7 @@ rule predict_config:
     params:
         device_target=config["device_target"],
         name=config["base_model"]["name"],
+        position_embedding=config["base_model"].get("position_embedding", "auto"),
         generation=pick(
             config["predict"],
             "max_new_tokens",
@@ -33,6 +34,7 @@ rule predict_config:
         "python {input.script} --rule predict_config --log {log} --run_mode predict "
         "--hf_config {input.hf_config} --tokenizer {input.tokenizer} "
         "--device_target {params.device_target} --name {params.name} "
+        "--position_embedding {params.position_embedding} "
         "--generation {params.generation:q} --output {output.yaml}"
 
 
