@@ -1,6 +1,8 @@
-"""The YAML rendered for config/baichuan2_7b_910b.yaml against the official MindFormers r1.0
-research/baichuan2/run_baichuan2_7b_lora_910b.yaml (tests/data/, from mindspore-lab/mindformers at r1.0,
-commit 6a4076003f0c; Apache-2.0), key by key. Every difference is deliberate and listed with its reason.
+"""The YAMLs rendered for config/baichuan2_7b_910b.yaml and config/baichuan2_13b_910b.yaml against the
+official MindFormers r1.0 research/baichuan2/run_baichuan2_7b_lora_910b.yaml and
+run_baichuan2_13b_lora_910b.yaml (tests/data/, from mindspore-lab/mindformers at r1.0, commit
+6a4076003f0c; the 13B file last changed in 71633c148814; Apache-2.0), key by key. Every difference is
+deliberate and listed with its reason.
 """
 
 import json
@@ -14,11 +16,17 @@ from lorapipe.config import load_config
 from lorapipe.finetune import render_mindformers_config
 
 OFFICIAL = REPO / "tests" / "data" / "run_baichuan2_7b_lora_910b.r1.0.yaml"
+OFFICIAL_13B = REPO / "tests" / "data" / "run_baichuan2_13b_lora_910b.r1.0.yaml"
 
 # Baichuan2-7B-Chat's config.json, as far as rendering reads it.
 BAICHUAN2_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
                 "vocab_size": 125696, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
                 "model_max_length": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+# Baichuan2-13B-Chat's config.json, as far as rendering reads it: hidden_size 5120 means ALiBi.
+BAICHUAN2_13B = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40, "intermediate_size": 13696,
+                 "vocab_size": 125696, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+                 "model_max_length": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 # Official keys lorapipe renders differently, and why.
 DEVIATIONS = {
@@ -84,6 +92,28 @@ ADDITIONS = {
 }
 
 
+# The 13B: the same deviations, but its registered class is named as the recipe's (Baichuan13BV2ForCausalLM).
+DEVIATIONS_13B = {k: v for k, v in DEVIATIONS.items() if k != "model.arch.type"}
+NOT_RENDERED_13B = NOT_RENDERED | {
+    "model.model_config.pretrain_seqlen": "RoPE extension setting (extend_method None): ALiBi has no rotary",
+    "model.model_config.extend_method": "see pretrain_seqlen",
+    "model.model_config.use_past_shard": "not a MindFormers 1.9 LlamaConfig key; training does not use_past",
+    "parallel_config.use_seq_parallel": "MindFormers 1.9's default (False)",
+}
+ADDITIONS_13B = {k: v for k, v in ADDITIONS.items() if k not in ("model.model_config.theta",
+                                                                 "model.model_config.use_rope_slice")} | {
+    "model.model_config.intermediate_size": "the FFN width from config.json (13696), instead of multiple_of 128",
+    "model.model_config.user_token_id": "the chat markers' ids from the tokenizer (the 7B recipe YAML has them)",
+    "model.model_config.assistant_token_id": "see user_token_id",
+    "model.model_config.position_embedding_type": "marks the ALiBi network for lorapipe's host forward and decoder",
+}
+GOLDEN = {
+    "7b": (REPO / "config" / "baichuan2_7b_910b.yaml", OFFICIAL, BAICHUAN2_7B, DEVIATIONS, NOT_RENDERED, ADDITIONS),
+    "13b": (REPO / "config" / "baichuan2_13b_910b.yaml", OFFICIAL_13B, BAICHUAN2_13B, DEVIATIONS_13B,
+            NOT_RENDERED_13B, ADDITIONS_13B),
+}
+
+
 def flatten(tree, prefix=""):
     if isinstance(tree, dict) and tree:
         return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
@@ -105,30 +135,43 @@ def baichuan2_like_tokenizer(path):
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
-    tokenizer = baichuan2_like_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
-    cfg = load_config(REPO / "config" / "baichuan2_7b_910b.yaml")
+def tokenizer(tmp_path_factory):
+    return baichuan2_like_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+def render(config_file, hf_config, tokenizer):
+    cfg = load_config(config_file)
     par = cfg["parallel"]
     return render_mindformers_config(
-        BAICHUAN2_7B, tokenizer=tokenizer, base_ckpt_dir="results/ckpt", train_data="results/data/belle_512.mindrecord",
+        hf_config, tokenizer=tokenizer, base_ckpt_dir="results/ckpt", train_data="results/data/belle_512.mindrecord",
         seq_length=cfg["data"]["seq_length"], name=cfg["base_model"]["name"], lora=cfg["lora"], train=cfg["train"],
-        device_target=cfg["device_target"],
+        device_target=cfg["device_target"], position_embedding=cfg["base_model"].get("position_embedding", "auto"),
         parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")})
 
 
-def test_rendered_910b_yaml_is_the_official_one_but_for_listed_deviations(rendered):
-    official = flatten(yaml.safe_load(OFFICIAL.read_text()))
-    ours = flatten(json.loads(json.dumps(rendered)))  # tuples as lists, as YAML reads them
+@pytest.mark.parametrize("model", sorted(GOLDEN))
+def test_rendered_910b_yaml_is_the_official_one_but_for_listed_deviations(model, tokenizer):
+    config_file, official_file, hf_config, deviations, not_rendered, additions = GOLDEN[model]
+    official = flatten(yaml.safe_load(official_file.read_text()))
+    ours = flatten(json.loads(json.dumps(render(config_file, hf_config, tokenizer))))  # tuples as lists
     mismatches = []
     for key, value in official.items():
-        if key in DEVIATIONS:
+        if key in deviations:
             assert key in ours and ours[key] != value, f"{key}: listed as a deviation but rendered as official"
-        elif any(key == k or key.startswith(k + ".") for k in NOT_RENDERED):
+        elif any(key == k or key.startswith(k + ".") for k in not_rendered):
             assert key not in ours, f"{key}: listed as not rendered but present"
         elif ours.get(key, "<missing>") != value:
             mismatches.append(f"{key}: official {value!r}, rendered {ours.get(key, '<missing>')!r}")
     assert not mismatches, "\n".join(mismatches)
     unexplained = [k for k in ours if k not in official
-                   and not any(k == a or k.startswith(a + ".") for a in ADDITIONS)]
+                   and not any(k == a or k.startswith(a + ".") for a in additions)]
     assert not unexplained, unexplained
     assert ours["optimizer.betas"] == [official["optimizer.beta1"], official["optimizer.beta2"]]
+
+
+def test_the_13b_recipe_renders_the_alibi_network(tokenizer):
+    """hidden_size 5120 without an explicit "position_embedding" is Baichuan2-13B: ALiBi, no RoPE settings."""
+    model = render(REPO / "config" / "baichuan2_13b_910b.yaml", BAICHUAN2_13B, tokenizer)["model"]
+    assert model["arch"]["type"] == "Baichuan13BV2ForCausalLM"
+    assert model["model_config"]["position_embedding_type"] == "alibi"
+    assert not {"theta", "rotary_dtype", "use_rope_slice"} & set(model["model_config"])

@@ -1,5 +1,5 @@
-"""preflight: each check on real inputs, and the whole rule for a Baichuan2-7B-shaped base (true widths
-and vocabulary, 2 layers) with the 910B config, on this CPU-only machine."""
+"""preflight: each check on real inputs, and the whole rule for Baichuan2-7B- and 13B-shaped bases (true
+widths and vocabulary, 2 layers) with the 910B configs, on this CPU-only machine."""
 
 import json
 import subprocess
@@ -19,16 +19,21 @@ BAICHUAN2_7B_2_LAYERS = {"architectures": ["BaichuanForCausalLM"], "model_type":
                          "model_max_length": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
-def write_7b_shaped_base(folder, tokenizer):
-    """An HF Baichuan2 directory at true 7B widths with 2 layers, fp16 (2.1 GB), streamed to disk."""
+# Baichuan2-13B-Chat's config.json with 2 of its 40 layers: no "position_embedding", hidden_size 5120 (ALiBi).
+BAICHUAN2_13B_2_LAYERS = dict(BAICHUAN2_7B_2_LAYERS, hidden_size=5120, num_attention_heads=40, intermediate_size=13696)
+
+
+def write_7b_shaped_base(folder, tokenizer, config=BAICHUAN2_7B_2_LAYERS):
+    """An HF Baichuan2 directory at true 7B (or `config`'s) widths with 2 layers, fp16 (2.1 GB for the 7B),
+    streamed to disk."""
     from lorapipe.baichuan2 import hf_shapes
     from lorapipe.hf_io import SafetensorsWriter
 
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(BAICHUAN2_7B_2_LAYERS))
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-    plan = [(name, np.dtype(np.float16), shape) for name, shape in hf_shapes(BAICHUAN2_7B_2_LAYERS).items()]
-    row = np.random.default_rng(0).standard_normal(4096 * 4).astype(np.float16) * 0.02
+    plan = [(name, np.dtype(np.float16), shape) for name, shape in hf_shapes(config).items()]
+    row = np.random.default_rng(0).standard_normal(config["hidden_size"] * 4).astype(np.float16) * 0.02
     writer = SafetensorsWriter(folder / "model.safetensors", plan)
     for name, _, shape in plan:
         writer.add(name, np.resize(row, shape))  # random-looking weights, one tensor in memory
@@ -46,6 +51,25 @@ def test_preflight_passes_for_a_7b_shaped_base_with_the_910b_config(tmp_path, ti
     assert checks["checkpoint"]["status"] == "ok" and checks["checkpoint dtype"]["status"] == "ok"
     assert checks["shard strategies"]["status"] == "ok" and "((1, 1),)" in checks["shard strategies"]["detail"]
     assert checks["data"]["detail"] == "319 rows, global batch 16: 19 steps per epoch, 19 in all"  # 2 x dp 8
+    assert checks["memory"]["status"] == "ok" and "max_device_memory 59GB" in checks["memory"]["detail"]
+    assert checks["tokenizer"]["status"] == "ok"
+
+
+def test_preflight_passes_for_a_13b_shaped_base_with_the_910b_config(tmp_path, tiny_base_dir):
+    """Baichuan2-13B (ALiBi, from hidden_size 5120) under semi-auto parallel, dp 8: the network MindFormers
+    builds from the rendered YAML has every op on a parameter sharded, its checkpoint matches."""
+    write_7b_shaped_base(tmp_path / "base", tiny_base_dir / "tokenizer.model", BAICHUAN2_13B_2_LAYERS)
+    cfg = yaml.safe_load((REPO / "config" / "baichuan2_13b_910b.yaml").read_text())
+    cfg["base_model"].update(path=str(tmp_path / "base"), dtype="keep")
+    cfg["data"]["train"] = str(SAMPLE_DATA)
+    snakemake(tmp_path, "--cores", "2", "preflight", configfile=write_config(tmp_path / "c.yaml", cfg))
+    results = tmp_path / "results/baichuan2_13b_910b"
+    assert yaml.safe_load((results / "finetune/run_baichuan2_lora.yaml").read_text())["model"]["arch"]["type"] == \
+        "Baichuan13BV2ForCausalLM"
+    checks = {c["name"]: c for c in json.loads((results / "preflight.json").read_text())["checks"]}
+    assert checks["checkpoint"]["status"] == "ok" and checks["checkpoint dtype"]["status"] == "ok"
+    assert checks["shard strategies"]["status"] == "ok" and "((1, 1),)" in checks["shard strategies"]["detail"]
+    assert checks["data"]["detail"] == "319 rows, global batch 16: 19 steps per epoch, 19 in all"
     assert checks["memory"]["status"] == "ok" and "max_device_memory 59GB" in checks["memory"]["detail"]
     assert checks["tokenizer"]["status"] == "ok"
 
