@@ -631,7 +631,9 @@ def preprocess_conversations(train, model_file, output_file, seq_length, heldout
     outputs = {"train": Path(output_file), "heldout": Path(heldout_file) if heldout_file else None}
     finals = [p for split in splits for p in (outputs[split], Path(f"{outputs[split]}.db"))]
     finals += [Path(stats_file)] if stats_file else []
-    with atomic_outputs(finals, run=run, inputs=[*input_files(sources), model_file]) as temps:
+    # two int32 columns of seq_length + 1 per row, plus MindRecord's page and index overhead (~20%)
+    need = int(sum(len(rows) for rows in splits.values()) * (seq_length + 1) * 8 * 1.2)
+    with atomic_outputs(finals, run=run, inputs=[*input_files(sources), model_file], need_bytes=need) as temps:
         temp_of = dict(zip(finals, temps))
         for split, rows in splits.items():
             label_tokens = write_split(temp_of[outputs[split]], tokens, rows, tok, seq_length)

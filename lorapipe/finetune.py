@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from lorapipe.data import ChatTokenizer
+from lorapipe.digests import copy_hashed
 from lorapipe.errors import InputError, StepError
 from lorapipe.launch import launch
 from lorapipe.msckpt import iter_checkpoint
@@ -374,13 +375,15 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
     out_dir = Path(out_dir)
     finals = [out_dir / "checkpoint_network", out_dir / "loss.tsv", out_dir / "adapter_config.json",
               out_dir / "rank_logs"]
-    with atomic_outputs(finals, run=run, inputs=inputs) as (ckpts, loss, adapter_json, logs):
-        for rank in ranks:
-            last = last_checkpoint(state / "output" / "checkpoint" / f"rank_{rank}")
-            if last is None:
-                raise InputError(f"training finished, but rank {rank} saved no checkpoint in {state}")
+    lasts = [last_checkpoint(state / "output" / "checkpoint" / f"rank_{rank}") for rank in ranks]
+    missing = [rank for rank, last in zip(ranks, lasts) if last is None]
+    if missing:
+        raise StepError(f"training finished, but rank {missing[0]} saved no checkpoint in {state}")
+    with atomic_outputs(finals, run=run, inputs=inputs, need_bytes=sum(os.path.getsize(p) for p in lasts)) as \
+            (ckpts, loss, adapter_json, logs):
+        for rank, last in zip(ranks, lasts):
             (ckpts / f"rank_{rank}").mkdir(parents=True)
-            shutil.copyfile(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
+            copy_hashed(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
         strategy = state / "output" / "strategy"
         if strategy.is_dir() and any(strategy.iterdir()):
             shutil.copytree(strategy, ckpts / "strategy")
