@@ -38,7 +38,7 @@ from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_c
 from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.spec import ASSISTANT_PIECE, LORA_A, LORA_B, USER_PIECE
+from lorapipe.spec import ALIBI, ASSISTANT_PIECE, LORA_A, LORA_B, USER_PIECE, position_embedding
 
 log = logging.getLogger("lorapipe")
 
@@ -80,17 +80,12 @@ def _index(ckpt):
 
 def check_rope(config, where):
     """Refuse an ALiBi model (Baichuan2-13B): Llama has rotary position embeddings only, so no Llama
-    directory computes what it computes. As in DESIGN.md, an explicit "position_embedding" wins, else
-    hidden_size 5120 means ALiBi."""
-    explicit = config.get("position_embedding")
-    if explicit is not None and str(explicit).upper() not in ("ROPE", "ALIBI"):
-        raise InputError(f"{where}: position_embedding {explicit!r}: expected ROPE or ALIBI")
-    if explicit is None and config.get("hidden_size") == 5120:
-        why = 'hidden_size 5120 (Baichuan2-13B) and no "position_embedding": "ROPE"'
-    elif str(explicit).upper() == "ALIBI":
-        why = f'"position_embedding": "{explicit}"'
-    else:
+    directory computes what it computes. The architecture is lorapipe.spec.position_embedding's."""
+    if position_embedding(config, where=where) != ALIBI:
         return
+    explicit = config.get("position_embedding")
+    why = f'"position_embedding": "{explicit}"' if explicit else \
+        'hidden_size 5120 (Baichuan2-13B) and no "position_embedding": "ROPE"'
     raise InputError(f"{where}: an ALiBi model ({why}); a Llama-format export needs rotary position "
                      f"embeddings and would compute something else. The Baichuan2 layout (export_hf) "
                      f"keeps ALiBi")
