@@ -38,6 +38,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from mindformers.modules.transformer import LowerTriangularMaskWithDynamic  # noqa: E402
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister  # noqa: E402
 
+from lorapipe.errors import InputError  # noqa: E402
 from lorapipe.spec import ALIBI_MODEL_CLASS, MODEL_CLASS, alibi_slopes, is_alibi  # noqa: E402,F401
 
 
@@ -166,7 +167,7 @@ class Baichuan13BV2ForCausalLM(Baichuan2ForCausalLM):
         # (lorapipe.decode) and trains it without flash attention, as r1.0's recipe does.
         for flag in ("use_past", "use_flash_attention"):
             if getattr(config, flag, False):
-                raise ValueError(f"{ALIBI_MODEL_CLASS}: {flag} is not supported with ALiBi in lorapipe (model_config."
+                raise InputError(f"{ALIBI_MODEL_CLASS}: {flag} is not supported with ALiBi in lorapipe (model_config."
                                  f"{flag}: False; predict decodes on the host)")
         super().__init__(config=config)
         model = self.model

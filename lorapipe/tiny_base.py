@@ -17,6 +17,7 @@ import sentencepiece as spm
 import torch
 
 from lorapipe.data import conversation_texts, input_files
+from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
 from lorapipe.spec import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
 
@@ -51,7 +52,7 @@ def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_
     }
     if position_embedding is not None:
         if position_embedding not in (ROPE, ALIBI):
-            raise ValueError(f"tiny_base.position_embedding {position_embedding!r}: expected {ROPE} or {ALIBI}")
+            raise InputError(f"tiny_base.position_embedding {position_embedding!r}: expected {ROPE} or {ALIBI}")
         config["position_embedding"] = position_embedding.upper()
     return config
 
@@ -65,7 +66,7 @@ def train_tokenizer(texts, vocab_size, user_defined_symbols=(USER_PIECE, ASSISTA
     try:
         _train_sentencepiece(texts, vocab_size, model, list(user_defined_symbols))
     except RuntimeError as e:  # sentencepiece's own message names its C++ source line, not the key
-        raise ValueError(f"tiny_base.vocab_size {vocab_size} cannot be trained on this data: "
+        raise InputError(f"tiny_base.vocab_size {vocab_size} cannot be trained on this data: "
                          f"{str(e).split('] ')[-1]}") from None
     return model.getvalue()
 
@@ -124,7 +125,7 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
     from pathlib import Path
 
     if hidden_size % num_attention_heads:
-        raise ValueError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
+        raise InputError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
                          f"num_attention_heads {num_attention_heads}")
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(conversation_texts(data), vocab_size)
