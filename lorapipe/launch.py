@@ -7,7 +7,8 @@ process per device with RANK_TABLE_FILE, DEVICE_ID, RANK_ID, RANK_SIZE set). Eit
     stopped at once and LaunchError carries that rank's log tail — msrun alone would wait for the
     survivors, which can hang until a collective times out;
   * launch() never returns while a rank still runs, also when interrupted (Snakemake's SIGTERM).
-Workers report through marker files in <log_dir>: done_rank_<r> or failed_rank_<r> (see worker_status).
+Workers report through marker files in <log_dir>: done_rank_<r> or failed_rank_<r> (see worker_status),
+and pid_rank_<r> ("<node> <pid>") when they start: on several nodes their processes are not ours to see.
 """
 
 import contextlib
@@ -56,6 +57,8 @@ def worker_status(rank):
     supervising launch(), if it set LORAPIPE_STATUS_DIR."""
     # msrun also runs the script as its scheduler (MS_ROLE=MS_SCHED); only workers report.
     status_dir = os.environ.get(STATUS_DIR_ENV) if os.environ.get("MS_ROLE") != "MS_SCHED" else None
+    if status_dir:  # the node (srun sets SLURM_NODEID) and pid that msrun names if this rank dies
+        Path(status_dir, f"pid_rank_{rank}").write_text(f"{os.environ.get('SLURM_NODEID', '0')} {os.getpid()}\n")
     try:
         yield
     except BaseException:
@@ -74,10 +77,15 @@ def msrun_command(script_args, workers, nodes, node_rank, master_addr, master_po
 
 def srun_msrun_command(script_args, workers, nodes, master_addr, master_port, log_dir):
     """Several nodes: one msrun per node of the Slurm allocation, each with --node_rank=$SLURM_NODEID.
-    --kill-on-bad-exit makes Slurm stop every node when one fails; the log folder must be shared."""
+    --kill-on-bad-exit makes Slurm stop every node when one fails; the log folder must be shared.
+    --label prefixes each line of srun.log with the node rank, so a failure can be traced to its node.
+    This runs inside the job step the executor plugin starts (`srun -n1`): --ntasks overrides the
+    SLURM_NTASKS=1 that step leaves behind (srun would shrink to one node), and --overlap lets the new
+    step share that step's CPUs (without it srun waits forever: "Requested nodes are busy")."""
     msrun = msrun_command(script_args, workers, nodes, "NODE_RANK", master_addr, master_port, log_dir)
     line = " ".join(shlex.quote(a) for a in msrun).replace("--node_rank=NODE_RANK", '--node_rank="$SLURM_NODEID"')
-    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", f"exec {line}"]
+    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--overlap",
+            "--kill-on-bad-exit=1", "--label", "bash", "-c", f"exec {line}"]
 
 
 def slurm_first_host():
@@ -98,11 +106,11 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, master_addr
     `on_poll()` is called about every `poll` s."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    for marker in [*log_dir.glob("done_rank_*"), *log_dir.glob("failed_rank_*")]:
+    for marker in [*log_dir.glob("done_rank_*"), *log_dir.glob("failed_rank_*"), *log_dir.glob("pid_rank_*")]:
         marker.unlink()
     env = dict(os.environ, **(env or {}), **{STATUS_DIR_ENV: str(log_dir)})
     ranks = list(range(nodes * workers))
-    job = _Job(ranks, log_dir)
+    job = _Job(ranks, log_dir, workers)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so that `finally` stops the ranks
     try:
         if launcher == "msrun" and nodes > 1:
@@ -137,8 +145,8 @@ def _raise_interrupt(signum, frame):
 class _Job:
     """The launched processes, every descendant seen so far, and how to tell and stop a failure."""
 
-    def __init__(self, ranks, log_dir):
-        self.ranks, self.log_dir = ranks, log_dir
+    def __init__(self, ranks, log_dir, workers):
+        self.ranks, self.log_dir, self.workers = ranks, log_dir, workers
         self.processes = []      # what we started (msrun, or one process per rank)
         self.descendants = {}    # pid -> psutil.Process, everything they started
         self.worker_rank = {}    # pid -> RANK_ID of msrun workers seen running
@@ -184,6 +192,26 @@ class _Job:
                           log_tail(self.log_dir / "msrun.log", 200))
         return self.worker_rank.get(int(first.group(1)), min(gone)) if first else min(gone)
 
+    def srun_failed_rank(self):
+        """Several nodes (srun.log): the rank whose death made its node's msrun fail first. The other
+        nodes' ranks were then stopped by srun (--kill-on-bad-exit) and did not finish either."""
+        text = log_tail(self.log_dir / "srun.log", 2000)
+        pids = {}
+        for marker in self.log_dir.glob("pid_rank_*"):
+            with contextlib.suppress(OSError, ValueError):
+                node, pid = marker.read_text().split()
+                pids[(int(node), int(pid))] = int(marker.name.rsplit("_", 1)[1])
+        # msrun on node k (srun --label: "k: ...") names the worker that died first by its pid
+        died = re.search(r"^\s*(\d+): .*Worker process (\d+) exit with exception", text, re.M)
+        if died and (int(died[1]), int(died[2])) in pids:
+            return pids[(int(died[1]), int(died[2]))]
+        # else srun's own word: the first task (one per node) that exited with an error, not one it stopped
+        task = re.search(r"srun: error: \S+: tasks? (\d+)[-\d,]*: Exited with exit code", text)
+        if task:
+            node_ranks = self.ranks[int(task[1]) * self.workers:(int(task[1]) + 1) * self.workers]
+            return next((r for r in node_ranks if not (self.log_dir / f"done_rank_{r}").exists()), None)
+        return None
+
     def supervise(self, on_poll, poll):
         while True:
             failed = self.failed_rank()
@@ -195,6 +223,11 @@ class _Job:
             codes = [p.poll() for p in self.processes]
             if all(c is not None for c in codes):
                 if any(codes):
+                    rank = self.srun_failed_rank() if len(self.ranks) > self.workers else None
+                    if rank is not None:
+                        raise LaunchError(f"rank {rank} failed; srun stopped the ranks of the other nodes. Last "
+                                          f"lines of {self.log_dir}/worker_{rank}.log:\n"
+                                          f"{log_tail(self.log_dir / f'worker_{rank}.log')}")
                     rank = next((r for r in self.ranks if not (self.log_dir / f"done_rank_{r}").exists()),
                                 self.ranks[0])
                     raise LaunchError(f"the launcher exited with status {max(codes)}; rank {rank} did not "

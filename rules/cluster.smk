@@ -7,11 +7,13 @@ _HCCL_TOOLS = (
     "--visible_devices {params.visible_devices} --hccn_conf {input.hccn}"
 )
 # One node writes its table directly; several write one each under srun (each resolves its own IP),
-# then merge_hccl.py renumbers the ranks node by node.
+# then merge_hccl.py renumbers the ranks node by node. The job's shell already runs in a job step (the
+# executor's `srun -n1`): --ntasks overrides the SLURM_NTASKS=1 it leaves, and --overlap lets this step
+# share that step's CPUs, else srun waits forever for "busy" nodes.
 RANK_TABLE_SHELL = (
     f"{_HCCL_TOOLS} --log {{log}} --server_ip {{params.server_ip:q}} --output {{output.table}}"
     if config["parallel"]["nodes"] == 1
-    else "srun --nodes={params.nodes} --ntasks-per-node=1 bash -c "
+    else "srun --nodes={params.nodes} --ntasks={params.nodes} --ntasks-per-node=1 --overlap bash -c "
     f'"exec {_HCCL_TOOLS} --output {{output.table}}.node\\$SLURM_NODEID.json" > {{log}} 2>&1 && '
     "python {input.merge} --rule rank_table --log {log} {params.node_tables} --output {output.table}"
 )
@@ -32,6 +34,10 @@ rule rank_table:
         benchmark_path("rank_table")
     conda:
         "../envs/lorapipe.yaml"
+    resources:
+        # Under Slurm: every node of the table, one task each (the executor plugin's own resources).
+        nodes=config["parallel"]["nodes"],
+        tasks=config["parallel"]["nodes"],
     params:
         device_num=f"[0,{config['parallel']['workers']})",
         visible_devices=config["parallel"]["visible_devices"],

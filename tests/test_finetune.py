@@ -107,11 +107,12 @@ def test_multi_node_command_runs_one_msrun_per_node():
     from lorapipe.launch import srun_msrun_command
 
     cmd = srun_msrun_command(["run.py", "--config", "a b.yaml"], 8, 2, "node-a", 29500, "/shared/logs")
-    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
-    assert cmd[6] == ("exec msrun --worker_num=16 --local_worker_num=8 --node_rank=\"$SLURM_NODEID\" "
+    assert cmd[:9] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
+                       "--label", "bash", "-c"]
+    assert cmd[9] == ("exec msrun --worker_num=16 --local_worker_num=8 --node_rank=\"$SLURM_NODEID\" "
                       "--master_addr=node-a --master_port=29500 --log_dir=/shared/logs --join=True run.py "
                       "--config 'a b.yaml'")
-    node1 = subprocess.run(["bash", "-c", cmd[6].replace("exec msrun", "echo")], env={"SLURM_NODEID": "1"},
+    node1 = subprocess.run(["bash", "-c", cmd[9].replace("exec msrun", "echo")], env={"SLURM_NODEID": "1"},
                            capture_output=True, text=True).stdout
     assert "--node_rank=1 " in node1 and "a b.yaml" in node1
 
