@@ -7,7 +7,7 @@ CORES ?= 2
 # Snakemake's shell steps find the venv's tools (msrun, python) first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test dag clean
+.PHONY: setup run test test-slurm dag clean
 
 ## setup: create .venv with the pinned stack from envs/ (quick when already done)
 setup: $(STAMP)
@@ -25,6 +25,12 @@ run: setup
 ## test: the test suite (unit, parity, workflow, one end-to-end run of the tiny default)
 test: setup
 	$(BIN)/python -m pytest -q
+
+## test-slurm: bring up the two-node test Slurm cluster on this machine (root; tests/slurm/cluster.sh
+## installs and starts munge, MariaDB, slurmdbd, slurmctld, slurmd n1 and n2) and run the workflow on it
+test-slurm: setup
+	bash tests/slurm/cluster.sh up
+	USER=$${USER:-$$(id -un)} LORAPIPE_TEST_SLURM=1 $(BIN)/python -m pytest -q -s tests/slurm
 
 ## dag: the rule graph and the job DAG of the default config as mermaid (docs/*.mmd), SVG if dot exists
 dag: setup
