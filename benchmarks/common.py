@@ -17,6 +17,7 @@ def model_args(description, workdir):
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--workdir", type=Path, default=Path(workdir))
     p.add_argument("--true-7b", action="store_true", help="Baichuan2-7B widths and vocabulary, 2 layers")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the methods; the best of each is kept")
     args = p.parse_args()
     if args.true_7b:
         args.layers, args.hidden, args.intermediate, args.vocab = 2, 4096, 11008, 125696

@@ -9,6 +9,7 @@ digest without reading the file again. No dependencies beyond the standard libra
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 _CHUNK = 16 << 20
 _known = {}  # (st_dev, st_ino) -> (size, mtime_ns, sha256 hex)
@@ -39,18 +40,48 @@ def sha256_file(path, fresh=False):
     return h.hexdigest()
 
 
+class OverlappedHash:
+    """sha256 computed on a thread of its own, so that hashing a chunk overlaps the I/O around it
+    (hashlib releases the GIL for large buffers). A chunk must stay unchanged until wait() returns.
+    Small chunks (record headers) are hashed at once: a thread hand-off would cost more."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._worker = ThreadPoolExecutor(max_workers=1)
+        self._pending = None
+
+    def update(self, data):
+        self.wait()
+        if len(data) < (1 << 20):
+            self._hash.update(data)
+        else:
+            self._pending = self._worker.submit(self._hash.update, data)
+
+    def wait(self):
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def hexdigest(self):
+        self.wait()
+        self._worker.shutdown()
+        return self._hash.hexdigest()
+
+
 class HashingFile:
-    """A new file whose bytes are hashed as they are written (sequential writes only); its digest is
-    remembered when it is closed."""
+    """A new file whose bytes are hashed as they are written (sequential writes only): each chunk is
+    hashed while the write system call copies it. The digest is remembered when the file is closed."""
 
     def __init__(self, path):
         self.path = path
         self._file = open(path, "wb")
-        self._hash = hashlib.sha256()
+        self._hash = OverlappedHash()
 
     def write(self, data):
         self._hash.update(data)
-        return self._file.write(data)
+        written = self._file.write(data)
+        self._hash.wait()  # the caller may reuse `data` once write() returns
+        return written
 
     def close(self):
         if not self._file.closed:
@@ -76,13 +107,14 @@ class HashingReader:
     def __init__(self, path):
         self.path = path
         self._file = open(path, "rb")
-        self._hash = hashlib.sha256()
+        self._hash = OverlappedHash()
         self._skip_buffer = bytearray(_CHUNK)
         self.position = 0
 
     def _hash_up_to(self, offset):
         view = memoryview(self._skip_buffer)
         while self.position < offset:
+            self._hash.wait()  # the skip buffer is about to be refilled
             got = self._file.readinto(view[:min(_CHUNK, offset - self.position)])
             if not got:
                 return
@@ -90,10 +122,13 @@ class HashingReader:
             self.position += got
 
     def read_into(self, offset, view):
-        """Fill `view` from `offset` on; returns the number of bytes read (short at the end of file)."""
+        """Fill `view` from `offset` on; returns the number of bytes read (short at the end of file).
+        The bytes are hashed on another thread while the caller uses them: `view` must stay unchanged
+        until the next read_into() or close()."""
         if offset < self.position:
             raise ValueError(f"{self.path}: offset {offset} is behind the read position {self.position}")
         self._hash_up_to(offset)
+        self._hash.wait()  # the caller may refill the previous view now
         got = self._file.readinto(view)
         self._hash.update(view[:got])
         self.position += got
@@ -113,4 +148,5 @@ class HashingReader:
         if exc[0] is None:
             self.close()
         else:
+            self._hash.hexdigest()  # let the hashing thread finish; the digest of a partial read is not kept
             self._file.close()

@@ -5,6 +5,13 @@ Both formats store each tensor as a contiguous run of raw bytes, so we parse the
 the safetensors JSON header) and read one tensor's bytes at a time into a numpy array; writers take a
 plan of (name, dtype, shape) first and then the tensors in that order. Peak memory is about two tensors
 whatever the model size, and mapped pages never pile up in the resident set.
+
+Why hand-written readers (benchmarks/convert.py --true-7b: Baichuan2-7B widths, 2 layers, bf16, 2.87 GB,
+best of 3 on the 2-core reference machine): torch.load(mmap=True, weights_only=True) converted in
+5.2 s and safetensors' safe_open in 4.4 s against 6.1 s here, but both peaked at 3.3 GB resident (the
+mapped file) against 1.4 GB (two tensors). Memory decides: a 15 GB model, or a 90 GB checkpoint with
+optimizer state, on a 24 GB machine. Reading each file once in order also lets the conversion hash its
+input on the way (read_in_file_order), which the library readers' random access would not.
 """
 
 import json

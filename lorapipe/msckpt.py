@@ -15,12 +15,11 @@ reader reassembles them and the writer does the same. Files written here load wi
 This module needs numpy only, not MindSpore.
 """
 
-import hashlib
 import os
 
 import numpy as np
 
-from lorapipe.digests import HashingFile, remember
+from lorapipe.digests import HashingFile, OverlappedHash, remember
 from lorapipe.errors import InputError
 
 CHUNK_BYTES = 512 << 20
@@ -244,7 +243,7 @@ def iter_checkpoint(path, select=None, hashed=False):
     (lorapipe.digests) once the last tensor is yielded: the manifest need not read it again.
     """
     path = str(path)
-    hasher = hashlib.sha256() if hashed else None
+    hasher = OverlappedHash() if hashed else None
     with open(path, "rb") as f:
         r = _Reader(f, _data_end(f, os.path.getsize(path)), path, hasher)
         if r.end == 0:
