@@ -36,6 +36,22 @@ def snakemake(workdir, *args, configfile=None, check=True):
     return proc
 
 
+def render(cfg, hf_config, tokenizer, base_ckpt_dir="ckpt", train_data="data/belle.mindrecord", name="x",
+           **overrides):
+    """The finetune YAML lorapipe renders for a config dict (lorapipe.config.load_config's), as mf_config
+    would; `overrides` replace render arguments (seq_length, parallel, device_target, ...)."""
+    from lorapipe.finetune import render_mindformers_config
+
+    par = cfg["parallel"]
+    settings = dict(seq_length=cfg["data"]["seq_length"], lora=cfg["lora"], train=cfg["train"],
+                    device_target=cfg["device_target"],
+                    position_embedding=cfg["base_model"].get("position_embedding", "auto"),
+                    parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage",
+                                                  "max_device_memory")})
+    return render_mindformers_config(hf_config, tokenizer=tokenizer, base_ckpt_dir=base_ckpt_dir,
+                                     train_data=train_data, name=name, **{**settings, **overrides})
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     return write_config(tmp_path / "config.yaml", default_config())

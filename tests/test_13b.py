@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, SAMPLE_DATA, snakemake, write_config
+from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
 from lorapipe.config import ConfigError, load_config, position_embedding
 from lorapipe.errors import InputError
 from lorapipe.spec import alibi_slopes, llama_config
@@ -212,14 +212,12 @@ STRATEGIES = textwrap.dedent("""
 
 
 def test_shard_strategies_follow_parallel_config(base_13b, tmp_path):
-    from lorapipe.finetune import render_mindformers_config, write_mindformers_config
+    from lorapipe.finetune import write_mindformers_config
 
     cfg = load_config(REPO / "config" / "baichuan2_13b_910b.yaml")
-    rendered = render_mindformers_config(
-        json.loads((base_13b / "config.json").read_text()), tokenizer=base_13b / "tokenizer.model",
-        base_ckpt_dir="ckpt", train_data="d.mindrecord", seq_length=32, name="x", lora=cfg["lora"],
-        train=cfg["train"], device_target="Ascend",
-        parallel={"data_parallel": 2, "model_parallel": 5, "pipeline_stage": 1, "max_device_memory": "59GB"})
+    rendered = render(cfg, json.loads((base_13b / "config.json").read_text()), base_13b / "tokenizer.model",
+                      seq_length=32, parallel={"data_parallel": 2, "model_parallel": 5, "pipeline_stage": 1,
+                                               "max_device_memory": "59GB"})
     assert rendered["model"]["arch"]["type"] == "Baichuan13BV2ForCausalLM"
     write_mindformers_config(tmp_path / "mf.yaml", rendered)
     (tmp_path / "probe.py").write_text(STRATEGIES)

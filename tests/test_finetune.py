@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
-from lorapipe.finetune import read_loss_tsv, read_rank_log, render_mindformers_config
+import conftest
+from lorapipe.finetune import read_loss_tsv, read_rank_log
 from lorapipe.launch import LaunchError, launch
 from lorapipe.msckpt import iter_checkpoint
 
@@ -23,12 +24,7 @@ HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4
 
 
 def render(cfg, tokenizer):
-    par = cfg["parallel"]
-    return render_mindformers_config(
-        HF_CONFIG, tokenizer=tokenizer, base_ckpt_dir="ckpt", train_data="data/belle.mindrecord",
-        seq_length=cfg["data"]["seq_length"], name="x", lora=cfg["lora"], train=cfg["train"],
-        device_target=cfg["device_target"],
-        parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")})
+    return conftest.render(cfg, HF_CONFIG, tokenizer)
 
 
 def test_render_tiny_cpu(tiny_base_dir):

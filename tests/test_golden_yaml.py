@@ -11,9 +11,8 @@ import pytest
 import sentencepiece as spm
 import yaml
 
-from conftest import REPO
+from conftest import REPO, render
 from lorapipe.config import load_config
-from lorapipe.finetune import render_mindformers_config
 
 OFFICIAL = REPO / "tests" / "data" / "run_baichuan2_7b_lora_910b.r1.0.yaml"
 OFFICIAL_13B = REPO / "tests" / "data" / "run_baichuan2_13b_lora_910b.r1.0.yaml"
@@ -139,21 +138,17 @@ def tokenizer(tmp_path_factory):
     return baichuan2_like_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
-def render(config_file, hf_config, tokenizer):
+def render_recipe(config_file, hf_config, tokenizer):
     cfg = load_config(config_file)
-    par = cfg["parallel"]
-    return render_mindformers_config(
-        hf_config, tokenizer=tokenizer, base_ckpt_dir="results/ckpt", train_data="results/data/belle_512.mindrecord",
-        seq_length=cfg["data"]["seq_length"], name=cfg["base_model"]["name"], lora=cfg["lora"], train=cfg["train"],
-        device_target=cfg["device_target"], position_embedding=cfg["base_model"].get("position_embedding", "auto"),
-        parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "max_device_memory")})
+    return render(cfg, hf_config, tokenizer, base_ckpt_dir="results/ckpt", train_data="results/data/belle_512.mindrecord",
+                  name=cfg["base_model"]["name"])
 
 
 @pytest.mark.parametrize("model", sorted(GOLDEN))
 def test_rendered_910b_yaml_is_the_official_one_but_for_listed_deviations(model, tokenizer):
     config_file, official_file, hf_config, deviations, not_rendered, additions = GOLDEN[model]
     official = flatten(yaml.safe_load(official_file.read_text()))
-    ours = flatten(json.loads(json.dumps(render(config_file, hf_config, tokenizer))))  # tuples as lists
+    ours = flatten(json.loads(json.dumps(render_recipe(config_file, hf_config, tokenizer))))  # tuples as lists
     mismatches = []
     for key, value in official.items():
         if key in deviations:
@@ -171,7 +166,7 @@ def test_rendered_910b_yaml_is_the_official_one_but_for_listed_deviations(model,
 
 def test_the_13b_recipe_renders_the_alibi_network(tokenizer):
     """hidden_size 5120 without an explicit "position_embedding" is Baichuan2-13B: ALiBi, no RoPE settings."""
-    model = render(REPO / "config" / "baichuan2_13b_910b.yaml", BAICHUAN2_13B, tokenizer)["model"]
+    model = render_recipe(REPO / "config" / "baichuan2_13b_910b.yaml", BAICHUAN2_13B, tokenizer)["model"]
     assert model["arch"]["type"] == "Baichuan13BV2ForCausalLM"
     assert model["model_config"]["position_embedding_type"] == "alibi"
     assert not {"theta", "rotary_dtype", "use_rope_slice"} & set(model["model_config"])

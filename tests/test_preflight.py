@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, SAMPLE_DATA, snakemake, write_config
+from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
 from lorapipe.preflight import check_checkpoint, check_data, check_rank_table, check_tokenizer
 
 BAICHUAN2_7B_2_LAYERS = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 4096,
@@ -124,15 +124,11 @@ UNSHARDED_HEAD = textwrap.dedent("""
 
 def test_the_strategy_check_catches_an_op_without_a_strategy(tmp_path, tiny_base_dir):
     from lorapipe.config import load_config
-    from lorapipe.finetune import render_mindformers_config, write_mindformers_config
+    from lorapipe.finetune import write_mindformers_config
 
     cfg = load_config(REPO / "config" / "baichuan2_7b_910b.yaml")
-    rendered = render_mindformers_config(
-        json.loads((tiny_base_dir / "config.json").read_text()), tokenizer=tiny_base_dir / "tokenizer.model",
-        base_ckpt_dir="ckpt", train_data="d.mindrecord", seq_length=32, name="x", lora=cfg["lora"],
-        train=cfg["train"], device_target="Ascend",
-        parallel={k: cfg["parallel"][k] for k in ("data_parallel", "model_parallel", "pipeline_stage",
-                                                   "max_device_memory")})
+    rendered = render(cfg, json.loads((tiny_base_dir / "config.json").read_text()), tiny_base_dir / "tokenizer.model",
+                      seq_length=32)
     write_mindformers_config(tmp_path / "mf.yaml", rendered)
     (tmp_path / "probe.py").write_text(UNSHARDED_HEAD)
     proc = subprocess.run([sys.executable, str(tmp_path / "probe.py"), str(tmp_path / "mf.yaml")],
