@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
