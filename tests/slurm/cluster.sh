@@ -4,6 +4,7 @@
 #   bash tests/slurm/cluster.sh up       # install what is missing, configure, start (idempotent)
 #   bash tests/slurm/cluster.sh status   # daemons, nodes and the queue
 #   bash tests/slurm/cluster.sh down     # stop every daemon this script started, remove the network
+#                                        # and the /etc/hosts block (packages and configs stay)
 #
 # Debian's own packages (Slurm 22.05 on Debian 12): munge, MariaDB, slurmdbd (accounting: the
 # executor plugin polls sacct), slurmctld, and two slurmd, `slurmd -N n1` and `slurmd -N n2`, with
@@ -17,7 +18,7 @@
 #
 # It writes /etc/slurm/{slurm,slurmdbd,cgroup}.conf and a block in /etc/hosts, and needs root: run it on a
 # machine (or CI runner) you can spend on it. Logs: /var/log/slurm/.
-set -euo pipefail
+set -Eeuo pipefail   # -E: the ERR trap below also reports failures inside functions
 
 NET_PREFIX=10.213.7
 BRIDGE=lpbr0
@@ -129,6 +130,10 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 # The plugin puts the rule name in the job comment; keep it in accounting (the tests read it back).
 AccountingStoreFlags=job_comment
+# Count-only NPU GRES (no device files: there are no NPUs here), so that an Ascend config's
+# --gres=npu:<workers> is scheduled and accounted (AllocTRES) as on an Ascend partition.
+GresTypes=npu
+AccountingStorageTRES=gres/npu
 JobCompType=jobcomp/none
 # A test cluster: schedule and clean up quickly.
 SchedulerType=sched/backfill
@@ -137,10 +142,14 @@ KillWait=5
 InactiveLimit=0
 MinJobAge=300
 SlurmdTimeout=60
-NodeName=${NODES[0]} NodeAddr=$NET_PREFIX.1 Port=${NODE_PORTS[0]} CPUs=2 RealMemory=10000 State=UNKNOWN
-NodeName=${NODES[1]} NodeAddr=$NET_PREFIX.2 Port=${NODE_PORTS[1]} CPUs=2 RealMemory=10000 State=UNKNOWN
+NodeName=${NODES[0]} NodeAddr=$NET_PREFIX.1 Port=${NODE_PORTS[0]} CPUs=2 RealMemory=10000 Gres=npu:2 State=UNKNOWN
+NodeName=${NODES[1]} NodeAddr=$NET_PREFIX.2 Port=${NODE_PORTS[1]} CPUs=2 RealMemory=10000 Gres=npu:2 State=UNKNOWN
 PartitionName=cpu Nodes=${NODES[0]},${NODES[1]} Default=YES MaxTime=INFINITE State=UP
 PartitionName=ascend Nodes=${NODES[0]},${NODES[1]} MaxTime=INFINITE State=UP
+EOF
+    write_if_changed "$CONF/gres.conf" 644 <<EOF && changed=0
+# Written by lorapipe tests/slurm/cluster.sh: two NPUs per node, counted only.
+NodeName=${NODES[0]},${NODES[1]} Name=npu Count=2
 EOF
     # slurmdbd refuses a config file that others can read (it holds the database password).
     write_if_changed "$CONF/slurmdbd.conf" 600 <<EOF && changed=0
@@ -230,6 +239,9 @@ down() {
         ip netns del "lp-$node" 2>/dev/null || true
     done
     ip link del "$BRIDGE" 2>/dev/null || true
+    local hosts
+    hosts=$(grep -v -F "$HOSTS_TAG" /etc/hosts || true)
+    printf '%s\n' "$hosts" > /etc/hosts
 }
 
 up() {

@@ -57,9 +57,9 @@ def run_id(output):
 def accounted_jobs(uuid):
     """[{rule, partition, nodes, nodelist, state}] of a run, from slurmdbd (sacct)."""
     out = subprocess.run(["sacct", "-a", "-X", "-n", "-P", f"--name={uuid}", "--starttime=now-1days",
-                          "--format=Comment,Partition,NNodes,NodeList,State,End"],
+                          "--format=Comment,Partition,NNodes,NodeList,State,End,AllocTRES"],
                          capture_output=True, text=True, check=True).stdout
-    return [dict(zip(("rule", "partition", "nodes", "nodelist", "state", "end"), line.split("|")))
+    return [dict(zip(("rule", "partition", "nodes", "nodelist", "state", "end", "tres"), line.split("|")))
             for line in out.splitlines() if line]
 
 
@@ -126,15 +126,33 @@ def test_deterministic_artifacts_equal_a_local_run(slurm_run, tmp_path):
         assert [name for name in local if local[name] != slurm[name]] == [], step
 
 
-def two_node_copy(slurm_run, dest, **parallel):
-    """The Slurm run's workdir with a 2-node config: only finetune (and what follows) is out of date.
-    The training state is dropped, so that the finetune trains on the two nodes from scratch."""
+def copy_of_run(slurm_run, dest, cfg):
+    """The Slurm run's workdir with another config: only what the change affects is out of date. The
+    training state is dropped, so that a finetune trains from scratch."""
     workdir, _, _ = slurm_run
     shutil.copytree(workdir, dest, symlinks=True, dirs_exist_ok=True)
     shutil.rmtree(dest / "results/tiny/.finetune_state")
+    return write_config(dest / "changed.yaml", cfg)
+
+
+def two_node_copy(slurm_run, dest):
     cfg = default_config()
-    cfg["parallel"].update(workers=1, nodes=2, data_parallel=2, **parallel)
-    return write_config(dest / "two_nodes.yaml", cfg)
+    cfg["parallel"].update(workers=1, nodes=2, data_parallel=2)
+    return copy_of_run(slurm_run, dest, cfg)
+
+
+def test_an_ascend_finetune_asks_slurm_for_its_npus(slurm_run, tmp_path):
+    """device_target Ascend: the job gets gres/npu=<workers> from the scheduler (the test cluster counts 2
+    NPUs per node) in partition ascend, then stops with one line, as there is no NPU on this machine."""
+    cfg = default_config()
+    cfg["device_target"] = "Ascend"
+    proc = run(tmp_path, copy_of_run(slurm_run, tmp_path, cfg), "finetune", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    [job] = [j for j in accounted_jobs(run_id(output)) if j["rule"] == "rule_finetune"]
+    assert "gres/npu=2" in job["tres"] and "cpu=2" in job["tres"], job
+    assert (job["partition"], job["nodes"], job["state"]) == ("ascend", "1", "FAILED"), job
+    assert "has no Ascend device" in output, output[-3000:]
 
 
 def test_rank_table_for_two_nodes_is_written_on_each_node_and_merged(cluster, tmp_path):
