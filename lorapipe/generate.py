@@ -2,10 +2,12 @@
 
 The chat template is the training layout (lorapipe.data): `<reserved_106>{question}<reserved_107>`,
 earlier turns before it as `<reserved_106>q<reserved_107>a`, and the model answers until eos.
-On CPU, MindFormers' generate() uses Ascend-only kernels (ArgMaxExt, TopkExt), so decoding is our own
-loop over the model's logits (greedy, or sampling with top-k, top-p, temperature and repetition
-penalty, in numpy). It re-runs the prompt at every step (no KV cache): fine for the tiny model and
-short answers; on Ascend, MindFormers' generate() with use_past is the fast path.
+On Ascend, decoding is MindFormers' own generate() with use_past, the recipe's path. On the host its
+kernels do not exist (paged attention, ApplyRotaryPosEmb, ArgMaxExt), so decoding is our own loop:
+lorapipe.decode's KV-cache forward, or, as the reference it is tested against, the MindSpore network
+re-run over the whole sequence; tokens are picked in numpy (greedy, or sampling with top-k, top-p,
+temperature and repetition penalty). Every checkpoint is loaded through load_weights, which checks it
+against the network and folds LoRA tensors with the trained run's scale.
 """
 
 import json
