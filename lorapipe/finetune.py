@@ -256,10 +256,10 @@ def read_loss_tsv(path):
     return rows
 
 
-def _finished(ckpt_dir, ranks, rank0_tsv):
-    """Whether every rank saved a checkpoint at the run's last step (the total the rank log records)."""
+def _finished(saved, rank0_tsv):
+    """Whether every rank saved its last checkpoint (`saved`) at the run's last step (the total the rank
+    log records)."""
     rows = read_rank_log(rank0_tsv)
-    saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
     return bool(rows) and all(saved) and min(_global_step(ckpt) for ckpt in saved) >= rows[-1]["total"]
 
 
@@ -331,14 +331,14 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
         ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
         complete = state / "complete"
         rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
-        if not complete.exists() and _finished(ckpt_dir, ranks, rank0_tsv):
+        saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
+        if not complete.exists() and _finished(saved, rank0_tsv):
             # Killed after the final checkpoint was saved, before the marker: collect, never resume (MindSpore
             # refuses to train 0 more epochs, and the rerun would fail for ever).
             complete.write_text("done\n")
         if complete.exists():
             log.info("training with this config already finished in %s; collecting its outputs", state)
         else:
-            saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
             resume = all(saved)
             if resume:
                 log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir,
