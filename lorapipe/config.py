@@ -166,12 +166,8 @@ def _merge(into, update):
 
 
 def load_config(path):
-    """Load one config file strictly and validate it."""
-    config = load_yaml(path)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping of keys at top level")
-    validate(config, source=str(path))
-    return canonical(config, load_yaml(SCHEMA_PATH))
+    """Load one config file strictly, validate it and put it in canonical form."""
+    return load_workflow_config([path])
 
 
 # What planning and rendering need; the weights are checked where the conversion reads them, so that

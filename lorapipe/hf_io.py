@@ -41,11 +41,9 @@ class TensorRef:
     def nbytes(self):
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
-    def read(self, buffer=None):
-        """The tensor as a numpy array. With a `buffer` (a bytearray of at least nbytes) the array
-        lives in it, valid until the buffer is reused: reusing one buffer for every tensor avoids
-        fresh page faults and halves conversion time."""
-        view = memoryview(buffer)[:self.nbytes] if buffer is not None else memoryview(bytearray(self.nbytes))
+    def read(self):
+        """The tensor as a numpy array (random access; a whole file in order is read_in_file_order's)."""
+        view = memoryview(bytearray(self.nbytes))
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             got = f.readinto(view)
