@@ -124,7 +124,9 @@ def test_all_ranks_succeed(tmp_path):
 def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
     """Kill a real 2-rank finetune after its first checkpoint; the rerun continues from there."""
     cfg = default_config()
-    cfg["train"].update(epochs=2, save_checkpoint_steps=20)
+    # 4 epochs of 36 steps: the kill after the step-20 checkpoint leaves over 100 steps to go, so it lands in
+    # training also on a fast machine (with 2 epochs, CI once killed it after the last step: nothing to resume).
+    cfg["train"].update(epochs=4, save_checkpoint_steps=20)
     configfile = write_config(tmp_path / "c.yaml", cfg)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
            "--configfile", str(configfile), "--cores", "2"]
@@ -134,12 +136,13 @@ def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
     first = subprocess.Popen(cmd + ["finetune"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)
     deadline = time.time() + 300
-    while not list(state.glob("*/output/checkpoint/rank_1/*.ckpt")):
+    while not all(list(state.glob(f"*/output/checkpoint/rank_{rank}/*.ckpt")) for rank in (0, 1)):
         assert first.poll() is None and time.time() < deadline, "no checkpoint was saved"
-        time.sleep(0.5)
-    time.sleep(1)
+        time.sleep(0.1)
     os.killpg(first.pid, signal.SIGTERM)  # what Snakemake's job gets on Ctrl-C
     first.wait(timeout=60)
+    killed_at = read_rank_log(next(state.glob("*/train_log_rank_0.tsv")))[-1]
+    assert killed_at["step"] < killed_at["total"], "training finished before the kill: nothing left to resume"
     assert no_workers_left("finetune_worker.py", tmp_path)
     assert not (tmp_path / "results/tiny/finetune/loss.tsv").exists()
 
@@ -161,7 +164,7 @@ def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):
         assert len(lora) == 12 and int(trained["global_step"].reshape(-1)[0]) == len(loss)
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16
     assert sorted(p.name for p in (out / "rank_logs").glob("worker_*.log")) == ["worker_0.log", "worker_1.log"]
-    assert yaml.safe_load((out / "run_baichuan2_lora.yaml").read_text())["runner_config"]["epochs"] == 2
+    assert yaml.safe_load((out / "run_baichuan2_lora.yaml").read_text())["runner_config"]["epochs"] == 4
 
     # Killed after the final checkpoint was saved but before the outputs were collected (issue 17): the
     # rerun collects the finished training, it does not resume it (MindSpore refuses epoch == initial_epoch).
