@@ -8,7 +8,7 @@ time to completion, and check what issue 17 asks:
 Kill points cover every rule: an uninterrupted run measures each rule (its benchmark file); each point
 waits for one rule's job to start and kills it a fraction of that rule's time later (the middle of every
 rule first, then earlier and later in the longest ones up to N). Prints one row per point with the jobs
-that were running when it was killed. About 2-3 minutes per point on 2 cores; tests/test_workflow.py
+that were running when it was killed. About a minute per point on 2 cores; tests/test_workflow.py
 runs two points of it in `make test`.
 
     .venv/bin/python benchmarks/kill_sweep.py [--points 20] [--workdir /tmp/lorapipe-kill-sweep]
