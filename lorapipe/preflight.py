@@ -205,7 +205,7 @@ def device_memory(model_config, rendered, params):
     and AdamW state, activations, and the logits. Activations follow Korthikanti et al. 2022 (s*b*h*
     (34 + 5*a*s/h) bytes for one layer's in 16-bit); with recompute only each layer's input is kept, plus
     one layer's activations during its backward."""
-    from lorapipe.spec import LORA_A, LORA_B
+    from lorapipe.spec import LORA_A, LORA_B, is_alibi
 
     par = rendered["parallel_config"]
     mp, pp = par["model_parallel"], par["pipeline_stage"]
@@ -224,6 +224,10 @@ def device_memory(model_config, rendered, params):
         "activations": (layers * s * b * h * act_bytes + one_layer) if recompute else layers * one_layer,
         "logits": b * s * v * (act_bytes + 4) / mp,  # the logits and their fp32 softmax
     }
+    if is_alibi(model_config):
+        # lorapipe.model.CausalMaskWithAlibi: the fp32 distances [s, s], slopes x distances in fp32 and in the
+        # compute dtype [1, a/mp, s, s], and the mask plus bias [b, a/mp, s, s] that every layer reads.
+        parts["ALiBi bias"] = s * s * 4 + a // mp * s * s * (4 + act_bytes + b * act_bytes)
     return parts
 
 

@@ -134,3 +134,22 @@ def test_the_strategy_check_catches_an_op_without_a_strategy(tmp_path, tiny_base
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "('network.network.lm_head', 'l2_normalize', 'L2Normalize')" in proc.stdout.splitlines()[-1]
+
+
+def test_the_memory_estimate_counts_the_alibi_bias_of_13b():
+    """Baichuan2-13B's mask cell holds the distances ([s, s] fp32), an ALiBi bias per head ([1, heads/mp,
+    s, s] in fp32, then in the compute dtype) and the mask plus bias ([batch, heads/mp, s, s]); the 7B
+    network has none of it."""
+    from lorapipe.preflight import device_memory
+    from lorapipe.spec import ALIBI, POSITION_EMBEDDING_KEY
+
+    model_config = {"param_init_type": "float16", "compute_dtype": "float16", "seq_length": 512,
+                    "hidden_size": 5120, "num_heads": 40, "vocab_size": 125696, "num_layers": 40}
+    rendered = {"parallel_config": {"model_parallel": 2, "pipeline_stage": 1}, "runner_config": {"batch_size": 2},
+                "recompute_config": {"recompute": True}}
+    params = {"model.tok_embeddings.embedding_weight": ((125696, 5120), "float16")}
+    rope = device_memory(model_config, rendered, params)
+    alibi = device_memory({**model_config, POSITION_EMBEDDING_KEY: ALIBI}, rendered, params)
+    assert "ALiBi bias" not in rope
+    assert alibi.pop("ALiBi bias") == 512 * 512 * 4 + 20 * 512 * 512 * (4 + 2 + 2 * 2)  # 20 heads/device: 53 MB
+    assert alibi == rope
