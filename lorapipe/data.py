@@ -16,8 +16,9 @@ Row layout (seq_length N gives rows of N + 1 tokens; the model shifts them by on
   then input += [eos], labels += [eos]; truncate to N + 1; pad input with 0 and labels with -100.
 user/assistant are the ids of `<reserved_106>`/`<reserved_107>` looked up in the tokenizer.
 
-Literal `</s>`, `<s>` and `<unk>` in the text are encoded as text, never as control ids (DESIGN.md,
-"Control tokens in data are text"); records containing them are counted in the stats.
+Literal `</s>`, `<s>`, `<unk>` and the role markers in the text are encoded as text, never as control or
+marker ids (DESIGN.md, "Control tokens in data are text"); records containing them are counted in the
+stats.
 
 A record that cannot be trained on fails the run naming its file and index, or with on_bad_record
 "skip" is dropped with one of DROP_REASONS; so is, with "skip", a conversation longer than a row.
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -44,7 +46,9 @@ IGNORE_TOKEN_ID = -100
 PAD_ID = 0
 SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 FORMATS = ("belle", "sharegpt", "alpaca", "messages")
-CONTROL_TEXTS = ("</s>", "<s>", "<unk>")
+CONTROL_TEXTS = ("</s>", "<s>", "<unk>", USER_PIECE, ASSISTANT_PIECE)
+# The role markers are user-defined pieces: sentencepiece matches them anywhere in a text.
+ROLE_MARKER = re.compile(f"({re.escape(USER_PIECE)}|{re.escape(ASSISTANT_PIECE)})")
 MALFORMED, BAD_ORDER, EMPTY_TURN, NO_ASSISTANT, OVER_LENGTH = (
     "malformed", "bad role order", "empty turn", "no assistant turn", "over length")
 DROP_REASONS = (MALFORMED, BAD_ORDER, EMPTY_TURN, NO_ASSISTANT, OVER_LENGTH)
@@ -375,8 +379,25 @@ class ChatTokenizer:
 
     def encode(self, texts, num_threads=None):
         """Token ids of each text, without BOS/EOS. sentencepiece encodes `</s>` in a text as the
-        characters `<`, `/`, `s`, `>`, never as the eos id: data cannot inject control tokens."""
-        return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+        characters `<`, `/`, `s`, `>`, never as the eos id; the role markers, which it would match, are
+        encoded as their characters too (_with_markers_as_text): data cannot inject control tokens."""
+        texts = list(texts)
+        ids = self.sp.encode(texts, num_threads=num_threads or os.cpu_count() or 1)
+        for i, text in enumerate(texts):
+            if USER_PIECE in text or ASSISTANT_PIECE in text:
+                ids[i] = self._with_markers_as_text(text)
+        return ids
+
+    def _with_markers_as_text(self, text):
+        """A marker's `<` and the rest are encoded apart, so that no piece spans them; the text around
+        it is encoded as it would be on its own."""
+        ids = []
+        for part in ROLE_MARKER.split(text):
+            if part in (USER_PIECE, ASSISTANT_PIECE):
+                ids += self.sp.encode(part[:1]) + self.sp.encode(part[1:])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
 
 
 def _starts(counts):

@@ -13,13 +13,12 @@ against the network and folds LoRA tensors with the trained run's scale.
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
-from lorapipe.data import IGNORE_TOKEN_ID, PAD_ID, ChatTokenizer
+from lorapipe.data import IGNORE_TOKEN_ID, PAD_ID, ROLE_MARKER, ChatTokenizer
 from lorapipe.errors import InputError
 from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
 
@@ -29,7 +28,6 @@ log = logging.getLogger("lorapipe")
 # YAML's model_config; MindFormers' generate() names them the same).
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
                        "repetition_penalty": 1.0}
-_TURN_MARKER = re.compile(f"({re.escape(USER_PIECE)}|{re.escape(ASSISTANT_PIECE)})")
 
 
 def chat_ids(tok, question, history=()):
@@ -39,7 +37,7 @@ def chat_ids(tok, question, history=()):
     ids = []
     for q, a in history:
         ids += [tok.user, *tok.encode([q])[0], tok.assistant, *tok.encode([a])[0]]
-    parts = _TURN_MARKER.split(question)
+    parts = ROLE_MARKER.split(question)
     if len(parts) == 1:
         return ids + [tok.user, *tok.encode([question])[0], tok.assistant]
     if parts[0].strip() or parts[1] != USER_PIECE or parts[-2] != ASSISTANT_PIECE or parts[-1]:
