@@ -16,8 +16,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import yaml
@@ -25,7 +27,7 @@ import yaml
 from lorapipe.data import ChatTokenizer
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import InputError, StepError
-from lorapipe.launch import launch
+from lorapipe.launch import cancel_slurm, launch
 from lorapipe.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
@@ -297,22 +299,42 @@ def _in_use(state):
 
 
 @contextlib.contextmanager
-def state_lock(state):
+def state_lock(state, wait=120.0):
     """Hold the training state for this process: a second launcher for the same run (a second
-    Snakemake started with --nolock, or by hand) is refused instead of training into the same folder."""
+    Snakemake started with --nolock, or by hand) is refused instead of training into the same folder.
+    Under Slurm, a holder in another Slurm job is an earlier launch whose Snakemake was killed (that
+    does not end the job): it is cancelled, and the lock taken once it is free."""
     state.mkdir(parents=True, exist_ok=True)
     with open(state / "lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            raise StepError(f"another finetune ({lock.read().strip() or 'unknown process'}) is using the training "
-                            f"state {state}; wait for it, or stop it") from None
+            holder = lock.read().strip()
+            job = re.search(r"Slurm job (\S+)", holder)
+            if not (job and os.environ.get("SLURM_JOB_ID") and job[1] != os.environ["SLURM_JOB_ID"]):
+                raise StepError(f"another finetune ({holder or 'unknown process'}) is using the training state "
+                                f"{state}; wait for it, or stop it") from None
+            cancel_slurm([{"slurm_job": job[1]}])
+            _flock_within(lock, wait, f"the training state {state} is still held by {holder} after scancel")
         lock.seek(0)
         lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        slurm = f", Slurm job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else ""
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}{slurm}\n")
         lock.flush()
         yield  # the lock goes with the file when it is closed, also when the process is killed
+
+
+def _flock_within(lock, seconds, message):
+    deadline = time.time() + seconds
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.time() > deadline:
+                raise StepError(message) from None
+            time.sleep(1)
 
 
 def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher="msrun", nodes=1,

@@ -6,12 +6,22 @@ process per device with RANK_TABLE_FILE, DEVICE_ID, RANK_ID, RANK_SIZE set). Eit
   * if one rank fails (non-zero exit, or a crash that leaves no "done" marker), the others are
     stopped at once and LaunchError carries that rank's log tail — msrun alone would wait for the
     survivors, which can hang until a collective times out;
-  * launch() never returns while a rank still runs, also when interrupted (Snakemake's SIGTERM).
-Workers report through marker files in <log_dir>: done_rank_<r> or failed_rank_<r> (see worker_status),
-and pid_rank_<r> ("<node> <pid>") when they start: on several nodes their processes are not ours to see.
+  * launch() never returns while a rank still runs, also when interrupted (Snakemake's SIGTERM);
+  * nothing outlives the launcher, SIGKILL included: msrun (or srun) gets PR_SET_PDEATHSIG from the
+    launcher's preexec_fn, and every rank and msrun's scheduler set it on themselves at startup and
+    watch their parent from a thread (attach_to_launcher); msrun starts them in sessions of their own,
+    so no process-group kill reaches them;
+  * one training per log folder: every process of a launch records itself (host, pid, start time,
+    Slurm job and step) in <log_dir>/processes/, and the ranks hold <log_dir>/ranks.lock shared. The
+    next launch stops whatever of an earlier launch still lives (scancel for Slurm jobs) and refuses
+    to start while the lock is held (stop_earlier_launch).
+Workers report through marker files in <log_dir>: done_rank_<r> or failed_rank_<r> (see worker_status).
 """
 
 import contextlib
+import ctypes
+import fcntl
+import json
 import logging
 import os
 import re
@@ -20,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +42,14 @@ from lorapipe.errors import StepError
 log = logging.getLogger("lorapipe")
 
 STATUS_DIR_ENV = "LORAPIPE_STATUS_DIR"
+# The pid a launched process must have as its parent: the launcher for msrun, srun and rank-table ranks;
+# msrun for its ranks and scheduler (the shell that execs msrun exports its own pid, msrun's).
+PARENT_ENV = "LORAPIPE_PARENT_PID"
+PROCESSES = "processes"    # <log_dir>/processes/<host>-<pid>.json: one record per process of a launch
+RANKS_LOCK = "ranks.lock"  # held shared by every rank and scheduler of a launch while it lives
+PR_SET_PDEATHSIG = 1       # linux/prctl.h
+WATCH_INTERVAL = 0.5       # s between a rank's checks of its parent
+SCANCEL_WAIT = 120         # s to wait for a cancelled Slurm job to leave the queue
 
 
 class LaunchError(StepError, RuntimeError):
@@ -51,14 +70,185 @@ def log_tail(path, lines=30):
     return "\n".join(text[-lines:])
 
 
+# -- nothing outlives its launcher ------------------------------------------------------------------
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork: preexec_fn only calls it
+
+
+def die_with_parent(parent_pid):
+    """Have the kernel SIGKILL this process when its parent dies, then close the race: a parent that
+    died before the prctl sends nothing, and this process would have been handed to another parent.
+    (The signal is cleared on fork, so each process sets it on itself.)"""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _watch_parent(parent_pid):
+    """The second line of defence: the parent-death signal comes when the parent's *thread* that
+    started this process ends, and not at all across a setuid exec."""
+    while os.getppid() == parent_pid:
+        time.sleep(WATCH_INTERVAL)
+    print(f"lorapipe: parent process {parent_pid} is gone; stopping this rank", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_held = []  # the ranks' lock, open for as long as this process lives
+
+
+def attach_to_launcher():
+    """Run first in every process a launch starts through msrun or the rank table (each rank, and
+    msrun's scheduler, which runs the same script): die with the parent (die_with_parent, and a
+    watchdog thread), hold the launch's ranks lock shared until exit, and record this process for the
+    next launch to check. Does nothing in a process that launch() did not start."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None:
+        return
+    die_with_parent(int(parent))
+    threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True, name="lorapipe-watch-parent").start()
+    status_dir = os.environ.get(STATUS_DIR_ENV)
+    if status_dir:
+        lock = open(Path(status_dir, RANKS_LOCK), "a")  # noqa: SIM115 - held until the process exits
+        with contextlib.suppress(OSError):  # a file system without locks: the records still tell
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        _held.append(lock)
+        role = "scheduler" if os.environ.get("MS_ROLE") == "MS_SCHED" else "rank"
+        record_process(status_dir, os.getpid(), role, rank=None if role == "scheduler" else os.environ.get("RANK_ID"))
+
+
+def record_process(status_dir, pid, role, rank=None):
+    """Write <status_dir>/processes/<host>-<pid>.json: who the process is (pid and start time, so that
+    a reused pid is not mistaken for it), where (host, Slurm node, job and step) and its rank."""
+    folder = Path(status_dir, PROCESSES)
+    folder.mkdir(exist_ok=True)
+    host = socket.gethostname()
+    record = {"role": role, "host": host, "node": int(os.environ.get("SLURM_NODEID", "0")), "pid": pid,
+              "started": psutil.Process(pid).create_time(), "rank": None if rank is None else int(rank),
+              "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_step": os.environ.get("SLURM_STEP_ID")}
+    tmp = folder / f".{host}-{pid}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(folder / f"{host}-{pid}.json")
+
+
+def read_process_records(status_dir):
+    records = []
+    for path in sorted(Path(status_dir, PROCESSES).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            records.append(json.loads(path.read_text()))
+    return records
+
+
+def _process_of(record):
+    """The live process a record describes on this host (same pid and start time), or None."""
+    if record["host"] != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(record["pid"])
+        if abs(proc.create_time() - record["started"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except psutil.Error:
+        pass
+    return None
+
+
+def _describe(record):
+    rank = f" rank {record['rank']}" if record.get("rank") is not None else ""
+    return f"{record['role']}{rank} pid {record['pid']} on {record['host']}"
+
+
+def _ranks_lock_holders(status_dir):
+    """None if no process holds the ranks lock; else the local processes that have it open (possibly
+    none found: a holder on another node)."""
+    path = Path(status_dir, RANKS_LOCK)
+    if not path.exists():
+        return None
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        except OSError:  # no locks on this file system
+            return None
+        else:
+            return None
+    holders = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if any(f.path == str(path.resolve()) for f in proc.open_files()):
+                holders.append(proc)
+    return holders
+
+
+def cancel_slurm(records):
+    """scancel the Slurm jobs of an earlier launch (or, inside this job, its steps) that still run:
+    killing Snakemake does not end the Slurm job it submitted, whose ranks would go on training into
+    the same state. Returns once they have left the queue (at most `SCANCEL_WAIT` s each)."""
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    targets = set()
+    for r in records:
+        if r.get("slurm_job") and r["slurm_job"] != job:
+            targets.add(r["slurm_job"])
+        elif r.get("slurm_job") and r.get("slurm_step") not in (None, step):
+            targets.add(f"{job}.{r['slurm_step']}")
+    for target in sorted(targets):
+        try:
+            if not _queued(target):
+                continue
+            log.warning("cancelling Slurm %s, an earlier launch of this training state", target)
+            subprocess.run(["scancel", target], capture_output=True, timeout=60)
+            deadline = time.time() + SCANCEL_WAIT
+            while _queued(target) and time.time() < deadline:
+                time.sleep(1)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("cannot check or cancel Slurm %s of an earlier launch (%s): cancel it if it still runs",
+                        target, e)
+
+
+def _queued(target):
+    """Whether Slurm job `target` ("<job>") or step ("<job>.<step>") is still in the queue."""
+    option = "--steps" if "." in target else "--jobs"
+    out = subprocess.run(["squeue", "-h", option, target, "-o", "%i"], capture_output=True, text=True, timeout=60)
+    return target in out.stdout.split()
+
+
+def stop_earlier_launch(status_dir, grace=10.0):
+    """Before a launch into `status_dir`: stop every process an earlier launch into it left running
+    (recorded, or holding the ranks lock here), scancel its Slurm jobs, and raise LaunchError naming
+    what still runs, so that two sets of ranks never train into one state. The caller holds the
+    training state's own lock, so the launcher of those processes is gone."""
+    records = read_process_records(status_dir)
+    cancel_slurm(records)
+    live = {proc.pid: (proc, _describe(r)) for r in records if (proc := _process_of(r))}
+    for proc in _ranks_lock_holders(status_dir) or []:
+        live.setdefault(proc.pid, (proc, f"pid {proc.pid} ({' '.join(proc.cmdline()[:3])})"))
+    if live:
+        log.warning("stopping %d processes of an earlier launch of this training state: %s", len(live),
+                    ", ".join(name for _, name in live.values()))
+        _terminate([proc for proc, _ in live.values()], grace)
+    holders = _ranks_lock_holders(status_dir)
+    if holders is not None:
+        names = ", ".join(f"pid {p.pid}" for p in holders) or "a process on another node"
+        raise LaunchError(f"processes of an earlier launch still hold {Path(status_dir, RANKS_LOCK)} ({names}); "
+                          f"stop them before training again")
+
+
+def _terminate(procs, grace):
+    """SIGTERM, then SIGKILL what is left after `grace` s; return once all are gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        _, procs = psutil.wait_procs(procs, timeout=grace)
+        if not procs:
+            return
+
+
 @contextlib.contextmanager
 def worker_status(rank):
     """Wrap a worker's main: leave done_rank_<rank> or failed_rank_<rank> (with the traceback) for the
     supervising launch(), if it set LORAPIPE_STATUS_DIR."""
     # msrun also runs the script as its scheduler (MS_ROLE=MS_SCHED); only workers report.
     status_dir = os.environ.get(STATUS_DIR_ENV) if os.environ.get("MS_ROLE") != "MS_SCHED" else None
-    if status_dir:  # the node (srun sets SLURM_NODEID) and pid that msrun names if this rank dies
-        Path(status_dir, f"pid_rank_{rank}").write_text(f"{os.environ.get('SLURM_NODEID', '0')} {os.getpid()}\n")
     try:
         yield
     except BaseException:
@@ -70,9 +260,18 @@ def worker_status(rank):
 
 
 def msrun_command(script_args, workers, nodes, node_rank, master_addr, master_port, log_dir):
+    """msrun's argv. --tail_worker_log names no rank: with --join msrun would otherwise start a
+    `tail -f` per worker log (output we already have in worker_<r>.log) that outlives a killed msrun."""
     return ["msrun", f"--worker_num={workers * nodes}", f"--local_worker_num={workers}",
             f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
-            f"--log_dir={log_dir}", "--join=True", *script_args]
+            f"--log_dir={log_dir}", "--join=True", "--tail_worker_log=-2",
+            *script_args]
+
+
+def exec_exporting_pid(line):
+    """bash -c that exports its own pid as PARENT_ENV, then execs the shell `line`: the pid stays the
+    same across exec, so the processes that msrun starts learn msrun's pid, the parent they watch."""
+    return ["bash", "-c", f"export {PARENT_ENV}=$$; exec {line}"]
 
 
 def srun_msrun_command(script_args, workers, nodes, master_addr, master_port, log_dir):
@@ -83,9 +282,9 @@ def srun_msrun_command(script_args, workers, nodes, master_addr, master_port, lo
     SLURM_NTASKS=1 that step leaves behind (srun would shrink to one node), and --overlap lets the new
     step share that step's CPUs (without it srun waits forever: "Requested nodes are busy")."""
     msrun = msrun_command(script_args, workers, nodes, "NODE_RANK", master_addr, master_port, log_dir)
-    line = " ".join(shlex.quote(a) for a in msrun).replace("--node_rank=NODE_RANK", '--node_rank="$SLURM_NODEID"')
+    line = shlex.join(msrun).replace("--node_rank=NODE_RANK", '--node_rank="$SLURM_NODEID"')
     return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--overlap",
-            "--kill-on-bad-exit=1", "--label", "bash", "-c", f"exec {line}"]
+            "--kill-on-bad-exit=1", "--label", *exec_exporting_pid(line)]
 
 
 def slurm_first_host():
@@ -106,9 +305,11 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, master_addr
     `on_poll()` is called about every `poll` s."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    for marker in [*log_dir.glob("done_rank_*"), *log_dir.glob("failed_rank_*"), *log_dir.glob("pid_rank_*")]:
+    stop_earlier_launch(log_dir)
+    for marker in [*log_dir.glob("done_rank_*"), *log_dir.glob("failed_rank_*"), *log_dir.glob(f"{PROCESSES}/*")]:
         marker.unlink()
-    env = dict(os.environ, **(env or {}), **{STATUS_DIR_ENV: str(log_dir)})
+    record_process(log_dir, os.getpid(), "launcher")
+    env = dict(os.environ, **(env or {}), **{STATUS_DIR_ENV: str(log_dir), PARENT_ENV: str(os.getpid())})
     ranks = list(range(nodes * workers))
     job = _Job(ranks, log_dir, workers)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so that `finally` stops the ranks
@@ -117,12 +318,12 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, master_addr
             cmd = srun_msrun_command(script_args, workers, nodes, master_addr or slurm_first_host(),
                                      master_port or free_port(), log_dir)
             log.info("launch: %s", " ".join(cmd))
-            job.start(cmd, env, log_dir / "srun.log")
+            job.start(cmd, env, log_dir / "srun.log", "srun")
         elif launcher == "msrun":
             cmd = msrun_command(script_args, workers, 1, 0, master_addr or "127.0.0.1", master_port or free_port(),
                                 log_dir)
             log.info("launch: %s", " ".join(cmd))
-            job.start(cmd, env, log_dir / "msrun.log")
+            job.start(exec_exporting_pid(shlex.join(cmd)), env, log_dir / "msrun.log", "msrun")
         else:
             log.info("launch: %d ranks with rank table %s: %s", workers, rank_table, " ".join(script_args))
             if nodes > 1:
@@ -131,7 +332,7 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, master_addr
                 device = (visible_devices or [str(i) for i in range(workers)])[local]
                 job.start([sys.executable, *script_args], dict(
                     env, RANK_TABLE_FILE=str(rank_table), DEVICE_ID=str(device), RANK_ID=str(rank),
-                    RANK_SIZE=str(workers * nodes)), log_dir / f"worker_{rank}.log")
+                    RANK_SIZE=str(workers * nodes)), log_dir / f"worker_{rank}.log", "rank", rank)
         job.supervise(on_poll, poll)
     finally:
         job.stop()
@@ -151,10 +352,16 @@ class _Job:
         self.descendants = {}    # pid -> psutil.Process, everything they started
         self.worker_rank = {}    # pid -> RANK_ID of msrun workers seen running
 
-    def start(self, cmd, env, log_path):
+    def start(self, cmd, env, log_path, role, rank=None):
+        """Start `cmd` in a session of its own (a Ctrl-C reaches the launcher, which stops it in order),
+        dying with this process, and record it."""
+        launcher = os.getpid()
         with open(log_path, "w") as out:
-            self.processes.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=lambda: die_with_parent(launcher))
+        self.processes.append(proc)
+        with contextlib.suppress(psutil.Error):  # (already gone: its exit status tells)
+            record_process(self.log_dir, proc.pid, role, rank)
 
     def _scan(self):
         """Record descendants (msrun starts its workers in sessions of their own) and live workers."""
@@ -196,11 +403,7 @@ class _Job:
         """Several nodes (srun.log): the rank whose death made its node's msrun fail first. The other
         nodes' ranks were then stopped by srun (--kill-on-bad-exit) and did not finish either."""
         text = log_tail(self.log_dir / "srun.log", 2000)
-        pids = {}
-        for marker in self.log_dir.glob("pid_rank_*"):
-            with contextlib.suppress(OSError, ValueError):
-                node, pid = marker.read_text().split()
-                pids[(int(node), int(pid))] = int(marker.name.rsplit("_", 1)[1])
+        pids = {(r["node"], r["pid"]): r["rank"] for r in read_process_records(self.log_dir) if r["role"] == "rank"}
         # msrun on node k (srun --label: "k: ...") names the worker that died first by its pid
         died = re.search(r"^\s*(\d+): .*Worker process (\d+) exit with exception", text, re.M)
         if died and (int(died[1]), int(died[2])) in pids:
@@ -242,13 +445,6 @@ class _Job:
         """SIGTERM everything started, SIGKILL what is left after `grace` s; return once all are gone."""
         self._scan()
         procs = [psutil.Process(p.pid) for p in self.processes if p.poll() is None]
-        procs += [d for d in self.descendants.values() if d.is_running()]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):
-                    proc.send_signal(sig)
-            _, procs = psutil.wait_procs(procs, timeout=grace)
-            for p in self.processes:
-                p.poll()
-            if not procs:
-                return
+        _terminate(procs + [d for d in self.descendants.values() if d.is_running()], grace)
+        for p in self.processes:
+            p.poll()

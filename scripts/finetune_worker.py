@@ -5,10 +5,11 @@ rank by scripts/finetune.py (under msrun, or the rank-table launcher); imports M
 import argparse
 import os
 
-from lorapipe.launch import worker_status
+from lorapipe.launch import attach_to_launcher, worker_status
 
 
 def main():
+    attach_to_launcher()  # first: die with the launcher, before seconds of imports
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="rendered MindFormers YAML")
     p.add_argument("--output_dir", required=True, help="MindFormers output_dir (checkpoints, strategy)")

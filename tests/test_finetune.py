@@ -16,7 +16,8 @@ from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
 import conftest
 from lorapipe.finetune import read_loss_tsv, read_rank_log
-from lorapipe.launch import LaunchError, launch
+from lorapipe.launch import (LaunchError, _process_of, launch, log_tail, read_process_records, record_process,
+                             stop_earlier_launch)
 from lorapipe.msckpt import iter_checkpoint
 
 HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176,
@@ -63,11 +64,16 @@ def test_render_real_recipe(tiny_base_dir):
 
 WORKER = textwrap.dedent("""
     import os, sys, time
-    from lorapipe.launch import worker_status
-    with worker_status(int(os.environ["RANK_ID"])):
+    import lorapipe.launch as launch
+    if sys.argv[1] == "immortal":  # a rank whose death with its parent failed: what stop_earlier_launch is for
+        launch._watch_parent = lambda pid: None
+    launch.attach_to_launcher()
+    if sys.argv[1] == "immortal":
+        launch._prctl(launch.PR_SET_PDEATHSIG, 0)
+    with launch.worker_status(int(os.environ["RANK_ID"])):
         if os.environ.get("MS_ROLE") != "MS_SCHED":
             print("rank", os.environ["RANK_ID"], "up", flush=True)
-            if os.environ["RANK_ID"] == "1" and sys.argv[1] != "ok":
+            if os.environ["RANK_ID"] == "1" and sys.argv[1] in ("raise", "crash"):
                 time.sleep(1)
                 if sys.argv[1] == "crash":
                     os._exit(139)  # dies without a Python exception
@@ -105,12 +111,14 @@ def test_multi_node_command_runs_one_msrun_per_node():
     cmd = srun_msrun_command(["run.py", "--config", "a b.yaml"], 8, 2, "node-a", 29500, "/shared/logs")
     assert cmd[:9] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
                        "--label", "bash", "-c"]
-    assert cmd[9] == ("exec msrun --worker_num=16 --local_worker_num=8 --node_rank=\"$SLURM_NODEID\" "
-                      "--master_addr=node-a --master_port=29500 --log_dir=/shared/logs --join=True run.py "
-                      "--config 'a b.yaml'")
-    node1 = subprocess.run(["bash", "-c", cmd[9].replace("exec msrun", "echo")], env={"SLURM_NODEID": "1"},
-                           capture_output=True, text=True).stdout
+    # the shell exports its pid, which msrun keeps across exec: the pid its ranks watch as their parent
+    assert cmd[9] == ("export LORAPIPE_PARENT_PID=$$; exec msrun --worker_num=16 --local_worker_num=8 "
+                      "--node_rank=\"$SLURM_NODEID\" --master_addr=node-a --master_port=29500 --log_dir=/shared/logs "
+                      "--join=True --tail_worker_log=-2 run.py --config 'a b.yaml'")
+    node1 = subprocess.run(["bash", "-c", cmd[9].replace("exec msrun", "echo $LORAPIPE_PARENT_PID $$")],
+                           env={"SLURM_NODEID": "1"}, capture_output=True, text=True).stdout
     assert "--node_rank=1 " in node1 and "a b.yaml" in node1
+    assert node1.split()[0] == node1.split()[1]
 
 
 def test_all_ranks_succeed(tmp_path):
@@ -119,6 +127,83 @@ def test_all_ranks_succeed(tmp_path):
     launch([str(script), "ok"], 2, tmp_path / "logs", env={"PATH": f"{os.path.dirname(sys.executable)}:"
                                                                    f"{os.environ['PATH']}"})
     assert sorted(p.name for p in (tmp_path / "logs").glob("done_rank_*")) == ["done_rank_0", "done_rank_1"]
+
+
+LAUNCHER = textwrap.dedent("""
+    import sys
+    from lorapipe.launch import launch
+    worker, mode, logs, launcher = sys.argv[1:]
+    launch([worker, mode], 2, logs, launcher=launcher, rank_table=logs + "/t.json")
+""")
+
+
+def start_launcher(tmp_path, launcher, mode):
+    """A launcher of two stand-in ranks in a session of its own (as Snakemake runs a job), once both
+    ranks are up."""
+    worker, runner, logs = tmp_path / "worker.py", tmp_path / "launcher.py", tmp_path / "logs"
+    worker.write_text(WORKER)
+    runner.write_text(LAUNCHER)
+    proc = subprocess.Popen([sys.executable, str(runner), str(worker), mode, str(logs), launcher], start_new_session=True,
+                            env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"))
+    deadline = time.time() + 120
+    while not all(f"rank {r} up" in log_tail(logs / f"worker_{r}.log") for r in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, "the ranks never started"
+        time.sleep(0.1)
+    return proc, logs
+
+
+def survivors(tmp_path, logs):
+    """Live processes the launch recorded (same pid and start time), and any other with this test's
+    folder on its command line (msrun's `tail -f` of a worker log, for one)."""
+    found = {p.pid: p for r in read_process_records(logs) if (p := _process_of(r))}
+    for p in psutil.process_iter(["cmdline"]):
+        if str(tmp_path) in " ".join(p.info["cmdline"] or []):
+            found[p.pid] = p
+    return list(found.values())
+
+
+@pytest.mark.parametrize("launcher", ["msrun", "rank_table"])
+def test_sigkill_of_the_launchers_process_group_leaves_nothing_running(tmp_path, launcher):
+    """Issue 22: the ranks (and msrun, and its scheduler) ran on in sessions of their own after a
+    SIGKILL of the launcher's process group (a closed terminal, the OOM killer, kill -9 -PGID)."""
+    proc, logs = start_launcher(tmp_path, launcher, "sleep")
+    roles = sorted(r["role"] for r in read_process_records(logs))
+    assert roles == (["launcher", "msrun", "rank", "rank", "scheduler"] if launcher == "msrun"
+                     else ["launcher", "rank", "rank"])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 5
+    while survivors(tmp_path, logs) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not survivors(tmp_path, logs)
+
+
+@pytest.mark.parametrize("launcher", ["msrun", "rank_table"])
+def test_a_launch_stops_the_ranks_an_earlier_launch_left_running(tmp_path, launcher, caplog):
+    """Ranks that did not die with their launcher (here: they switched it off) are found from the
+    launch's records, stopped, and only then does the next launch start its own."""
+    caplog.set_level("INFO", logger="lorapipe")
+    proc, logs = start_launcher(tmp_path, launcher, "immortal")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    left = [p for r in read_process_records(logs) if r["role"] == "rank" and (p := _process_of(r))]
+    assert len(left) == 2  # they outlived their launcher: the case the next launch must handle
+    launch([str(tmp_path / "worker.py"), "ok"], 2, logs, launcher=launcher, rank_table=logs / "t.json",
+           env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert "processes of an earlier launch of this training state" in caplog.text
+    assert sorted(p.name for p in logs.glob("done_rank_*")) == ["done_rank_0", "done_rank_1"]
+
+
+def test_a_reused_pid_is_not_taken_for_a_process_of_an_earlier_launch(tmp_path):
+    record_process(tmp_path, os.getpid(), "rank", 0)  # this test's own process, as if it were a rank
+    (record,) = read_process_records(tmp_path)
+    assert _process_of(record).pid == os.getpid()
+    record["started"] -= 60  # the rank that had this pid started a minute before this process
+    (tmp_path / "processes" / f"{record['host']}-{os.getpid()}.json").write_text(json.dumps(record))
+    assert _process_of(record) is None
+    stop_earlier_launch(tmp_path)  # and it is left alone (else this test would not get past here)
 
 
 def test_finetune_trains_only_lora_and_resumes_after_kill(tmp_path):

@@ -325,10 +325,15 @@ def wait_for(proc, found, timeout=600):
 def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_path):
     """SIGKILL the whole Snakemake process group during the conversion and during the finetune (a
     second run in the folder meanwhile is refused by Snakemake's lock); after `snakemake --unlock` the
-    rerun completes: the deterministic artifacts before the (multi-rank, not byte-reproducible) finetune
-    are byte-identical to an uninterrupted run's, no temporary is left, nothing is stale, and every
-    manifest verifies. The 20-point sweep is benchmarks/kill_sweep.py."""
+    rerun completes: the deterministic artifacts are byte-identical to an uninterrupted run's, no
+    temporary is left, nothing is stale, and every manifest verifies. The finetune killed mid-training
+    leaves no process behind (issue 22: msrun and its ranks ran on), and its resume is exact: the
+    checkpoints are byte-identical to the uninterrupted run's, and so is the loss of every step. The
+    20-point sweep is benchmarks/kill_sweep.py."""
     import signal
+    import time
+
+    from lorapipe.finetune import read_loss_tsv, read_rank_log
 
     first, _ = built
     workdir = tmp_path / "run"
@@ -346,16 +351,38 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
             assert run.poll() is None  # the first run goes on
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
+        if point is kill_points[-1]:
+            deadline = time.time() + 5
+            while processes_of(workdir) and time.time() < deadline:
+                time.sleep(0.1)
+            assert not processes_of(workdir), [p.info["cmdline"][:3] for p in processes_of(workdir)]
+            killed_at = read_rank_log(next(results.glob(".finetune_state/*/train_log_rank_0.tsv")))[-1]
+            assert killed_at["step"] < killed_at["total"], "the kill landed after training: nothing to resume"
         snakemake(workdir, "--unlock", configfile=configfile)
     snakemake(workdir, "--cores", "2", configfile=configfile)
+    assert "resuming from the checkpoints" in (results / "logs/finetune.log").read_text()
 
     for artifact in ("tiny_base/pytorch_model.bin", "tiny_base/tokenizer.model", "ckpt/rank_0/baichuan2_tiny.ckpt",
                      "data/belle_64.mindrecord", "data/belle_64_heldout.mindrecord", "data/belle_64.stats.json",
-                     "finetune/run_baichuan2_lora.yaml", "predict/run_baichuan2.yaml", "preflight.json"):
+                     "finetune/run_baichuan2_lora.yaml", "predict/run_baichuan2.yaml", "preflight.json",
+                     "finetune/checkpoint_network/rank_0/baichuan2_tiny_lora.ckpt",
+                     "finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt",
+                     "merged_ckpt/rank_0/checkpoint_0.ckpt"):
         assert (results / artifact).read_bytes() == (first / "results/tiny" / artifact).read_bytes(), artifact
+    losses = [[row["loss"] for row in read_loss_tsv(root / "results/tiny/finetune/loss.tsv")] for root in (workdir, first)]
+    assert losses[0] == losses[1]
     assert not [p for p in results.rglob("*") if p.name.startswith(".lorapipe-tmp-") or ".tmp-" in p.name]
     assert "Nothing to be done" in snakemake(workdir, "-n", configfile=configfile).stdout
     for artifact in ("merged_ckpt/rank_0/checkpoint_0.ckpt", "predict/predictions.jsonl", "report/summary.html"):
         verify = subprocess.run([sys.executable, str(REPO / "scripts/provenance.py"), "--verify",
                                  str(results / artifact)], capture_output=True, text=True)
         assert verify.returncode == 0 and " 0 problem(s)" in verify.stdout, verify.stdout[-2000:]
+
+
+def processes_of(workdir):
+    """Live processes with `workdir` on their command line: msrun (its --log_dir), its scheduler and the
+    ranks (their --config), and msrun's `tail -f` of a worker log."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline", "status"])
+            if str(workdir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
