@@ -5,7 +5,7 @@ checkpoint_network/, loss.tsv, adapter_config.json and the rank logs. Resumes an
 import json
 
 from lorapipe import cli
-from lorapipe.finetune import run_finetune
+from lorapipe.finetune import reproducibility, run_finetune
 
 
 def main():
@@ -23,9 +23,8 @@ def main():
     p.add_argument("--device_target", default="CPU")
     args = p.parse_args()
     par = args.parallel
-    run = cli.start(args, par, device_target=args.device_target, deterministic=par["workers"] == 1,
-                    note=None if par["workers"] == 1 else
-                    "trained on several ranks: checkpoints are not byte-reproducible across runs")
+    run = cli.start(args, par, device_target=args.device_target, deterministic=False, note=reproducibility(
+        args.device_target, par["workers"] * par["nodes"]))
     run_finetune(args.config, args.worker, args.state_dir, args.out_dir, workers=par["workers"],
                  launcher=par["launcher"], nodes=par["nodes"], master_addr=par["master_addr"],
                  master_port=par["master_port"], rank_table=args.rank_table or None,

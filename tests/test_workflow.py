@@ -334,6 +334,7 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
     import time
 
     from lorapipe.finetune import read_loss_tsv, read_rank_log
+    from lorapipe.msckpt import iter_checkpoint
 
     first, _ = built
     workdir = tmp_path / "run"
@@ -365,10 +366,14 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
     for artifact in ("tiny_base/pytorch_model.bin", "tiny_base/tokenizer.model", "ckpt/rank_0/baichuan2_tiny.ckpt",
                      "data/belle_64.mindrecord", "data/belle_64_heldout.mindrecord", "data/belle_64.stats.json",
                      "finetune/run_baichuan2_lora.yaml", "predict/run_baichuan2.yaml", "preflight.json",
-                     "finetune/checkpoint_network/rank_0/baichuan2_tiny_lora.ckpt",
-                     "finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt",
                      "merged_ckpt/rank_0/checkpoint_0.ckpt"):
         assert (results / artifact).read_bytes() == (first / "results/tiny" / artifact).read_bytes(), artifact
+    for rank in (0, 1):  # every tensor bit for bit (the file holds epoch_num and step_num in the other order)
+        ckpt = f"finetune/checkpoint_network/rank_{rank}/baichuan2_tiny_lora.ckpt"
+        resumed, uninterrupted = (dict(iter_checkpoint(root / "results/tiny" / ckpt)) for root in (workdir, first))
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(resumed[k].tobytes() == v.tobytes() and resumed[k].dtype == v.dtype
+                   for k, v in uninterrupted.items())
     losses = [[row["loss"] for row in read_loss_tsv(root / "results/tiny/finetune/loss.tsv")] for root in (workdir, first)]
     assert losses[0] == losses[1]
     assert not [p for p in results.rglob("*") if p.name.startswith(".lorapipe-tmp-") or ".tmp-" in p.name]

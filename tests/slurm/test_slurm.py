@@ -257,3 +257,61 @@ def wait_for_training_rank(workdir, rank, timeout):
                 return ranks[rank]
         time.sleep(1)
     raise AssertionError(f"rank {rank} did not start training within {timeout} s")
+
+
+def start_long_finetune(slurm_run, tmp_path):
+    """The two-node finetune (60 epochs, so that it is mid-training when stopped) under the profile,
+    once rank 1 (on n2) trains: (Snakemake, its output file, the finetune's Slurm job id)."""
+    configfile = two_node_copy(slurm_run, tmp_path)
+    configfile.write_text(configfile.read_text().replace("epochs: 3", "epochs: 60"))
+    snake = subprocess.Popen(snakemake_cmd(tmp_path, configfile, "finetune", "--profile", str(PROFILE)),
+                             stdout=open(tmp_path / "snakemake.out", "w"), stderr=subprocess.STDOUT, env=env(),
+                             cwd=tmp_path, text=True, start_new_session=True)
+    wait_for_training_rank(tmp_path, 1, timeout=420)
+    uuid = run_id((tmp_path / "snakemake.out").read_text())
+    [job] = queued(uuid).split()[:1]
+    return snake, configfile, job
+
+
+def processes_of(workdir):
+    """Live processes, on either node, with `workdir` on their command line: msrun, its scheduler, the
+    ranks, and the launcher."""
+    return [p for p in psutil.process_iter(["cmdline", "status"])
+            if str(workdir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def test_scancel_of_the_finetune_job_leaves_nothing_running(slurm_run, tmp_path):
+    """Issue 22: scancel ends the job's steps, and with them msrun; the ranks, which msrun starts in
+    sessions of their own, die with it on n1 and on n2."""
+    snake, _, job = start_long_finetune(slurm_run, tmp_path)
+    try:
+        subprocess.run(["scancel", job], check=True)
+        deadline = time.time() + 60
+        while processes_of(tmp_path) and time.time() < deadline:
+            time.sleep(1)
+        assert not processes_of(tmp_path), [p.info["cmdline"][:4] for p in processes_of(tmp_path)]
+    finally:
+        os.killpg(snake.pid, signal.SIGKILL)
+        snake.wait()
+
+
+def test_a_rerun_after_snakemake_was_killed_cancels_the_orphaned_job_and_resumes(slurm_run, tmp_path):
+    """Killing Snakemake does not end the Slurm job it submitted: the job trains on. The rerun's launcher
+    finds that job in the training state (its lock and its process records), scancels it, and resumes
+    from the last checkpoint; two trainings never share the state."""
+    snake, configfile, job = start_long_finetune(slurm_run, tmp_path)
+    state = next((tmp_path / "results/tiny/.finetune_state").glob("*"))
+    while not list(state.glob("output/checkpoint/rank_1/*.ckpt")):
+        time.sleep(1)
+    os.killpg(snake.pid, signal.SIGKILL)
+    snake.wait()
+    assert job in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    run(tmp_path, configfile, "--unlock")
+    proc = run(tmp_path, configfile, "finetune", check=False)
+    log = (tmp_path / "results/tiny/logs/finetune.log").read_text()
+    assert f"cancelling Slurm {job}" in log and "resuming from the checkpoints" in log, log[-3000:]
+    assert proc.returncode == 0, log[-3000:]
+    state_of_old = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], capture_output=True,
+                                  text=True).stdout.split()
+    assert state_of_old and state_of_old[0].startswith("CANCELLED"), state_of_old
+    assert not processes_of(tmp_path)
