@@ -10,6 +10,7 @@ same params: reordering keys, writing `3e-3` for `0.003`, `2` for `2.0` or `./da
 nothing.
 """
 
+import glob
 import json
 import os
 import re
@@ -101,6 +102,19 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
     if par["nodes"] > 1 and par["launcher"] != "msrun":
         raise ConfigError(f"{source}: parallel.nodes {par['nodes']} needs parallel.launcher msrun (the rank-table "
                           f"launcher starts one node)")
+    devices = par["visible_devices"].split(",")
+    if len(devices) < par["workers"] or len(set(devices)) < len(devices):
+        raise ConfigError(f"{source}: parallel.visible_devices {par['visible_devices']!r} must list parallel.workers "
+                          f"= {par['workers']} different devices (the ones behind ranks 0..{par['workers'] - 1} of a node)")
+    lr = config["train"]["lr_schedule"]
+    if lr["lr_end"] > lr["learning_rate"]:
+        raise ConfigError(f"{source}: train.lr_schedule.lr_end {lr['lr_end']} is above learning_rate "
+                          f"{lr['learning_rate']}: the cosine schedule would raise the rate as training goes on")
+    try:
+        re.compile(config["lora"]["target_modules"])
+    except re.error as e:
+        raise ConfigError(f"{source}: lora.target_modules {config['lora']['target_modules']!r} is not a regular "
+                          f"expression ({e})") from None
     return config
 
 
@@ -122,10 +136,13 @@ def _schema_types(schema):
 
 
 def canonical(value, schema):
-    """`value` in canonical form under `schema`: mappings as ConfigSections with sorted keys, integers
-    as floats where the schema says number (not integer), `format: path` strings normalised."""
+    """`value` in canonical form under `schema`: mappings as ConfigSections with sorted keys and the
+    schema's `default` filled in for an optional key left out (so that rules and jobs read every key
+    directly), integers as floats where the schema says number (not integer), `format: path` strings
+    normalised."""
     if isinstance(value, dict):
         properties = schema.get("properties", {})
+        value = {**{k: p["default"] for k, p in properties.items() if "default" in p}, **value}
         return ConfigSection((k, canonical(value[k], properties.get(k, {}))) for k in sorted(value))
     if isinstance(value, list):
         return [canonical(v, schema.get("items", {})) for v in value]
@@ -204,6 +221,31 @@ def position_embedding(config):
                           f"attention takes ALiBi as a separate input that lorapipe's Baichuan2-13B network does "
                           f"not build (the r1.0 13B recipe trains without it): set it to false")
     return kind
+
+
+def data_files(train):
+    """The files data.train names (lorapipe.data.input_files), each one checked: a path that does not
+    exist or is not a file, or a glob that matches nothing, is a ConfigError naming the key and the path.
+    Snakemake alone plans nothing for a missing input whose outputs exist ("Nothing to be done"), and
+    an empty glob is no input at all: either way the old data would stand for the new."""
+    from lorapipe.data import input_files, parse_sources
+
+    files = []
+    for i, source in enumerate(parse_sources(train)):
+        key = f"data.train[{i}].path" if isinstance(train, (list, tuple)) else "data.train"
+        found = input_files([source.path])
+        if glob.has_magic(source.path) and not found:
+            raise ConfigError(f"{key}: no file matches {source.path}")
+        files += [existing_file(key, path, "a chat JSON/JSONL file or a glob") for path in found]
+    return files
+
+
+def existing_file(key, path, expected):
+    """`path`, which config key `key` names, if it is a file; else a ConfigError naming both."""
+    if not Path(path).is_file():
+        problem = f"is a directory, expected {expected}" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"{key}: {path} {problem}")
+    return str(path)
 
 
 def check_base_model_dir(path):

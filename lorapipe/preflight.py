@@ -105,6 +105,10 @@ def ascend_devices():
 
 def check_devices(device_target, parallel):
     wanted = parallel["workers"]
+    if device_target == "CPU" and parallel["launcher"] == "rank_table":
+        return Check("devices", "fail", "parallel.launcher rank_table: on CPU, MindSpore's collectives are set up by "
+                                        "msrun's scheduler (MS_SCHED_HOST/PORT, MS_ROLE), which ranks started from a "
+                                        "rank table do not have; use msrun")
     if device_target == "CPU":
         return Check("devices", "ok", f"CPU: {wanted} ranks per node as processes on {os.cpu_count()} cores")
     if device_target != "Ascend":
@@ -139,6 +143,78 @@ def check_rank_table(rank_table, parallel, hccn_conf):
     if wrong:
         return Check("rank table", "fail", f"{rank_table} disagrees with {hccn_conf}: {'; '.join(wrong)}")
     return Check("rank table", "ok", f"{want} devices, IPs as in {hccn_conf}")
+
+
+def check_layout(model_config, rendered):
+    """The parallel layout against the network's widths, before the network is built: what MindFormers
+    refuses with a traceback on every rank (or, for the vocabulary, accepts with a slower layout)."""
+    par, cpu = rendered["parallel_config"], rendered["parallel"]["parallel_mode"] == 0
+    mp, pp = par["model_parallel"], par["pipeline_stage"]
+    problems = []
+    if cpu and (mp > 1 or pp > 1):
+        problems.append(f"parallel.model_parallel {mp} and pipeline_stage {pp}: lorapipe trains data parallel only "
+                        f"on {rendered['context']['device_target']} (parallel_mode 0, no shard strategies); set both to 1")
+    for what, size in (("hidden_size", model_config["hidden_size"]), ("num_heads", model_config["num_heads"]),
+                       ("intermediate_size", model_config["intermediate_size"])):
+        if size % mp:  # MindFormers: llama_layer.py:439-446 (FeedForward), modules/layers.py:681 (heads)
+            problems.append(f"parallel.model_parallel {mp} does not divide the network's {what} {size}")
+    if pp > model_config["num_layers"]:
+        problems.append(f"parallel.pipeline_stage {pp} is more than the network's {model_config['num_layers']} "
+                        f"layers: a stage would hold none")
+    if problems:
+        return Check("parallel layout", "fail", "; ".join(problems))
+    if model_config["vocab_size"] % mp:  # models/llama/llama.py:527,544: then lm_head and the loss stay whole
+        return Check("parallel layout", "warn", f"parallel.model_parallel {mp} does not divide vocab_size "
+                                                f"{model_config['vocab_size']}: lm_head and the loss are not split "
+                                                f"(every device computes all logits)")
+    return Check("parallel layout", "ok", f"data {par['data_parallel']} x model {mp} x pipeline {pp}; widths and "
+                                          f"{model_config['num_layers']} layers divide")
+
+
+def check_lora(params, model_config):
+    """LoRA targets that match no cell leave nothing to train (MindFormers' pet wrapper then fails on
+    every rank); say how many parameters train."""
+    from lorapipe.spec import LORA_A, LORA_B
+
+    target = model_config["pet_config"]["target_modules"]
+    lora = {n: shape for n, (shape, _) in params.items() if n.endswith((LORA_A, LORA_B))}
+    if not lora:
+        cells = sorted({n.rsplit(".", 1)[0].split(".", 3)[-1] for n, (shape, _) in params.items() if len(shape) == 2})
+        return Check("lora", "fail", f"lora.target_modules {target!r} matches no cell of the network; its 2-D weights "
+                                     f"are in {', '.join(cells)} (the recipe's is '.*wq|.*wk|.*wv')")
+    cells = sorted({n.rsplit(".", 1)[0] for n in lora})
+    trainable = sum(_numel(shape) for shape in lora.values())
+    total = sum(_numel(shape) for shape, _ in params.values())
+    kinds = sorted({c.split(".", 3)[-1] for c in cells})
+    return Check("lora", "ok", f"{len(cells)} cells ({', '.join(kinds)}): {trainable:,} trainable values, "
+                               f"{100 * trainable / total:.3g}% of {total:,}")
+
+
+def check_positions(model_config, hf_config, allow_longer):
+    """Rows longer than the positions the base model was trained on: RoPE angles (or ALiBi distances)
+    it never saw. Refused unless data.allow_seq_length_over_max_positions says so."""
+    limit = hf_config.get("model_max_length", hf_config.get("max_position_embeddings"))
+    seq = model_config["seq_length"]
+    if limit is None or seq <= limit:
+        return Check("sequence length", "ok", f"data.seq_length {seq}" + (f" of the model's {limit} positions"
+                                                                          if limit else " (the model names no limit)"))
+    detail = (f"data.seq_length {seq} is more than the base model's {limit} positions (config.json "
+              f"{'model_max_length' if 'model_max_length' in hf_config else 'max_position_embeddings'})")
+    if allow_longer:
+        return Check("sequence length", "warn", detail + "; allowed by data.allow_seq_length_over_max_positions")
+    return Check("sequence length", "fail", detail + ": positions it never saw in training; set "
+                                                     "data.allow_seq_length_over_max_positions: true to train anyway")
+
+
+def build_network_check(rendered_yaml):
+    """(network, None) or (None, a failed Check with MindFormers' own reason in one line)."""
+    try:
+        net, _ = build_network(rendered_yaml)
+    except Exception as e:  # noqa: BLE001 - any refusal by MindFormers is this check's result
+        reason = str(e).strip().splitlines()
+        return None, Check("network", "fail", f"MindFormers cannot build the network: {type(e).__name__}: "
+                                              f"{reason[-1] if reason else ''}")
+    return net, None
 
 
 def check_checkpoint(params, base_ckpt, param_init_type):
@@ -189,15 +265,39 @@ def check_data(train_data, rendered):
 
     rows = ds.MindDataset(str(train_data), shuffle=False).get_dataset_size()
     runner, par = rendered["runner_config"], rendered["parallel_config"]
-    global_batch = runner["batch_size"] * par["data_parallel"]
+    # as MindFormers computes it (trainer/base_trainer.py:224): micro batches only with pipeline stages
+    micro = par["micro_batch_num"] if par["pipeline_stage"] > 1 else 1
+    global_batch = runner["batch_size"] * par["data_parallel"] * micro
     steps = rows // global_batch  # drop_remainder
     if steps == 0:
-        return Check("data", "fail", f"{train_data}: {rows} rows give no full batch of batch_size "
-                                     f"{runner['batch_size']} x data_parallel {par['data_parallel']} = {global_batch}")
+        return [Check("data", "fail", f"{train_data}: {rows} rows give no full batch of train.batch_size "
+                                      f"{runner['batch_size']} x data_parallel {par['data_parallel']}"
+                                      + (f" x micro_batch_num {micro}" if micro > 1 else "") + f" = {global_batch}")]
     total = steps * runner["epochs"]
     if runner["sink_mode"] and total < runner["sink_size"]:
-        return Check("data", "fail", f"{total} steps, fewer than sink_size {runner['sink_size']}")
-    return Check("data", "ok", f"{rows} rows, global batch {global_batch}: {steps} steps per epoch, {total} in all")
+        return [Check("data", "fail", f"{total} steps, fewer than sink_size {runner['sink_size']}")]
+    return [Check("data", "ok", f"{rows} rows, global batch {global_batch}: {steps} steps per epoch, {total} in all"),
+            check_schedule(rendered, total)]
+
+
+def check_schedule(rendered, total):
+    """Legal values that are unlikely to be what was meant: warnings, not failures."""
+    lr, save = rendered["lr_schedule"], rendered["callbacks"][-1]["save_checkpoint_steps"]
+    odd = []
+    warmup = int(lr["warmup_ratio"] * total)
+    if lr["warmup_ratio"] > 0 and warmup == 0:
+        odd.append(f"train.lr_schedule.warmup_ratio {lr['warmup_ratio']} of {total} steps is no warmup step")
+    if lr["warmup_ratio"] >= 0.5:
+        odd.append(f"train.lr_schedule.warmup_ratio {lr['warmup_ratio']}: the rate rises for {warmup} of {total} "
+                   f"steps and decays for {total - warmup}")
+    if lr["learning_rate"] > 0.1:
+        odd.append(f"train.lr_schedule.learning_rate {lr['learning_rate']} (LoRA usually trains at 1e-5 to 1e-2)")
+    if save > total:
+        odd.append(f"train.save_checkpoint_steps {save} > {total} steps: only the final checkpoint is saved, so a "
+                   f"killed run restarts from step 0")
+    if odd:
+        return Check("schedule", "warn", "; ".join(odd))
+    return Check("schedule", "ok", f"{total} steps, {warmup} of warmup, a checkpoint every {save}")
 
 
 def device_memory(model_config, rendered, params):
@@ -288,22 +388,36 @@ def check_strategies(net, rendered):
 
 # -- the whole preflight ----------------------------------------------------------------------------
 
-def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, rank_table=None, hccn_conf=None):
-    """All checks for a finetune, in order; never raises for a failed check (see report())."""
+def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, rank_table=None, hccn_conf=None,
+                  hf_config=None, allow_longer=False):
+    """All checks for a finetune, in order; never raises for a failed check (see report()). The checks
+    that need the network are skipped when it cannot be built."""
     import yaml
 
     rendered = yaml.safe_load(Path(rendered_yaml).read_text())
     model_config = rendered["model"]["model_config"]
     device_target = rendered["context"]["device_target"]
-    net, _ = build_network(rendered_yaml)
-    params = network_parameters(net)
-    return [check_devices(device_target, parallel),
-            check_rank_table(rank_table, parallel, hccn_conf or "/etc/hccn.conf"),
-            *check_checkpoint(params, base_ckpt, model_config["param_init_type"]),
-            check_tokenizer(tokenizer, model_config),
-            check_data(train_data, rendered),
-            check_memory(model_config, rendered, params, device_target),
-            check_strategies(net, rendered)]
+    checks = [check_devices(device_target, parallel),
+              check_rank_table(rank_table, parallel, hccn_conf or "/etc/hccn.conf"),
+              check_layout(model_config, rendered)]
+    net = None
+    if checks[-1].status != "fail":
+        net, failed = build_network_check(rendered_yaml)
+        checks += [failed] if failed else []
+    if net is not None:
+        params = network_parameters(net)
+        checks += [*check_checkpoint(params, base_ckpt, model_config["param_init_type"]),
+                   check_lora(params, model_config)]
+    else:
+        checks.append(Check("network checks", "skipped", "checkpoint, LoRA, memory and shard strategies need the "
+                                                         "network, which cannot be built with this layout"))
+    checks.append(check_tokenizer(tokenizer, model_config))
+    if hf_config is not None:
+        checks.append(check_positions(model_config, hf_config, allow_longer))
+    checks += check_data(train_data, rendered)
+    if net is not None:
+        checks += [check_memory(model_config, rendered, params, device_target), check_strategies(net, rendered)]
+    return checks
 
 
 def report(checks):

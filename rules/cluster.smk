@@ -22,7 +22,7 @@ RANK_TABLE_SHELL = (
 rule rank_table:
     """The recipe's hccl_tools.py --device_num "[0,N)" for this node (and merge_hccl.py for several)."""
     input:
-        hccn=config["parallel"]["hccn_conf"],
+        hccn=hccn_conf,
         script=f"{SCRIPTS}/hccl_tools.py",
         merge=f"{SCRIPTS}/merge_hccl.py",
     output:

@@ -5,7 +5,7 @@ import glob
 import os
 from pathlib import Path
 
-from lorapipe.config import pick
+from lorapipe.config import data_files as checked_data_files, existing_file, pick
 
 RESULTS = config["results"]
 SCRIPTS = f"{workflow.basedir}/scripts"
@@ -38,10 +38,9 @@ def base_weight_files(wildcards):
 
 
 def data_files(wildcards):
-    """The chat data files data.train names (a path, a glob, or a list of sources)."""
-    from lorapipe.data import input_files
-
-    return input_files(config["data"]["train"])
+    """The chat data files data.train names (a path, a glob, or a list of sources); a missing one stops
+    the plan with the key that names it."""
+    return checked_data_files(config["data"]["train"])
 
 
 # The converted base model, in the rank_0/ folder MindFormers loads a complete checkpoint from.
@@ -59,6 +58,17 @@ def mindrecord(split):
 
 
 RANK_TABLE = f"{RESULTS}/rank_table.json"
+
+
+def hccn_conf(wildcards):
+    """parallel.hccn_conf, the device IPs rank_table reads; a missing one stops the plan naming the key."""
+    return existing_file(
+        "parallel.hccn_conf",
+        config["parallel"]["hccn_conf"],
+        "the host's hccn.conf (address_<id>=<ip> lines)",
+    )
+
+
 RANK_TABLE_LAUNCH = config["parallel"]["launcher"] == "rank_table"
 
 

@@ -25,7 +25,15 @@ rule mindrecord:
     conda:
         "../envs/lorapipe.yaml"
     params:
-        data=config["data"],
+        data=pick(
+            config["data"],
+            "train",
+            "format",
+            "seq_length",
+            "heldout_fraction",
+            "split_seed",
+            "on_bad_record",
+        ),
         # train.seed draws the sample of a fractional source weight; other data never depends on it,
         # so that editing train.seed rebuilds no MindRecord that it cannot change.
         sample_seed=(

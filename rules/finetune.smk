@@ -49,6 +49,7 @@ rule preflight:
     input:
         unpack(finetune_inputs),
         tokenizer=base_file("tokenizer.model"),
+        hf_config=base_file("config.json"),
         script=f"{SCRIPTS}/preflight.py",
     output:
         report=PREFLIGHT,
@@ -69,10 +70,16 @@ rule preflight:
             "hccn_conf",
         ),
         rank_table=lambda wildcards, input: input.get("rank_table", ""),
+        allow_longer=(
+            "--allow_seq_length_over_max_positions"
+            if config["data"]["allow_seq_length_over_max_positions"]
+            else ""
+        ),
     shell:
         "python {input.script} --rule preflight --log {log} --config {input.config} "
         "--base_ckpt {input.base_ckpt} --tokenizer {input.tokenizer} --train_data {input.train_data} "
-        "--parallel {params.parallel:q} --rank_table={params.rank_table} --output {output.report}"
+        "--hf_config {input.hf_config} --parallel {params.parallel:q} --rank_table={params.rank_table} "
+        "{params.allow_longer} --output {output.report}"
 
 
 rule finetune:

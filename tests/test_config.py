@@ -32,6 +32,19 @@ def test_shipped_configs_are_valid():
         (lambda c: c["parallel"].update(data_parallel=4), "parallel.data_parallel * model_parallel"),
         (lambda c: c["parallel"].update(nodes=2, data_parallel=4, launcher="rank_table"),
          "parallel.nodes 2 needs parallel.launcher msrun"),
+        # issue 27: values every rank refused only after it started, or that trained something not meant
+        (lambda c: c["train"]["optimizer"].update(beta1=1.0), "train.optimizer.beta1: 1.0 is greater than or "
+                                                              "equal to the maximum of 1"),
+        (lambda c: c["train"]["optimizer"].update(beta2=0), "train.optimizer.beta2: 0 is less than or equal to "
+                                                            "the minimum of 0"),
+        (lambda c: c["train"]["optimizer"].update(eps=0), "train.optimizer.eps: 0 is less than or equal to"),
+        (lambda c: c["train"]["lr_schedule"].update(lr_end=0.01), "train.lr_schedule.lr_end 0.01 is above "
+                                                                  "learning_rate 0.003"),
+        (lambda c: c["lora"].update(target_modules=".*wq|("), "lora.target_modules '.*wq|(' is not a regular "
+                                                               "expression"),
+        (lambda c: c["parallel"].update(visible_devices="0"), "parallel.visible_devices '0' must list "
+                                                              "parallel.workers = 2 different devices"),
+        (lambda c: c["parallel"].update(visible_devices="3,3"), "parallel.visible_devices '3,3' must list"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):
@@ -97,3 +110,25 @@ def test_canonical_form_ignores_spelling(tmp_path):
     assert list(ca) == sorted(ca) and ca["lora"]["alpha"] == 16.0 and isinstance(ca["lora"]["alpha"], float)
     assert isinstance(ca["lora"]["rank"], int) and ca["data"]["train"] == "data/belle_sample.json"
     assert str(ca["lora"]) == '{"alpha": 16.0, "dropout": 0.0, "rank": 8, "target_modules": ".*wq|.*wk|.*wv"}'
+
+
+def test_a_missing_data_path_or_an_empty_glob_stops_the_plan_naming_the_key(tmp_path):
+    cfg = default_config()
+    for train, message in [
+        ("/nowhere/belle.json", "data.train: /nowhere/belle.json does not exist"),
+        (str(tmp_path / "none-*.json"), f"data.train: no file matches {tmp_path}/none-*.json"),
+        (str(tmp_path), f"data.train: {tmp_path} is a directory, expected a chat JSON/JSONL file or a glob"),
+        ([{"path": cfg["data"]["train"]}, {"path": "/nowhere/more.jsonl", "weight": 2}],
+         "data.train[1].path: /nowhere/more.jsonl does not exist"),
+    ]:
+        cfg["data"]["train"] = train
+        proc = snakemake(tmp_path, "-n", "mindrecord", configfile=write_config(tmp_path / "c.yaml", cfg), check=False)
+        assert proc.returncode != 0 and f"ConfigError: {message}" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_schema_default_fills_an_optional_key():
+    cfg = default_config()
+    assert "allow_seq_length_over_max_positions" not in cfg["data"]
+    from lorapipe.config import SCHEMA_PATH, canonical, load_yaml
+
+    assert canonical(cfg, load_yaml(SCHEMA_PATH))["data"]["allow_seq_length_over_max_positions"] is False

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import psutil
 import pytest
@@ -277,3 +278,21 @@ def test_finetune_for_ascend_stops_at_once_on_a_host_without_npus(tmp_path):
     assert "Unsupported device target" not in log
     assert not list((tmp_path / "results/tiny/.finetune_state").rglob("worker_*.log"))  # no rank started
     assert json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"][0]["status"] == "skipped"
+
+
+def test_progress_rate_counts_from_the_first_logged_step(monkeypatch, caplog):
+    """Issue 27: the first progress line of a finetune said "ETA 638 s" at step 6 of 108 (27 s at step 66):
+    its rate counted the graph compile, and after a resume the steps done before it."""
+    from lorapipe import progress
+
+    clock = iter([0.0, 600.0, 610.0, 620.0])  # made at 0; the first step logged after a 600 s compile
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    caplog.set_level("INFO", logger="lorapipe")
+    bar = progress.Progress("finetune", 108, every=0, from_first_update=True)
+    bar.update(26)  # a resume from step 20: 26 is the first step this run logged
+    bar.update(36)
+    bar.update(46)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "finetune: 26/108 steps (24%)"  # no rate yet
+    assert lines[1] == "finetune: 36/108 steps (33%), 1.0 steps/s, ETA 72 s"
+    assert lines[2] == "finetune: 46/108 steps (43%), 1.0 steps/s, ETA 62 s"

@@ -92,8 +92,9 @@ def test_checks_name_what_is_wrong(tmp_path, tiny_base_dir):
 
     preprocess_belle(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "d.mindrecord", 16)
     rendered = {"runner_config": {"batch_size": 400, "epochs": 1, "sink_mode": False, "sink_size": 1},
-                "parallel_config": {"data_parallel": 1}}
-    assert "324 rows give no full batch" in check_data(tmp_path / "d.mindrecord", rendered).detail
+                "parallel_config": {"data_parallel": 1, "pipeline_stage": 1}}
+    (data,) = check_data(tmp_path / "d.mindrecord", rendered)
+    assert data.status == "fail" and "324 rows give no full batch of train.batch_size 400" in data.detail
 
     (tmp_path / "hccn.conf").write_text("address_0=10.0.0.1\naddress_1=10.0.0.2\n")
     table = {"version": "1.0", "server_count": "1", "status": "completed", "server_list": [{
@@ -153,3 +154,66 @@ def test_the_memory_estimate_counts_the_alibi_bias_of_13b():
     assert "ALiBi bias" not in rope
     assert alibi.pop("ALiBi bias") == 512 * 512 * 4 + 20 * 512 * 512 * (4 + 2 + 2 * 2)  # 20 heads/device: 53 MB
     assert alibi == rope
+
+
+def test_the_parallel_layout_is_checked_against_the_network_before_it_is_built(tiny_base_dir):
+    """Issue 27: model_parallel 3 with 4 heads and pipeline_stage 4 with 2 layers stopped preflight with a
+    traceback from MindFormers; mp > 1 on CPU is not what lorapipe renders there."""
+    from lorapipe.config import load_config
+    from lorapipe.preflight import check_layout
+
+    hf = json.loads((tiny_base_dir / "config.json").read_text())  # hidden 32, 4 heads, ffn 88, 2 layers, vocab 600
+    tok = tiny_base_dir / "tokenizer.model"
+    real = load_config(REPO / "config" / "baichuan2_7b_910b.yaml")
+
+    def layout(cfg, hf_config=hf, **parallel):
+        par = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1, "max_device_memory": None, **parallel}
+        rendered = render(cfg, hf_config, tok, seq_length=32, parallel=par)
+        return check_layout(rendered["model"]["model_config"], rendered)
+
+    assert layout(real, model_parallel=8).detail == "parallel.model_parallel 8 does not divide the network's num_heads 4"
+    assert layout(real, model_parallel=3).status == "fail" and "hidden_size 32" in layout(real, model_parallel=3).detail
+    assert layout(real, pipeline_stage=4).detail == ("parallel.pipeline_stage 4 is more than the network's 2 layers: "
+                                                     "a stage would hold none")
+    vocab = layout(real, dict(hf, vocab_size=601), model_parallel=4)
+    assert vocab.status == "warn" and "does not divide vocab_size 601" in vocab.detail
+    assert layout(real, model_parallel=4, data_parallel=2).status == "ok"
+    cpu = layout(load_config(REPO / "config" / "config.yaml"), model_parallel=2)
+    assert cpu.status == "fail" and "lorapipe trains data parallel only on CPU" in cpu.detail
+
+
+def test_lora_targets_that_match_no_cell_are_refused_with_the_cells_there_are(tmp_path, tiny_base_dir):
+    from lorapipe.config import load_config
+    from lorapipe.finetune import write_mindformers_config
+    from lorapipe.preflight import build_network_check, check_lora, network_parameters
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    hf = json.loads((tiny_base_dir / "config.json").read_text())
+    results = {}
+    for target in (".*q_proj|.*v_proj", ".*wq|.*wv"):
+        cfg["lora"]["target_modules"] = target
+        rendered = render(cfg, hf, tiny_base_dir / "tokenizer.model", seq_length=32)
+        write_mindformers_config(tmp_path / "mf.yaml", rendered)
+        net, failed = build_network_check(tmp_path / "mf.yaml")
+        assert failed is None
+        results[target] = check_lora(network_parameters(net), rendered["model"]["model_config"])
+    hf_names = results[".*q_proj|.*v_proj"]
+    assert hf_names.status == "fail" and hf_names.detail.startswith(
+        "lora.target_modules '.*q_proj|.*v_proj' matches no cell of the network; its 2-D weights are in "
+        "attention.wk, attention.wo, attention.wq, attention.wv, feed_forward.w1")
+    ok = results[".*wq|.*wv"]
+    # 2 layers x (wq, wv) x (A [8, 32] + B [32, 8])
+    assert ok.status == "ok" and ok.detail.startswith("4 cells (attention.wq, attention.wv): 2,048 trainable values")
+
+
+def test_rows_longer_than_the_models_positions_are_refused_unless_allowed():
+    from lorapipe.preflight import check_positions
+
+    refused = check_positions({"seq_length": 600}, {"max_position_embeddings": 512}, allow_longer=False)
+    assert refused.status == "fail" and refused.detail.startswith(
+        "data.seq_length 600 is more than the base model's 512 positions (config.json max_position_embeddings)")
+    assert "data.allow_seq_length_over_max_positions: true" in refused.detail
+    assert check_positions({"seq_length": 600}, {"max_position_embeddings": 512}, allow_longer=True).status == "warn"
+    # Baichuan2's config.json names model_max_length too, and it is the one its tokenizer and training used
+    assert check_positions({"seq_length": 4096}, {"max_position_embeddings": 8192, "model_max_length": 4096},
+                           allow_longer=False).status == "ok"
