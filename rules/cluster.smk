@@ -11,7 +11,7 @@ _HCCL_TOOLS = (
 # executor's `srun -n1`): --ntasks overrides the SLURM_NTASKS=1 it leaves, and --overlap lets this step
 # share that step's CPUs, else srun waits forever for "busy" nodes.
 RANK_TABLE_SHELL = (
-    f"{_HCCL_TOOLS} --log {{log}} --server_ip {{params.server_ip:q}} --output {{output.table}}"
+    f"{_HCCL_TOOLS} --log {{log}} --server_ip={{params.server_ip:q}} --output {{output.table}}"
     if config["parallel"]["nodes"] == 1
     else "srun --nodes={params.nodes} --ntasks={params.nodes} --ntasks-per-node=1 --overlap bash -c "
     f'"exec {_HCCL_TOOLS} --output {{output.table}}.node\\$SLURM_NODEID.json" > {{log}} 2>&1 && '
