@@ -25,9 +25,10 @@ config.clear()
 config.update(_loaded)
 if config["base_model"]["path"] != "tiny":
     check_base_model_dir(config["base_model"]["path"])
-# RoPE (Baichuan2-7B) or ALiBi (Baichuan2-13B), from config.json or the tiny model's settings; an
+# The architecture, decided once: RoPE (Baichuan2-7B) or ALiBi (Baichuan2-13B), from config.json (or the
+# tiny model's settings) and base_model.position_embedding. Every job that needs it gets this value; an
 # impossible combination stops here (lorapipe/config.py position_embedding).
-ALIBI = position_embedding(config) == "alibi"
+ARCH = position_embedding(config)
 
 
 envvars:
@@ -50,6 +51,5 @@ rule all:
     input:
         MERGED_CKPT,
         f"{HF_EXPORT}/model.safetensors",
-        # Llama has no ALiBi: the Llama-format exports are for RoPE models (rules/export.smk).
         LLAMA_EXPORTS,
         f"{REPORT}/summary.html",

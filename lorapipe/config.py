@@ -19,13 +19,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from lorapipe.errors import InputError
+from lorapipe.data import input_files, parse_sources
+from lorapipe.errors import ConfigError
+from lorapipe.spec import ALIBI
+from lorapipe.spec import position_embedding as from_hf_config
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
-
-
-class ConfigError(InputError):
-    """A config file or value that cannot be used; the message names the file and the key."""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -198,9 +197,6 @@ def position_embedding(config):
     model's comes from tiny_base (the config.json it will write); a user's from its config.json, which
     planning needs anyway (BASE_MODEL_FILES). Raises ConfigError for an impossible combination: an
     override that contradicts config.json, or ALiBi with train.use_flash_attention."""
-    from lorapipe.spec import ALIBI
-    from lorapipe.spec import position_embedding as from_hf_config
-
     base = config["base_model"]
     if base["path"] == "tiny":
         tiny = config["tiny_base"]
@@ -228,8 +224,6 @@ def data_files(train):
     exist or is not a file, or a glob that matches nothing, is a ConfigError naming the key and the path.
     Snakemake alone plans nothing for a missing input whose outputs exist ("Nothing to be done"), and
     an empty glob is no input at all: either way the old data would stand for the new."""
-    from lorapipe.data import input_files, parse_sources
-
     files = []
     for i, source in enumerate(parse_sources(train)):
         key = f"data.train[{i}].path" if isinstance(train, (list, tuple)) else "data.train"

@@ -8,3 +8,7 @@ class StepError(Exception):
 
 class InputError(StepError, ValueError):
     """Bad input: the message names the file, record or tensor and what was expected."""
+
+
+class ConfigError(InputError):
+    """A config file or value that cannot be used; the message names the file and the key."""

@@ -1,4 +1,4 @@
-"""Chat generation and held-out evaluation with the Baichuan2 model.
+"""Chat generation with the Baichuan2 model.
 
 The chat template is the training layout (lorapipe.data): `<reserved_106>{question}<reserved_107>`,
 earlier turns before it as `<reserved_106>q<reserved_107>a`, and the model answers until eos.
@@ -12,15 +12,20 @@ against the network and folds LoRA tensors with the trained run's scale.
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from lorapipe.data import IGNORE_TOKEN_ID, PAD_ID, ROLE_MARKER, ChatTokenizer
+from lorapipe.baichuan2 import network_shapes
+from lorapipe.checkpoints import rank_checkpoints
+from lorapipe.data import ROLE_MARKER, ChatTokenizer
+from lorapipe.decode import KVCacheDecoder
 from lorapipe.errors import InputError
-from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config
+from lorapipe.msckpt import checkpoint_index, iter_checkpoint
+from lorapipe.outputs import atomic_outputs
+from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE, is_alibi
 
 log = logging.getLogger("lorapipe")
 
@@ -100,8 +105,6 @@ def generate(model, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=No
     `model` is a lorapipe.decode.KVCacheDecoder (a new token costs one position's forward), a
     MindFormers network built with use_past (its own generate(), the Ascend path), or a plain network
     (every step re-runs the whole sequence: the reference the decoder is tested against)."""
-    from lorapipe.decode import KVCacheDecoder
-
     incremental = isinstance(model, KVCacheDecoder)
     capacity = model.max_positions if incremental else model.config.seq_length
     limit = min(max_new_tokens, capacity - len(prompt_ids))
@@ -170,8 +173,6 @@ def complete_checkpoint(path):
     """The complete checkpoint `--load_checkpoint` names: a .ckpt file, or (MindFormers' layout) a
     folder holding rank_0/ with one checkpoint. A folder of several ranks is a distributed checkpoint:
     merge it first."""
-    from lorapipe.checkpoints import rank_checkpoints
-
     path = Path(path)
     if path.is_file():
         return path
@@ -187,8 +188,6 @@ def complete_checkpoint(path):
 def read_adapter(adapter_config, model_config, where):
     """The LoRA settings to fold with: the adapter_config.json given, else the YAML's pet_config, else
     None (a checkpoint with LoRA tensors is then refused by load_model)."""
-    from lorapipe.lora import pet_config_adapter, read_adapter_config
-
     if adapter_config:
         return read_adapter_config(adapter_config)
     if model_config.get("pet_config"):
@@ -204,10 +203,6 @@ def load_weights(model_config, ckpt, adapter=None):
     `adapter` (the trained run's settings, lorapipe.lora.read_adapter_config), which it then needs. A
     tensor the model does not have, or a parameter the checkpoint lacks, is an error: nothing is dropped
     silently."""
-    from lorapipe.baichuan2 import network_shapes
-    from lorapipe.lora import check_adapter_shapes, fold, lora_pairs
-    from lorapipe.msckpt import checkpoint_index, iter_checkpoint
-
     if not Path(ckpt).is_file():
         raise InputError(f"{ckpt}: checkpoint not found")
     index = checkpoint_index(ckpt)
@@ -278,9 +273,6 @@ def build_decoder(model_config, ckpt, adapter=None, use_past=True, device_target
     MindFormers' use_past network; without use_past, the plain network (full recompute). An ALiBi model
     (Baichuan2-13B) on Ascend decodes with the plain network: MindFormers 1.9's use_past path for LLaMA
     applies rotary embeddings and no ALiBi bias (models/llama/llama.py:353-370, llama_transformer.py:494-496)."""
-    from lorapipe.decode import KVCacheDecoder
-    from lorapipe.spec import is_alibi
-
     if use_past and device_target == "CPU":
         return KVCacheDecoder(load_weights(model_config, ckpt, adapter), model_config)
     if use_past and is_alibi(model_config):
@@ -296,8 +288,6 @@ def predict(models, tokenizer_file, model_config, prompts, generation, out_path=
     answers to one prompt sit side by side, written to `out_path` as JSON lines (printed without one).
     Timings go to the log, not the rows: the predictions of a greedy run are byte-reproducible."""
     import sys
-
-    from lorapipe.outputs import atomic_outputs
 
     tok = ChatTokenizer(tokenizer_file)
     prompt_ids = [chat_ids(tok, prompt) for prompt in prompts]  # a bad prompt fails before any model loads
@@ -322,43 +312,3 @@ def predict(models, tokenizer_file, model_config, prompts, generation, out_path=
     with atomic_outputs([out_path], run=run, inputs=[*models.values(), tokenizer_file]) as (tmp,):
         tmp.write_text(text, encoding="utf-8")
     return rows
-
-
-def heldout_loss(net, mindrecord, batch_size=8):
-    """Mean token loss on a MindRecord with the training masking: position t predicts labels[t+1] from
-    input_ids[:t+1], counted where labels[t+1] != -100 and input_ids[t] is not padding."""
-    import mindspore.dataset as ds
-
-    from lorapipe.model import logits
-
-    rows = list(ds.MindDataset(str(mindrecord), shuffle=False).create_dict_iterator(output_numpy=True))
-    if not rows:
-        raise InputError(f"{mindrecord}: no rows to evaluate")
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        inputs = np.stack([r["input_ids"] for r in batch])[:, :-1]
-        labels = np.stack([r["labels"] for r in batch])[:, 1:]
-        mask = (labels != IGNORE_TOKEN_ID) & (inputs != PAD_ID)
-        out = logits(net, inputs).astype(np.float64)
-        out -= out.max(-1, keepdims=True)
-        log_probs = out - np.log(np.exp(out).sum(-1, keepdims=True))
-        picked = np.take_along_axis(log_probs, np.where(mask, labels, 0)[..., None], -1)[..., 0]
-        total -= float((picked * mask).sum())
-        count += int(mask.sum())
-    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count, "samples": len(rows)}
-
-
-def evaluate(models, model_config, mindrecord, out_path, adapter=None, run=None):
-    """Held-out loss and perplexity of each model {label: ckpt} -> metrics JSON."""
-    from lorapipe.outputs import atomic_outputs
-
-    metrics = {}
-    for label, ckpt in models.items():
-        metrics[label] = heldout_loss(load_model(model_config, ckpt, adapter), mindrecord)
-        log.info("%s: held-out loss %.4f, perplexity %.2f over %d tokens", label, metrics[label]["loss"],
-                 metrics[label]["perplexity"], metrics[label]["tokens"])
-    with atomic_outputs([out_path], run=run, inputs=[*models.values(), mindrecord]) as (tmp,):
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
-

@@ -78,10 +78,12 @@ def _index(ckpt):
 
 # -- the Llama directory ----------------------------------------------------------------------------
 
-def check_rope(config, where):
+def check_rope(config, where, override="auto"):
     """Refuse an ALiBi model (Baichuan2-13B): Llama has rotary position embeddings only, so no Llama
-    directory computes what it computes. The architecture is lorapipe.spec.position_embedding's."""
-    if position_embedding(config, where=where) != ALIBI:
+    directory computes what it computes. The architecture is lorapipe.spec.position_embedding's, of
+    config.json and `override` (base_model.position_embedding; the workflow passes the one it planned
+    with, so that a job never decides otherwise)."""
+    if position_embedding(config, override, where) != ALIBI:
         return
     explicit = config.get("position_embedding")
     why = f'"position_embedding": "{explicit}"' if explicit else \
@@ -91,9 +93,9 @@ def check_rope(config, where):
                      f"keeps ALiBi")
 
 
-def llama_config(config, dtype, where="config.json"):
+def llama_config(config, dtype, where="config.json", override="auto"):
     """config.json of the plain HF Llama that computes what a Baichuan2-7B config.json describes."""
-    check_rope(config, where)
+    check_rope(config, where, override)
     h, heads = config["hidden_size"], config["num_attention_heads"]
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -203,18 +205,19 @@ def normalize_rows(weight):
     return w.astype(weight.dtype)
 
 
-def export_llama(ckpt, base_dir, out_dir, run=None):
+def export_llama(ckpt, base_dir, out_dir, position_embedding="auto", run=None):
     """A complete (LoRA-folded, or base) MindSpore Baichuan2-7B checkpoint -> an HF Llama directory:
-    model.safetensors, config.json, generation_config.json, tokenizer.model, tokenizer_config.json."""
+    model.safetensors, config.json, generation_config.json, tokenizer.model, tokenizer_config.json.
+    `position_embedding` is base_model.position_embedding (see check_rope)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config = _read_json(base_dir / "config.json")
-    check_rope(config, base_dir / "config.json")
+    check_rope(config, base_dir / "config.json", position_embedding)
     records = [(name, (numpy_dtype(t), shape)) for name, t, shape in _index(ckpt)]
     # The checks of export_hf, on the Baichuan2 layout: every tensor, the right shapes, no LoRA left.
     check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, _fused_shape, ckpt)}, config, ckpt)
     plan = [(name, dtype, shape) for name, (dtype, shape) in llama_tensors(records, ckpt)]
     side = {"config.json": llama_config(config, dict(records)["model.tok_embeddings.embedding_weight"][0],
-                                        base_dir / "config.json"),
+                                        base_dir / "config.json", position_embedding),
             "generation_config.json": _generation_config(base_dir, config),
             "tokenizer_config.json": tokenizer_config(base_dir / "tokenizer.model", config)}
     inputs = [ckpt, base_dir / "config.json", base_dir / "tokenizer.model"]

@@ -12,11 +12,17 @@ import glob
 import json
 import os
 import re
+import socket
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorapipe.data import ChatTokenizer
 from lorapipe.errors import StepError
+from lorapipe.msckpt import checkpoint_index
+from lorapipe.outputs import atomic_outputs
+from lorapipe.ranktable import load_rank_table, read_hccn_conf
+from lorapipe.spec import LORA_A, LORA_B, is_alibi
 
 GB = 1 << 30
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -45,8 +51,8 @@ def build_network(rendered_yaml):
     semi-auto parallel the auto-parallel context is set as on the ranks (world size = dp * mp * pp,
     which MindFormers reads from the communication group: without init() on the host it is 1, so the
     planned size is reported instead)."""
-    import mindspore as ms
     import mindformers.modules.transformer.op_parallel_config as op_parallel_config
+    import mindspore as ms
     from mindformers import MindFormerConfig
     from mindformers.core.parallel_config import build_parallel_config
     from mindformers.models.build_model import build_network as mf_build_network
@@ -125,8 +131,6 @@ def check_devices(device_target, parallel):
 
 
 def check_rank_table(rank_table, parallel, hccn_conf):
-    from lorapipe.ranktable import load_rank_table, read_hccn_conf
-
     if not rank_table:
         return Check("rank table", "skipped", f"launcher {parallel['launcher']} needs none")
     table = load_rank_table(rank_table)
@@ -174,8 +178,6 @@ def check_layout(model_config, rendered):
 def check_lora(params, model_config):
     """LoRA targets that match no cell leave nothing to train (MindFormers' pet wrapper then fails on
     every rank); say how many parameters train."""
-    from lorapipe.spec import LORA_A, LORA_B
-
     target = model_config["pet_config"]["target_modules"]
     lora = {n: shape for n, (shape, _) in params.items() if n.endswith((LORA_A, LORA_B))}
     if not lora:
@@ -220,9 +222,6 @@ def build_network_check(rendered_yaml):
 def check_checkpoint(params, base_ckpt, param_init_type):
     """The converted checkpoint against the network's parameters: names, shapes, dtypes (LoRA
     parameters are trained from their initialisation, not loaded)."""
-    from lorapipe.msckpt import checkpoint_index
-    from lorapipe.spec import LORA_A, LORA_B
-
     index = {name: (tuple(shape), type_name.lower()) for name, type_name, shape in checkpoint_index(base_ckpt)}
     base = {n: v for n, v in params.items() if not n.endswith((LORA_A, LORA_B))}
     missing = [n for n in base if n not in index]
@@ -245,8 +244,6 @@ def check_checkpoint(params, base_ckpt, param_init_type):
 
 
 def check_tokenizer(tokenizer, model_config):
-    from lorapipe.data import ChatTokenizer
-
     tok = ChatTokenizer(tokenizer)
     size, vocab = tok.sp.get_piece_size(), model_config["vocab_size"]
     if size > vocab:
@@ -305,8 +302,6 @@ def device_memory(model_config, rendered, params):
     and AdamW state, activations, and the logits. Activations follow Korthikanti et al. 2022 (s*b*h*
     (34 + 5*a*s/h) bytes for one layer's in 16-bit); with recompute only each layer's input is kept, plus
     one layer's activations during its backward."""
-    from lorapipe.spec import LORA_A, LORA_B, is_alibi
-
     par = rendered["parallel_config"]
     mp, pp = par["model_parallel"], par["pipeline_stage"]
     weight_bytes = BYTES[model_config["param_init_type"]]
@@ -429,10 +424,21 @@ def report(checks):
 def write_report(checks, path, run=None, inputs=()):
     """preflight.json when no check failed; otherwise a PreflightError naming every failed check, and no
     output."""
-    from lorapipe.outputs import atomic_outputs
-
     failed = [c for c in checks if c.status == "fail"]
     if failed:
         raise PreflightError("preflight failed:\n" + "\n".join(f"  - {c.name}: {c.detail}" for c in failed))
     with atomic_outputs([path], run=run, inputs=inputs) as (tmp,):
         tmp.write_text(json.dumps({"checks": [asdict(c) for c in checks]}, indent=1, ensure_ascii=False) + "\n")
+
+
+def check_devices_here(device_target, workers, visible_devices):
+    """Stop before starting any rank when this host lacks the devices (every rank would fail with
+    MindSpore's "Unsupported device target" dump instead)."""
+    if device_target != "Ascend":
+        return
+    needed = [int(d) for d in (visible_devices or range(workers))][:workers]
+    found = ascend_devices()
+    if not set(needed) <= set(found):
+        have = f"Ascend devices {found}" if found else "no Ascend device (/dev/davinci*)"
+        raise StepError(f"device_target Ascend needs devices {needed}, but this host ({socket.gethostname()}) has "
+                        f"{have}: run finetune on an NPU node (profiles/slurm sends it to the ascend partition)")

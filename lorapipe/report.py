@@ -9,10 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lorapipe.losslog import read_loss_tsv
+
 
 def plot_loss(loss_tsv, png):
-    from lorapipe.finetune import read_loss_tsv
-
     rows = read_loss_tsv(loss_tsv)
     steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))

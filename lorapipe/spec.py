@@ -2,7 +2,7 @@
 
 import math
 
-from lorapipe.errors import InputError
+from lorapipe.errors import ConfigError, InputError
 
 MODEL_CLASS = "Baichuan2ForCausalLM"  # registered by lorapipe.model: Baichuan2-7B (RoPE)
 # Baichuan2-13B (ALiBi), registered by lorapipe.model under the name MindFormers r1.0's recipe YAML gives it
@@ -34,8 +34,6 @@ def position_embedding(hf_config, override="auto", where="config.json"):
     "position_embedding" ("ROPE" | "ALIBI") wins; otherwise `override` (base_model.position_embedding:
     auto | rope | alibi) decides, and "auto" means ALiBi exactly when hidden_size is 5120 (Baichuan2-13B).
     An override that contradicts an explicit value is an error: the weights were trained with that one."""
-    from lorapipe.config import ConfigError
-
     if override not in ("auto", ROPE, ALIBI):
         raise ConfigError(f"base_model.position_embedding {override!r}: expected auto, rope or alibi")
     explicit = hf_config.get("position_embedding")

@@ -1,6 +1,6 @@
 """Inside one training rank: MindFormers' own Trainer, made CPU-safe, with a per-step TSV log.
 
-Imported by scripts/run_baichuan2.py in every rank that msrun (or the rank-table launcher) starts.
+Imported by scripts/finetune_worker.py in every rank that msrun (or the rank-table launcher) starts.
 Importing it imports MindSpore and MindFormers and registers, besides the Baichuan2 model:
   * CpuTrainOneStepCell (WRAPPER): MindFormers' MFTrainOneStepCell calls Ascend-only overflow ops
     (NPUGetFloatStatusV2); this is a plain TrainOneStepCell with optional gradient clipping that returns
@@ -12,6 +12,7 @@ import os
 import time
 
 import lorapipe.model  # noqa: F401  registers Baichuan2ForCausalLM
+from lorapipe.losslog import RANK_LOG_HEADER, rank_log_row
 import mindformers.core.callback.callback as mf_callback
 import mindformers.trainer.utils as mf_trainer_utils
 import mindformers.utils.load_checkpoint_utils as mf_load_utils
@@ -23,9 +24,6 @@ from mindformers.tools.utils import get_real_rank
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
-
-TSV_HEADER = "step\ttotal\tepoch\tloss\tlr\tglobal_norm\tseconds\n"
-
 
 def _cpu_barrier(group=None):  # noqa: ARG001 - same signature as mindspore's barrier
     """CPU has no Barrier kernel; an AllReduce of one value blocks until every rank has joined."""
@@ -82,7 +80,7 @@ class TsvLossMonitor(Callback):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if not os.path.exists(self.path):
             with open(self.path, "w", encoding="utf-8") as f:
-                f.write(TSV_HEADER)
+                f.write(RANK_LOG_HEADER)
         self.start = time.time()
 
     def on_train_step_end(self, run_context):
@@ -97,8 +95,7 @@ class TsvLossMonitor(Callback):
         if self.total is None:  # after a resume, cb.epoch_num counts only the epochs left
             self.total = (cb.cur_epoch_num - 1 + cb.epoch_num) * cb.batch_num
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(f"{step}\t{self.total}\t{cb.cur_epoch_num}\t{loss:.6f}\t{lr:.6g}\t{norm:.6f}\t"
-                    f"{time.time() - self.start:.3f}\n")
+            f.write(rank_log_row(step, self.total, cb.cur_epoch_num, loss, lr, norm, time.time() - self.start))
 
 
 def finetune(config_path, output_dir, tsv_path, resume_from=None, only_save_strategy=False):

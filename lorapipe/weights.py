@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.baichuan2 import check_tensors, hf_to_mindspore, mindspore_to_hf
-from lorapipe.hf_io import (SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs,
-                            weight_files)
-from lorapipe.msckpt import CheckpointWriter, bfloat16
+from lorapipe.hf_io import SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs, weight_files
+from lorapipe.msckpt import CheckpointWriter, bfloat16, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-
 
 DTYPES = {"keep": None, "fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
 
@@ -56,8 +54,6 @@ def export_hf(ckpt, base_dir, out_dir, run=None):
     """A complete MindSpore Baichuan2 checkpoint -> an HF model directory: model.safetensors and
     pytorch_model.bin (W_pack re-fused, HF names), plus config and tokenizer files from `base_dir`.
     Streams: one tensor (or one layer's q, k, v) in memory at a time."""
-    from lorapipe.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
-
     records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
     plan = [(name, dtype, shape) for name, (dtype, shape) in mindspore_to_hf(
         records, lambda parts: (parts[0][0], (sum(p[1][0] for p in parts), *parts[0][1][1:])), ckpt)]

@@ -5,7 +5,13 @@ import glob
 import os
 from pathlib import Path
 
-from lorapipe.config import data_files as checked_data_files, existing_file, pick
+from lorapipe.config import (
+    ConfigSection,
+    data_files as checked_data_files,
+    existing_file,
+    pick,
+)
+from lorapipe.spec import ALIBI
 
 RESULTS = config["results"]
 SCRIPTS = f"{workflow.basedir}/scripts"
@@ -96,27 +102,65 @@ def finetune_inputs(wildcards):
     return inputs
 
 
+CHECKPOINT_NETWORK = f"{FINETUNE}/checkpoint_network"
+LOSS_TSV = f"{FINETUNE}/loss.tsv"
 FILTER_OUT = f"{RESULTS}/filter_out"
 MERGED_CKPT = f"{RESULTS}/merged_ckpt/rank_0/checkpoint_0.ckpt"
 MERGED_LORA = f"{RESULTS}/merged_lora/rank_0/merged_lora.ckpt"
 HF_EXPORT = f"{RESULTS}/hf"
 
 
-def rope_only(rule):
+def rope_only(wildcards):
     """An extra input of the Llama-format exports (rules/export.smk): none for a RoPE base model. An
     ALiBi one (Baichuan2-13B) has no Llama equivalent, so asking for those targets stops the plan with
     the reason (rule `all` does not ask for them then)."""
+    if ARCH == ALIBI:
+        raise ValueError(
+            "the Llama-format exports (export_llama, export_llama_base, export_peft): the base model uses "
+            "ALiBi (Baichuan2-13B); Llama has rotary position embeddings only, so a Llama-format export "
+            "(and a PEFT adapter for it) would compute something else. The Baichuan2 layout (export_hf) "
+            "keeps ALiBi"
+        )
+    return []
 
-    def check(wildcards):
-        if ALIBI:
-            raise ValueError(
-                f"{rule}: the base model uses ALiBi (Baichuan2-13B); Llama has rotary position "
-                f"embeddings only, so a Llama-format export (and a PEFT adapter for it) would compute "
-                f"something else. The Baichuan2 layout (export_hf) keeps ALiBi"
-            )
-        return []
 
-    return check
+# The interop exports (rules/export.smk): plain HF Llama directories and PEFT adapter folders.
+HF_LLAMA = f"{RESULTS}/hf_llama"
+HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
+PEFT_ADAPTER = f"{RESULTS}/peft_adapter"
+PEFT_ADAPTER_W_PACK = f"{RESULTS}/peft_adapter_w_pack"
+# Llama has no ALiBi: the Llama-format exports are for RoPE models.
+LLAMA_EXPORTS = (
+    []
+    if ARCH == ALIBI
+    else [
+        f"{HF_LLAMA}/model.safetensors",
+        f"{HF_LLAMA_BASE}/model.safetensors",
+        f"{PEFT_ADAPTER}/adapter_model.safetensors",
+    ]
+)
+# What export_llama reads besides the checkpoint: the base model's config and tokenizer.
+LLAMA_EXPORT_INPUTS = dict(
+    base=base_file("config.json"),
+    tokenizer=base_file("tokenizer.model"),
+    script=f"{SCRIPTS}/export_llama.py",
+    rope=rope_only,
+)
+
+
+def llama_dir(folder):
+    """The outputs of an HF Llama directory export."""
+    return dict(
+        safetensors=f"{folder}/model.safetensors",
+        others=multiext(
+            f"{folder}/",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+        ),
+        manifest=f"{folder}/model.safetensors.manifest.json",
+    )
 
 
 def strategy_flag(checkpoints_dir):

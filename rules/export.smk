@@ -1,40 +1,15 @@
 # Interop exports: the finetuned and the base model as plain HF Llama directories (transformers, vLLM,
 # llama.cpp), and the trained LoRA adapter as PEFT folders (see lorapipe/interop.py).
 
-HF_LLAMA = f"{RESULTS}/hf_llama"
-HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
-PEFT_ADAPTER = f"{RESULTS}/peft_adapter"
-PEFT_ADAPTER_W_PACK = f"{RESULTS}/peft_adapter_w_pack"
-LLAMA_EXPORTS = (
-    []
-    if ALIBI
-    else [
-        f"{HF_LLAMA}/model.safetensors",
-        f"{HF_LLAMA_BASE}/model.safetensors",
-        f"{PEFT_ADAPTER}/adapter_model.safetensors",
-    ]
-)
-
 
 rule export_llama:
     """The finetuned model (LoRA folded) as a plain LlamaForCausalLM: q/k/v split, lm_head rows
     normalised, the chat template in tokenizer_config.json."""
     input:
+        **LLAMA_EXPORT_INPUTS,
         ckpt=MERGED_LORA,
-        base=base_file("config.json"),
-        tokenizer=base_file("tokenizer.model"),
-        script=f"{SCRIPTS}/export_llama.py",
-        rope=rope_only("export_llama"),
     output:
-        safetensors=f"{HF_LLAMA}/model.safetensors",
-        others=multiext(
-            f"{HF_LLAMA}/",
-            "config.json",
-            "generation_config.json",
-            "tokenizer.model",
-            "tokenizer_config.json",
-        ),
-        manifest=f"{HF_LLAMA}/model.safetensors.manifest.json",
+        **llama_dir(HF_LLAMA),
     log:
         log_path("export_llama"),
     benchmark:
@@ -44,41 +19,23 @@ rule export_llama:
     params:
         base=lambda wildcards, input: os.path.dirname(input.base),
         out_dir=lambda wildcards, output: os.path.dirname(output.safetensors),
+        position_embedding=ARCH,
     shell:
-        "python {input.script} --rule export_llama --log {log} --mindspore_ckpt_path {input.ckpt} "
-        "--base_model_dir {params.base} --out_dir {params.out_dir}"
+        "python {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "--base_model_dir {params.base} --out_dir {params.out_dir} "
+        "--position_embedding {params.position_embedding}"
 
 
-rule export_llama_base:
-    """The base model in the same Llama format: the base that the PEFT adapter applies to."""
+use rule export_llama as export_llama_base with:
     input:
+        **LLAMA_EXPORT_INPUTS,
         ckpt=BASE_CKPT,
-        base=base_file("config.json"),
-        tokenizer=base_file("tokenizer.model"),
-        script=f"{SCRIPTS}/export_llama.py",
-        rope=rope_only("export_llama_base"),
     output:
-        safetensors=f"{HF_LLAMA_BASE}/model.safetensors",
-        others=multiext(
-            f"{HF_LLAMA_BASE}/",
-            "config.json",
-            "generation_config.json",
-            "tokenizer.model",
-            "tokenizer_config.json",
-        ),
-        manifest=f"{HF_LLAMA_BASE}/model.safetensors.manifest.json",
+        **llama_dir(HF_LLAMA_BASE),
     log:
         log_path("export_llama_base"),
     benchmark:
         benchmark_path("export_llama_base")
-    conda:
-        "../envs/lorapipe.yaml"
-    params:
-        base=lambda wildcards, input: os.path.dirname(input.base),
-        out_dir=lambda wildcards, output: os.path.dirname(output.safetensors),
-    shell:
-        "python {input.script} --rule export_llama_base --log {log} --mindspore_ckpt_path {input.ckpt} "
-        "--base_model_dir {params.base} --out_dir {params.out_dir}"
 
 
 rule export_peft:
@@ -88,7 +45,7 @@ rule export_peft:
         ckpt=MERGED_CKPT,
         adapter=ADAPTER_CONFIG,
         script=f"{SCRIPTS}/export_peft.py",
-        rope=rope_only("export_peft"),
+        rope=rope_only,
     output:
         adapter=f"{PEFT_ADAPTER}/adapter_model.safetensors",
         config=f"{PEFT_ADAPTER}/adapter_config.json",
@@ -111,7 +68,7 @@ rule export_peft:
         out_dir=lambda wildcards, output: os.path.dirname(output.adapter),
         w_pack_dir=lambda wildcards, output: os.path.dirname(output.w_pack[0]),
     shell:
-        "python {input.script} --rule export_peft --log {log} --src_ckpt {input.ckpt} "
+        "python {input.script} --rule {rule} --log {log} --src_ckpt {input.ckpt} "
         "--adapter_config {input.adapter} --out_dir {params.out_dir} "
         "--base_model_name_or_path {params.llama_base} --w_pack_out_dir {params.w_pack_dir} "
         "--w_pack_base_model {params.w_pack_base}"

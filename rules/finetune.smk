@@ -19,28 +19,28 @@ rule mf_config:
     conda:
         "../envs/lorapipe.yaml"
     params:
-        device_target=config["device_target"],
-        name=config["base_model"]["name"],
-        position_embedding=config["base_model"].get("position_embedding", "auto"),
-        seq_length=config["data"]["seq_length"],
-        lora=config["lora"],
-        train=config["train"],
-        parallel=pick(
-            config["parallel"],
-            "data_parallel",
-            "model_parallel",
-            "pipeline_stage",
-            "max_device_memory",
+        run_mode="finetune",
+        settings=ConfigSection(
+            device_target=config["device_target"],
+            name=config["base_model"]["name"],
+            position_embedding=ARCH,
+            seq_length=config["data"]["seq_length"],
+            lora=config["lora"],
+            train=config["train"],
+            parallel=pick(
+                config["parallel"],
+                "data_parallel",
+                "model_parallel",
+                "pipeline_stage",
+                "max_device_memory",
+            ),
+            base_ckpt_dir=BASE_CKPT_DIR,
+            train_data=mindrecord("train"),
         ),
-        base_ckpt_dir=BASE_CKPT_DIR,
-        train_data=mindrecord("train"),
     shell:
-        "python {input.script} --rule mf_config --log {log} --hf_config {input.hf_config} "
-        "--tokenizer {input.tokenizer} --base_ckpt_dir {params.base_ckpt_dir} "
-        "--train_data {params.train_data} --device_target {params.device_target} "
-        "--name {params.name} --position_embedding {params.position_embedding} "
-        "--seq_length {params.seq_length} --lora {params.lora:q} "
-        "--train {params.train:q} --parallel {params.parallel:q} --output {output.yaml}"
+        "python {input.script} --rule {rule} --log {log} --run_mode {params.run_mode} "
+        "--hf_config {input.hf_config} --tokenizer {input.tokenizer} "
+        "--settings {params.settings:q} --output {output.yaml}"
 
 
 rule preflight:
@@ -76,7 +76,7 @@ rule preflight:
             else ""
         ),
     shell:
-        "python {input.script} --rule preflight --log {log} --config {input.config} "
+        "python {input.script} --rule {rule} --log {log} --config {input.config} "
         "--base_ckpt {input.base_ckpt} --tokenizer {input.tokenizer} --train_data {input.train_data} "
         "--hf_config {input.hf_config} --parallel {params.parallel:q} --rank_table={params.rank_table} "
         "{params.allow_longer} --output {output.report}"
@@ -90,11 +90,11 @@ rule finetune:
         script=f"{SCRIPTS}/finetune.py",
         worker=f"{SCRIPTS}/finetune_worker.py",
     output:
-        checkpoints=directory(f"{FINETUNE}/checkpoint_network"),
-        loss=f"{FINETUNE}/loss.tsv",
+        checkpoints=directory(CHECKPOINT_NETWORK),
+        loss=LOSS_TSV,
         adapter=ADAPTER_CONFIG,
         rank_logs=directory(f"{FINETUNE}/rank_logs"),
-        manifest=f"{FINETUNE}/checkpoint_network.manifest.json",
+        manifest=f"{CHECKPOINT_NETWORK}.manifest.json",
     log:
         log_path("finetune"),
     benchmark:
@@ -129,7 +129,7 @@ rule finetune:
         out_dir=lambda wildcards, output: os.path.dirname(output.loss),
         rank_table=lambda wildcards, input: input.get("rank_table", ""),
     shell:
-        "python {input.script} --rule finetune --log {log} --config {input.config} "
+        "python {input.script} --rule {rule} --log {log} --config {input.config} "
         "--worker {input.worker} --state_dir {params.state} --out_dir {params.out_dir} "
         "--device_target {params.device_target} --parallel {params.parallel:q} "
         "--rank_table={params.rank_table} --base_model {params.base_model:q} "

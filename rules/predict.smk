@@ -1,13 +1,9 @@
-# Predict and evaluate: the finetuned model beside the base model.
+# Predict and evaluate: the finetuned model beside the base model. The recipe's predict YAML
+# (run_baichuan2_7b_910b.yaml) is rendered like the finetune's (rules/finetune.smk mf_config): use_past,
+# fp32 weights, the generation settings, and the tokenizer in processor.tokenizer.vocab_file.
 
 
-rule predict_config:
-    """The recipe's predict YAML (run_baichuan2_7b_910b.yaml): use_past, fp32 weights, the
-    generation settings, and the tokenizer in processor.tokenizer.vocab_file."""
-    input:
-        hf_config=base_file("config.json"),
-        tokenizer=base_file("tokenizer.model"),
-        script=f"{SCRIPTS}/render_mindformers_config.py",
+use rule mf_config as predict_config with:
     output:
         yaml=PREDICT_CONFIG,
         manifest=f"{PREDICT_CONFIG}.manifest.json",
@@ -15,27 +11,22 @@ rule predict_config:
         log_path("predict_config"),
     benchmark:
         benchmark_path("predict_config")
-    conda:
-        "../envs/lorapipe.yaml"
     params:
-        device_target=config["device_target"],
-        name=config["base_model"]["name"],
-        position_embedding=config["base_model"].get("position_embedding", "auto"),
-        generation=pick(
-            config["predict"],
-            "max_new_tokens",
-            "do_sample",
-            "top_k",
-            "top_p",
-            "temperature",
-            "repetition_penalty",
+        run_mode="predict",
+        settings=ConfigSection(
+            device_target=config["device_target"],
+            name=config["base_model"]["name"],
+            position_embedding=ARCH,
+            generation=pick(
+                config["predict"],
+                "max_new_tokens",
+                "do_sample",
+                "top_k",
+                "top_p",
+                "temperature",
+                "repetition_penalty",
+            ),
         ),
-    shell:
-        "python {input.script} --rule predict_config --log {log} --run_mode predict "
-        "--hf_config {input.hf_config} --tokenizer {input.tokenizer} "
-        "--device_target {params.device_target} --name {params.name} "
-        "--position_embedding {params.position_embedding} "
-        "--generation {params.generation:q} --output {output.yaml}"
 
 
 rule predict:
@@ -59,7 +50,7 @@ rule predict:
     params:
         prompts=config["predict"]["prompts"],
     shell:
-        "python {input.script} --rule predict --log {log} --config {input.config} --run_mode predict "
+        "python {input.script} --rule {rule} --log {log} --config {input.config} --run_mode predict "
         "--use_parallel False --auto_trans_ckpt False --load_checkpoint {input.finetuned} "
         "--compare_checkpoint {input.base} --predict_data {params.prompts:q} "
         "--output {output.predictions}"
@@ -83,6 +74,6 @@ rule evaluate:
     conda:
         "../envs/lorapipe.yaml"
     shell:
-        "python {input.script} --rule evaluate --log {log} --config {input.config} "
+        "python {input.script} --rule {rule} --log {log} --config {input.config} "
         "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} "
         "--eval_dataset {input.heldout} --output {output.metrics}"

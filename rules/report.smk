@@ -4,7 +4,7 @@
 rule report:
     """Loss curve, token-length histogram, and a summary of evaluation, data and predictions."""
     input:
-        loss=f"{FINETUNE}/loss.tsv",
+        loss=LOSS_TSV,
         stats=DATA_STATS,
         metrics=METRICS,
         predictions=PREDICTIONS,
@@ -31,5 +31,5 @@ rule report:
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.loss),
     shell:
-        "python {input.script} --rule report --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
+        "python {input.script} --rule {rule} --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
         "--metrics {input.metrics} --predictions {input.predictions} --out_dir {params.out_dir}"

@@ -15,7 +15,8 @@ def main():
     p.add_argument("--eval_dataset", required=True, help="held-out .mindrecord")
     p.add_argument("--output", required=True, help="metrics.json")
     args = p.parse_args()
-    from lorapipe.generate import complete_checkpoint, evaluate, read_adapter, read_mindformers_yaml
+    from lorapipe.evaluate import evaluate
+    from lorapipe.generate import complete_checkpoint, read_adapter, read_mindformers_yaml
 
     # The training YAML's model, evaluated on the host in fp32 whatever dtype it trained in.
     model_config = dict(read_mindformers_yaml(args.config)["model"]["model_config"], compute_dtype="float32",

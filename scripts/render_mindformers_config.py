@@ -5,43 +5,30 @@ hand (--run_mode finetune), or the recipe's predict YAML (--run_mode predict).""
 import json
 
 from lorapipe import cli
-from lorapipe.finetune import render_mindformers_config, render_predict_config, write_mindformers_config
+from lorapipe.mindformers_yaml import render_mindformers_config, render_predict_config, write_mindformers_config
+
+RENDER = {"finetune": render_mindformers_config, "predict": render_predict_config}
 
 
 def main():
     p = cli.parser(__doc__)
-    p.add_argument("--run_mode", choices=["finetune", "predict"], default="finetune")
+    p.add_argument("--run_mode", choices=sorted(RENDER), default="finetune")
     p.add_argument("--hf_config", required=True, help="the base model's config.json")
     p.add_argument("--tokenizer", required=True, help="the base model's tokenizer.model")
-    p.add_argument("--device_target", required=True, choices=["CPU", "Ascend", "GPU"])
-    p.add_argument("--name", required=True, help="model name (base_model.name)")
-    p.add_argument("--position_embedding", choices=["auto", "rope", "alibi"], default="auto",
-                   help="base_model.position_embedding: auto (from config.json), or rope / alibi")
+    p.add_argument("--settings", required=True, type=json.loads,
+                   help="JSON: device_target, name, position_embedding (auto | rope | alibi), and for finetune "
+                        "seq_length, base_ckpt_dir, train_data and the config's lora, train and parallel sections "
+                        "(data_parallel, model_parallel, pipeline_stage, max_device_memory), for predict "
+                        "generation (the config's predict section, less prompts)")
     p.add_argument("--output", required=True)
-    finetune = p.add_argument_group("finetune")
-    finetune.add_argument("--seq_length", type=int, help="training sequence length (data.seq_length)")
-    finetune.add_argument("--base_ckpt_dir", help="the folder holding rank_0/<name>.ckpt")
-    finetune.add_argument("--train_data", help="training .mindrecord")
-    finetune.add_argument("--lora", type=json.loads, help="JSON: the config's lora section")
-    finetune.add_argument("--train", type=json.loads, help="JSON: the config's train section")
-    finetune.add_argument("--parallel", type=json.loads,
-                          help="JSON: data_parallel, model_parallel, pipeline_stage, max_device_memory")
-    predict = p.add_argument_group("predict")
-    predict.add_argument("--generation", type=json.loads, help="JSON: the config's predict section, less prompts")
     args = p.parse_args()
-    needed = ("seq_length", "base_ckpt_dir", "train_data", "lora", "train", "parallel") if args.run_mode == "finetune" \
-        else ("generation",)
-    missing = [f"--{k}" for k in needed if getattr(args, k) is None]
-    if missing:
-        p.error(f"--run_mode {args.run_mode} needs {', '.join(missing)}")
-    settings = {k: getattr(args, k) for k in ("device_target", "name", "position_embedding", *needed)}
-    run = cli.start(args, settings, device_target=args.device_target)
+    run = cli.start(args, args.settings, device_target=args.settings.get("device_target", "CPU"))
     with open(args.hf_config, encoding="utf-8") as f:
         hf_config = json.load(f)
-    if args.run_mode == "finetune":
-        rendered = render_mindformers_config(hf_config, tokenizer=args.tokenizer, **settings)
-    else:
-        rendered = render_predict_config(hf_config, tokenizer=args.tokenizer, **settings)
+    try:
+        rendered = RENDER[args.run_mode](hf_config, tokenizer=args.tokenizer, **args.settings)
+    except TypeError as e:  # a setting missing or not known to this run mode
+        raise cli.InputError(f"--settings for --run_mode {args.run_mode}: {e}") from None
     write_mindformers_config(args.output, rendered, run=run, inputs=[args.hf_config, args.tokenizer])
 
 

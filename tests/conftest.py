@@ -40,7 +40,7 @@ def render(cfg, hf_config, tokenizer, base_ckpt_dir="ckpt", train_data="data/bel
            **overrides):
     """The finetune YAML lorapipe renders for a config dict (lorapipe.config.load_config's), as mf_config
     would; `overrides` replace render arguments (seq_length, parallel, device_target, ...)."""
-    from lorapipe.finetune import render_mindformers_config
+    from lorapipe.mindformers_yaml import render_mindformers_config
 
     par = cfg["parallel"]
     settings = dict(seq_length=cfg["data"]["seq_length"], lora=cfg["lora"], train=cfg["train"],

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
-from lorapipe.config import ConfigError, load_config, position_embedding
+from lorapipe.errors import ConfigError
+from lorapipe.config import load_config, position_embedding
 from lorapipe.errors import InputError
 from lorapipe.spec import alibi_slopes, llama_config
 from lorapipe.spec import position_embedding as from_hf_config
@@ -212,7 +213,7 @@ STRATEGIES = textwrap.dedent("""
 
 
 def test_shard_strategies_follow_parallel_config(base_13b, tmp_path):
-    from lorapipe.finetune import write_mindformers_config
+    from lorapipe.mindformers_yaml import write_mindformers_config
 
     cfg = load_config(REPO / "config" / "baichuan2_13b_910b.yaml")
     rendered = render(cfg, json.loads((base_13b / "config.json").read_text()), base_13b / "tokenizer.model",

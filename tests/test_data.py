@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SAMPLE_DATA
-from lorapipe.config import ConfigError, canonical, load_yaml, validate
+from lorapipe.errors import ConfigError
+from lorapipe.config import canonical, load_yaml, validate
 from lorapipe.data import (SCHEMA, ChatTokenizer, Conversation, MindRecordWriter, TokenizedConversations,
                            assemble_rows, draws_samples, input_files, is_heldout, preprocess_conversations)
 from lorapipe.errors import InputError

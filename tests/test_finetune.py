@@ -16,7 +16,7 @@ import yaml
 from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
 import conftest
-from lorapipe.finetune import read_loss_tsv, read_rank_log
+from lorapipe.losslog import read_loss_tsv, read_rank_log
 from lorapipe.launch import (LaunchError, _process_of, launch, log_tail, read_process_records, record_process,
                              stop_earlier_launch)
 from lorapipe.msckpt import iter_checkpoint

@@ -131,7 +131,7 @@ def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
 def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tmp_path):
     from conftest import SAMPLE_DATA
     from lorapipe.data import preprocess_belle
-    from lorapipe.generate import heldout_loss
+    from lorapipe.evaluate import heldout_loss
     from lorapipe.model import logits
     import mindspore.dataset as ds
 
@@ -190,7 +190,7 @@ def test_the_recipes_predict_command(tiny_model, tiny_base_dir, tmp_path):
 
     import yaml
 
-    from lorapipe.finetune import render_predict_config
+    from lorapipe.mindformers_yaml import render_predict_config
 
     _, _, ckpt = tiny_model
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())

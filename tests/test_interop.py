@@ -304,3 +304,27 @@ def test_import_cli(run, tmp_path):
                                         str(tmp_path / "m.ckpt"), "--fold"], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("missing.ckpt: checkpoint not found")
+
+
+def test_rope_set_in_the_config_holds_for_a_5120_wide_base_in_every_job(tiny_base_dir, tmp_path):
+    """Issue 24: base_model.position_embedding rope on a base whose config.json has hidden_size 5120 and
+    no "position_embedding" key: `all` planned the Llama exports, and export_llama then refused them, as
+    it decided the architecture again from config.json alone (5120 wide: ALiBi). The plan's decision now
+    reaches every job. (One layer at Baichuan2-13B's width, 235 MB in fp16.)"""
+    from test_preflight import BAICHUAN2_7B_2_LAYERS, write_7b_shaped_base
+
+    from conftest import SAMPLE_DATA, default_config, snakemake, write_config
+
+    wide = dict(BAICHUAN2_7B_2_LAYERS, hidden_size=5120, num_attention_heads=40, intermediate_size=128,
+                num_hidden_layers=1, vocab_size=1000)
+    write_7b_shaped_base(tmp_path / "base", tiny_base_dir / "tokenizer.model", wide)
+    cfg = default_config()
+    cfg["base_model"].update(path=str(tmp_path / "base"), position_embedding="rope")
+    cfg["data"]["train"] = str(SAMPLE_DATA)
+    configfile = write_config(tmp_path / "c.yaml", cfg)
+    assert "export_llama " in snakemake(tmp_path, "-n", configfile=configfile).stdout
+    snakemake(tmp_path, "--cores", "2", "export_llama_base", "predict_config", configfile=configfile)
+    exported = json.loads((tmp_path / "results/tiny/hf_llama_base/config.json").read_text())
+    assert exported["architectures"] == ["LlamaForCausalLM"] and exported["hidden_size"] == 5120
+    predict_yaml = (tmp_path / "results/tiny/predict/run_baichuan2.yaml").read_text()
+    assert "Baichuan2ForCausalLM" in predict_yaml and "position_embedding_type" not in predict_yaml

@@ -124,7 +124,7 @@ UNSHARDED_HEAD = textwrap.dedent("""
 
 def test_the_strategy_check_catches_an_op_without_a_strategy(tmp_path, tiny_base_dir):
     from lorapipe.config import load_config
-    from lorapipe.finetune import write_mindformers_config
+    from lorapipe.mindformers_yaml import write_mindformers_config
 
     cfg = load_config(REPO / "config" / "baichuan2_7b_910b.yaml")
     rendered = render(cfg, json.loads((tiny_base_dir / "config.json").read_text()), tiny_base_dir / "tokenizer.model",
@@ -184,7 +184,7 @@ def test_the_parallel_layout_is_checked_against_the_network_before_it_is_built(t
 
 def test_lora_targets_that_match_no_cell_are_refused_with_the_cells_there_are(tmp_path, tiny_base_dir):
     from lorapipe.config import load_config
-    from lorapipe.finetune import write_mindformers_config
+    from lorapipe.mindformers_yaml import write_mindformers_config
     from lorapipe.preflight import build_network_check, check_lora, network_parameters
 
     cfg = load_config(REPO / "config" / "config.yaml")

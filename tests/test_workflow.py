@@ -211,11 +211,19 @@ def test_rank_table_target(tmp_path):
 
 
 def test_lint_and_format_are_clean():
-    """`snakemake --lint` has nothing to say and snakefmt would change nothing."""
+    """`snakemake --lint` has nothing to say and snakefmt would change nothing. One lint is Snakemake's own
+    false positive: shells pass `--rule {rule}`, a variable Snakemake formats into every job's shell
+    (snakemake/jobs.py, format_wildcards: rule=self.rule.name) but its linter does not list
+    (snakemake/linting/rules.py, lint_shell_cmd valid_names)."""
     bin_dir = Path(sys.executable).parent
     lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(REPO / "Snakefile")],
                           capture_output=True, text=True, cwd=REPO)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    blocks = re.split(r"\n(?=Lints for )", lint.stdout + lint.stderr)
+    lints = [line for block in blocks if block.startswith("Lints for ")
+             for line in block.splitlines() if line.startswith("    * ")]
+    assert all(line == "    * Shell command directly uses variable rule from outside of the rule:" for line in lints), \
+        lint.stdout + lint.stderr
+    assert "Error" not in lint.stdout + lint.stderr
     fmt = subprocess.run([str(bin_dir / "snakefmt"), "--check", str(REPO / "Snakefile"), str(REPO / "rules")],
                          capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
@@ -362,7 +370,7 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
     import signal
     import time
 
-    from lorapipe.finetune import read_loss_tsv, read_rank_log
+    from lorapipe.losslog import read_loss_tsv, read_rank_log
     from lorapipe.msckpt import iter_checkpoint
 
     first, _ = built
