@@ -38,13 +38,6 @@ def is_model_parameter(name):
     return name not in BOOKKEEPING and not name.startswith(OPTIMIZER_STATE_PREFIXES) and "." in name
 
 
-def _open(path):
-    """checkpoint_index with a clear error for a missing file (a corrupt one raises its own)."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    return checkpoint_index(path)
-
-
 def filter_checkpoint(src, dst, run=None):
     """Copy only the network parameters of `src` to `dst`, one tensor at a time; returns the names
     dropped."""
@@ -57,7 +50,7 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
     for tensor (streaming them side by side), then take rank 0's."""
     if not rank_ckpts:
         raise InputError("no rank checkpoints to merge")
-    indexes = [_open(p) for p in rank_ckpts]
+    indexes = [checkpoint_index(p) for p in rank_ckpts]
     for path, index in zip(rank_ckpts[1:], indexes[1:]):
         if [n for n, _, _ in index] != [n for n, _, _ in indexes[0]]:
             missing = sorted({n for n, _, _ in indexes[0]} ^ {n for n, _, _ in index})
@@ -80,7 +73,7 @@ def fold_lora(src, dst, adapter_config, run=None):
     trained the adapter (its adapter_config.json) -> a checkpoint with no LoRA tensors, loadable by the
     plain model (peft's merge_and_unload). Streams: one weight in memory at a time."""
     adapter = read_adapter_config(adapter_config)
-    index = _open(src)
+    index = checkpoint_index(src)
     pairs = lora_pairs([name for name, _, _ in index], src)
     if not pairs:
         raise InputError(f"{src}: no LoRA tensors ({LORA_A}/{LORA_B}) to fold")
@@ -139,11 +132,11 @@ def filter_checkpoint_dir(src_dir, dst_dir, run=None):
 def _kept_bytes(src):
     """The bytes of the network parameters in a checkpoint: what filtering writes."""
     return sum(int(np.prod(shape)) * numpy_dtype(type_name).itemsize
-               for name, type_name, shape in _open(src) if is_model_parameter(name))
+               for name, type_name, shape in checkpoint_index(src) if is_model_parameter(name))
 
 
 def _filter_into(src, dst):
-    index = _open(src)
+    index = checkpoint_index(src)
     dropped = [name for name, _, _ in index if not is_model_parameter(name)]
     kept = len(index) - len(dropped)
     if not kept:

@@ -17,6 +17,29 @@ def parser(description):
     return p
 
 
+def str2bool(text):
+    """MindFormers' str2bool: the recipe writes `--use_parallel False`."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected True or False, got {text!r}")
+
+
+str2bool.__name__ = "True/False"  # argparse names the type in its error message
+
+
+def add_generation_flags(group):
+    """The generation settings as flags, with run_baichuan2_chat.py's names; a flag left out keeps the
+    YAML's value (lorapipe.generate.generation_settings)."""
+    group.add_argument("--max_new_tokens", type=int, default=None)
+    group.add_argument("--do_sample", type=str2bool, default=None)
+    group.add_argument("--top_k", type=int, default=None)
+    group.add_argument("--top_p", type=float, default=None)
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--repetition_penalty", type=float, default=None)
+
+
 def setup_logging(log_path=None):
     """Log to stderr and, when given, to the rule's log file."""
     handlers = [logging.StreamHandler(sys.stderr)]

@@ -35,6 +35,13 @@ GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "top_k": 0, "to
                        "repetition_penalty": 1.0}
 
 
+def generation_settings(model_config, overrides):
+    """The generation settings: each of `overrides` (e.g. a script's flags) that is not None, else the
+    YAML's model_config value, else the default."""
+    return {k: model_config.get(k, v) if overrides.get(k) is None else overrides[k]
+            for k, v in GENERATION_DEFAULTS.items()}
+
+
 def chat_ids(tok, question, history=()):
     """Prompt ids for `question` after earlier (question, answer) turns. A question already in the
     template (`<reserved_106>q<reserved_107>`, possibly several turns, as the recipe's --predict_data

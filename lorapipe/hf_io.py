@@ -233,13 +233,21 @@ def read_in_file_order(refs, buffer):
                 yield ref, np.frombuffer(view, ref.dtype).reshape(ref.shape)
 
 
+def read_json(path, what="file"):
+    """A JSON file's content; one InputError naming the file when it is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
 def find_config(source):
     """config.json beside an HF source."""
     source = Path(source)
-    config = (source if source.is_dir() else source.parent) / "config.json"
-    if not config.is_file():
-        raise InputError(f"{config}: missing; needed to check the tensor shapes")
-    return json.loads(config.read_text())
+    return read_json((source if source.is_dir() else source.parent) / "config.json",
+                     "config.json (needed to check the tensor shapes)")
 
 
 _SAFETENSORS_NAMES = {np.dtype(t): n for n, t in _SAFETENSORS_DTYPES.items()}

@@ -33,7 +33,7 @@ import numpy as np
 
 from lorapipe.baichuan2 import W_PACK, check_tensors, mindspore_to_hf
 from lorapipe.errors import InputError
-from lorapipe.hf_io import SafetensorsWriter, tensor_refs
+from lorapipe.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
 from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
@@ -59,21 +59,6 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # PEFT's saved names: the wrapped model's module path under base_model.model., adapter name removed.
 PEFT_PREFIX = "base_model.model."
 _PEFT_TENSOR = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight")
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found") from None
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-
-
-def _index(ckpt):
-    if not Path(ckpt).is_file():
-        raise InputError(f"{ckpt}: checkpoint not found")
-    return checkpoint_index(ckpt)
 
 
 # -- the Llama directory ----------------------------------------------------------------------------
@@ -210,9 +195,9 @@ def export_llama(ckpt, base_dir, out_dir, position_embedding="auto", run=None):
     model.safetensors, config.json, generation_config.json, tokenizer.model, tokenizer_config.json.
     `position_embedding` is base_model.position_embedding (see check_rope)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    config = _read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
     check_rope(config, base_dir / "config.json", position_embedding)
-    records = [(name, (numpy_dtype(t), shape)) for name, t, shape in _index(ckpt)]
+    records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
     # The checks of export_hf, on the Baichuan2 layout: every tensor, the right shapes, no LoRA left.
     check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, _fused_shape, ckpt)}, config, ckpt)
     plan = [(name, dtype, shape) for name, (dtype, shape) in llama_tensors(records, ckpt)]
@@ -242,7 +227,7 @@ def export_llama(ckpt, base_dir, out_dir, position_embedding="auto", run=None):
 def _generation_config(base_dir, config):
     """The base model's generation_config.json (its recommended decoding), with the special token ids."""
     path = base_dir / "generation_config.json"
-    generation = _read_json(path) if path.is_file() else {}
+    generation = read_json(path) if path.is_file() else {}
     for key, default in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
         generation.setdefault(key, config.get(key, default))
     return generation
@@ -253,7 +238,7 @@ def _generation_config(base_dir, config):
 def trained_adapters(lora_ckpt, rank):
     """{(layer, cell): (A, B)} of a MindSpore LoRA checkpoint (merged_ckpt), shapes checked against its
     weights and the trained rank."""
-    index = _index(lora_ckpt)
+    index = checkpoint_index(lora_ckpt)
     pairs = lora_pairs([name for name, _, _ in index], lora_ckpt)
     if not pairs:
         raise InputError(f"{lora_ckpt}: no LoRA tensors ({LORA_A}/{LORA_B}); export_peft needs the unfolded "
@@ -385,7 +370,7 @@ def read_peft_adapter(adapter_dir):
     Linear weights only (no DoRA, biases, saved modules), each module's rank as its config says."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
-    config = _read_json(config_path)
+    config = read_json(config_path)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise InputError(f"{config_path}: not a PEFT LoRA adapter config (peft_type "
                          f"{config.get('peft_type') if isinstance(config, dict) else None!r}, expected 'LORA')")
@@ -465,7 +450,7 @@ def import_peft(adapter_dir, base_ckpt, dst_ckpt, dst_adapter_config=None, fold_
     checkpoint with the adapter folded in, which the plain model loads and export_hf turns into W_pack."""
     peft, modules = read_peft_adapter(adapter_dir)
     adapters = mindspore_adapters(modules, Path(adapter_dir) / "adapter_model")
-    index = _index(base_ckpt)
+    index = checkpoint_index(base_ckpt)
     shapes = {name: shape for name, _, shape in index}
     if lora_pairs(shapes, base_ckpt):
         raise InputError(f"{base_ckpt}: already holds LoRA tensors; import onto the base checkpoint (ckpt step)")

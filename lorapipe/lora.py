@@ -6,23 +6,16 @@ from the current workflow config: editing lora.alpha after training must not sil
 finished adapter.
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from lorapipe.errors import InputError
+from lorapipe.hf_io import read_json
 from lorapipe.spec import LORA_A, LORA_B
 
 
 def read_adapter_config(path):
     """{"r", "lora_alpha", "scaling", ...} of an adapter_config.json, checked."""
-    try:
-        adapter = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: adapter config not found") from None
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    adapter = read_json(path, "adapter config")
     if not isinstance(adapter, dict):
         raise InputError(f"{path}: expected a JSON object (a PEFT-style adapter config)")
     rank, alpha = adapter.get("r"), adapter.get("lora_alpha")

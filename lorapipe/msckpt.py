@@ -285,8 +285,11 @@ def iter_checkpoint(path, select=None, hashed=False):
 
 
 def checkpoint_index(path):
-    """[(name, type_name, shape)] of a checkpoint, reading headers only (no tensor data)."""
+    """[(name, type_name, shape)] of a checkpoint, reading headers only (no tensor data). A missing file
+    is an InputError naming it (a corrupt one raises its own)."""
     path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: checkpoint not found")
     index = []
     with open(path, "rb") as f:
         r = _Reader(f, _data_end(f, os.path.getsize(path)), path)

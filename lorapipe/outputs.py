@@ -40,16 +40,18 @@ def remove_stale_temporaries(folder):
             remove_path(temp)
 
 
-def _size(nbytes):
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+def format_bytes(nbytes):
+    """A byte count as GB or MB of 1024^3 and 1024^2 bytes (what df -h and MindSpore's max_device_memory
+    count in)."""
+    return f"{nbytes / (1 << 30):.1f} GB" if nbytes >= (1 << 30) / 10 else f"{nbytes / (1 << 20):.1f} MB"
 
 
 def check_free_space(what, need_bytes):
     """Refuse to start writing `what` when its file system lacks the room it will take."""
     free = shutil.disk_usage(Path(what).parent).free
     if need_bytes and free < need_bytes * 1.01 + (1 << 20):
-        raise StepError(f"{what}: not enough free space: it needs about {_size(need_bytes)}, {Path(what).parent} "
-                        f"has {_size(free)} free")
+        raise StepError(f"{what}: not enough free space: it needs about {format_bytes(need_bytes)}, "
+                        f"{Path(what).parent} has {format_bytes(free)} free")
 
 
 @contextmanager
@@ -97,8 +99,8 @@ def atomic_outputs(paths, run=None, inputs=(), hashed_inline=(), need_bytes=0):
             if e.errno in _DISK_FULL:
                 free = shutil.disk_usage(temp_dirs[0]).free
                 raise StepError(f"{finals[0]}: the disk filled up while writing it ({e.strerror}); "
-                                f"{_size(free)} is free in {finals[0].parent}"
-                                + (f", the step needs about {_size(need_bytes)}" if need_bytes else "")
+                                f"{format_bytes(free)} is free in {finals[0].parent}"
+                                + (f", the step needs about {format_bytes(need_bytes)}" if need_bytes else "")
                                 + ". Nothing was written.") from None
             raise
     finally:

@@ -20,7 +20,7 @@ from pathlib import Path
 from lorapipe.data import ChatTokenizer
 from lorapipe.errors import StepError
 from lorapipe.msckpt import checkpoint_index
-from lorapipe.outputs import atomic_outputs
+from lorapipe.outputs import atomic_outputs, format_bytes
 from lorapipe.ranktable import load_rank_table, read_hccn_conf
 from lorapipe.spec import LORA_A, LORA_B, is_alibi
 
@@ -326,10 +326,6 @@ def device_memory(model_config, rendered, params):
     return parts
 
 
-def _size(nbytes):
-    return f"{nbytes / GB:.1f} GB" if nbytes >= GB / 10 else f"{nbytes / (1 << 20):.1f} MB"
-
-
 def _numel(shape):
     n = 1
     for d in shape:
@@ -340,7 +336,8 @@ def _numel(shape):
 def check_memory(model_config, rendered, params, device_target):
     parts = device_memory(model_config, rendered, params)
     total = sum(parts.values())
-    detail = f"about {_size(total)} per device (" + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()) + ")"
+    detail = (f"about {format_bytes(total)} per device ("
+              + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items()) + ")")
     limit = rendered["context"].get("max_device_memory")
     if device_target != "Ascend":
         return Check("memory", "ok", detail + f"; {device_target} has no device memory limit")

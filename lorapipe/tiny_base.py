@@ -12,10 +12,12 @@ and `<reserved_106>` / `<reserved_107>` (the user and assistant markers) as sing
 
 import io
 import json
+from pathlib import Path
 
 import sentencepiece as spm
 import torch
 
+from lorapipe.baichuan2 import hf_shapes
 from lorapipe.data import conversation_texts, input_files
 from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
@@ -92,29 +94,18 @@ def _train_sentencepiece(texts, vocab_size, model, user_defined_symbols):
 
 
 def random_weights(config, seed, init_std):
-    """Seeded HF-named Baichuan2 state dict (float32). Norm weights are near 1 but not equal to 1, so
-    a mapping that swapped two norms would show in a parity test."""
+    """Seeded HF-named Baichuan2 state dict (float32), with the names and shapes of hf_shapes. Norm
+    weights are near 1 but not equal to 1, so a mapping that swapped two norms would show in a parity
+    test. The draws (and the state dict) go embedding, layers, final norm, lm_head: the tiny model's
+    bytes depend on that order."""
     gen = torch.Generator().manual_seed(seed)
-    h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=gen) * init_std
-
-    def norm():
-        return 1.0 + 0.1 * torch.randn(h, generator=gen)
-
-    state = {"model.embed_tokens.weight": normal(v, h)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        state[p + "self_attn.W_pack.weight"] = normal(3 * h, h)
-        state[p + "self_attn.o_proj.weight"] = normal(h, h)
-        state[p + "mlp.gate_proj.weight"] = normal(inter, h)
-        state[p + "mlp.down_proj.weight"] = normal(h, inter)
-        state[p + "mlp.up_proj.weight"] = normal(inter, h)
-        state[p + "input_layernorm.weight"] = norm()
-        state[p + "post_attention_layernorm.weight"] = norm()
-    state["model.norm.weight"] = norm()
-    state["lm_head.weight"] = normal(v, h)
+    shapes = hf_shapes(config)
+    layers = [name for name in shapes if name.startswith("model.layers.")]
+    state = {}
+    for name in ("model.embed_tokens.weight", *layers, "model.norm.weight", "lm_head.weight"):
+        shape = shapes[name]
+        noise = torch.randn(*shape, generator=gen)
+        state[name] = 1.0 + 0.1 * noise if len(shape) == 1 else noise * init_std
     return state
 
 
@@ -122,8 +113,6 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
                     intermediate_size, max_position_embeddings, vocab_size, init_std, position_embedding=None,
                     run=None):
     """Write the tiny base model directory (FILES) atomically. Same arguments, same bytes."""
-    from pathlib import Path
-
     if hidden_size % num_attention_heads:
         raise InputError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
                          f"num_attention_heads {num_attention_heads}")

@@ -10,6 +10,9 @@ import argparse
 import sys
 
 from lorapipe import cli
+from lorapipe.data import ChatTokenizer
+from lorapipe.generate import (TextStreamer, build_decoder, chat_ids, complete_checkpoint, generate,
+                               generation_settings, read_adapter, read_mindformers_yaml, tokenizer_file, use_device)
 
 
 def main():
@@ -22,24 +25,12 @@ def main():
     p.add_argument("--use_parallel", default="False", choices=["False"], help="one device")
     p.add_argument("--auto_trans_ckpt", default="False", choices=["False", "True"],
                    help="nothing to transform for a complete checkpoint on one device")
-    p.add_argument("--max_new_tokens", type=int, default=None)
-    p.add_argument("--do_sample", choices=["True", "False"], default=None)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--repetition_penalty", type=float, default=None)
+    cli.add_generation_flags(p.add_argument_group("generation (default: the YAML's)"))
     args = p.parse_args()
-
-    from lorapipe.data import ChatTokenizer
-    from lorapipe.generate import (GENERATION_DEFAULTS, TextStreamer, build_decoder, chat_ids, complete_checkpoint,
-                                   generate, read_adapter, read_mindformers_yaml, tokenizer_file, use_device)
 
     rendered = read_mindformers_yaml(args.config)
     model_config = rendered["model"]["model_config"]
-    overrides = {k: getattr(args, k) for k in GENERATION_DEFAULTS if getattr(args, k) is not None}
-    if "do_sample" in overrides:
-        overrides["do_sample"] = overrides["do_sample"] == "True"
-    generation = {k: overrides.get(k, model_config.get(k, v)) for k, v in GENERATION_DEFAULTS.items()}
+    generation = generation_settings(model_config, vars(args))
     tok = ChatTokenizer(tokenizer_file(rendered, args.vocab_file, args.config))
     # the same incremental path as predict: the KV-cache decoder on the host, use_past on Ascend
     net = build_decoder(model_config, complete_checkpoint(args.load_checkpoint),

@@ -3,6 +3,8 @@
 MindRecord, masked as in training: only assistant tokens and end-of-turn markers count."""
 
 from lorapipe import cli
+from lorapipe.evaluate import evaluate
+from lorapipe.generate import complete_checkpoint, read_adapter, read_mindformers_yaml
 
 
 def main():
@@ -15,9 +17,6 @@ def main():
     p.add_argument("--eval_dataset", required=True, help="held-out .mindrecord")
     p.add_argument("--output", required=True, help="metrics.json")
     args = p.parse_args()
-    from lorapipe.evaluate import evaluate
-    from lorapipe.generate import complete_checkpoint, read_adapter, read_mindformers_yaml
-
     # The training YAML's model, evaluated on the host in fp32 whatever dtype it trained in.
     model_config = dict(read_mindformers_yaml(args.config)["model"]["model_config"], compute_dtype="float32",
                         param_init_type="float32")

@@ -15,20 +15,10 @@ Training runs through the workflow (`snakemake finetune`), evaluation through sc
 from pathlib import Path
 
 from lorapipe import cli
+from lorapipe.generate import (complete_checkpoint, generation_settings, predict, read_adapter, read_mindformers_yaml,
+                               tokenizer_file, use_device)
 
 RECIPE_IGNORED = ("task", "train_dataset", "eval_dataset", "resume", "remote_save_url", "src_strategy")
-
-
-def str2bool(text):
-    """MindFormers' str2bool: the recipe writes `--use_parallel False`."""
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected True or False, got {text!r}")
-
-
-str2bool.__name__ = "True/False"  # argparse names the type in its error message
 
 
 def parse_args():
@@ -41,8 +31,8 @@ def parse_args():
                         help="a complete .ckpt, or a folder holding rank_0/ with one complete .ckpt")
     recipe.add_argument("--predict_data", nargs="+", required=True,
                         help="prompts (plain, or already as <reserved_106>q<reserved_107>), or @file, one per line")
-    recipe.add_argument("--use_parallel", type=str2bool, default=False, help="False: one device")
-    recipe.add_argument("--auto_trans_ckpt", type=str2bool, default=False,
+    recipe.add_argument("--use_parallel", type=cli.str2bool, default=False, help="False: one device")
+    recipe.add_argument("--auto_trans_ckpt", type=cli.str2bool, default=False,
                         help="transform a distributed checkpoint for this layout; on one device with a "
                              "complete checkpoint there is nothing to transform")
     recipe.add_argument("--vocab_file", default=None, help="tokenizer.model (default: the YAML's)")
@@ -55,13 +45,8 @@ def parse_args():
     for flag in RECIPE_IGNORED:
         recipe.add_argument(f"--{flag}", default=None, help="training flag; not used for prediction")
     chat = p.add_argument_group("generation (run_baichuan2_chat.py's flags; default: the YAML's)")
-    chat.add_argument("--max_new_tokens", type=int, default=None)
-    chat.add_argument("--do_sample", type=str2bool, default=None)
-    chat.add_argument("--top_k", type=int, default=None)
-    chat.add_argument("--top_p", type=float, default=None)
-    chat.add_argument("--temperature", type=float, default=None)
-    chat.add_argument("--repetition_penalty", type=float, default=None)
-    chat.add_argument("--use_past", type=str2bool, default=True, help="incremental decoding (default True)")
+    cli.add_generation_flags(chat)
+    chat.add_argument("--use_past", type=cli.str2bool, default=True, help="incremental decoding (default True)")
     chat.add_argument("--seed", type=int, default=0, help="sampling seed")
     extra = p.add_argument_group("lorapipe")
     extra.add_argument("--adapter_config", default=None,
@@ -80,15 +65,11 @@ def parse_args():
 
 def main():
     _, args = parse_args()
-    from lorapipe.generate import (GENERATION_DEFAULTS, complete_checkpoint, predict, read_adapter,
-                                   read_mindformers_yaml, tokenizer_file, use_device)
-
     rendered = read_mindformers_yaml(args.config)
     model_config = dict(rendered["model"]["model_config"])
     if args.seq_length:
         model_config["seq_length"] = args.seq_length
-    generation = {k: model_config.get(k, v) if getattr(args, k) is None else getattr(args, k)
-                  for k, v in GENERATION_DEFAULTS.items()}
+    generation = generation_settings(model_config, vars(args))
     generation.update(seed=args.seed, use_past=args.use_past, max_length=args.max_length)
     vocab_file = tokenizer_file(rendered, args.vocab_file, args.config)
     run = cli.start(args, generation)
