@@ -1,4 +1,5 @@
-"""Baichuan2's checkpoint layout: the HF <-> MindSpore name map and the shapes a config.json implies.
+"""Baichuan2's checkpoint layout: the HF <-> MindSpore name map and the shapes a config.json implies,
+and the names of the formats it is exported to (plain Llama, PEFT).
 
 The one place that knows the names (torchtune's convert_weights.py). No file I/O here: lorapipe.hf_io
 reads and writes HF files, lorapipe.weights runs the two conversions.
@@ -33,7 +34,25 @@ _PER_LAYER = {
 }
 W_PACK = "self_attn.W_pack.weight"
 QKV = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
-_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")  # (layer, the rest): in either naming
+
+# Baichuan2-7B's RoPE base: fixed in its modeling code (the MindFormers YAML's theta, Llama's rope_theta).
+ROPE_THETA = 10000.0
+
+# Llama, as plain HF LlamaForCausalLM and PEFT name it (lorapipe.interop's exports).
+# A cell of a decoder layer in MindFormers' Llama -> the module PEFT adapts, named as in HF Llama.
+# Baichuan2 names them the same, except that q, k, v are one module, self_attn.W_pack.
+LLAMA_MODULES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+}
+MINDSPORE_CELLS = {module: cell for cell, module in LLAMA_MODULES.items()}
+QKV_CELLS = tuple(name[: -len(".weight")] for name in QKV)  # W_pack's row blocks, in order
+W_PACK_MODULE = W_PACK[: -len(".weight")]  # self_attn.W_pack
+# PEFT's saved names: the wrapped model's module path under base_model.model., adapter name removed.
+PEFT_PREFIX = "base_model.model."
+PEFT_TENSOR = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight")
 
 
 def hf_shapes(config):
@@ -70,7 +89,7 @@ def hf_to_mindspore(name, array):
     """[(MindSpore name, array)] for one HF tensor; W_pack becomes wq, wk, wv (row blocks, views)."""
     if name in _TOP_LEVEL:
         return [(_TOP_LEVEL[name], array)]
-    layer, rest = _LAYER_NAME.fullmatch(name).groups()
+    layer, rest = LAYER_NAME.fullmatch(name).groups()
     prefix = f"model.layers.{layer}."
     if rest == W_PACK:
         h = array.shape[0] // 3
@@ -109,7 +128,7 @@ def mindspore_to_hf(pairs, fuse, where="checkpoint"):
         if name in _TOP_LEVEL_HF:
             yield _TOP_LEVEL_HF[name], x
             continue
-        match = _LAYER_NAME.fullmatch(name)
+        match = LAYER_NAME.fullmatch(name)
         rest = match and match.group(2)
         if rest in QKV:
             parts = pending.setdefault(match.group(1), {})

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import W_PACK, check_tensors, mindspore_to_hf
+from lorapipe.baichuan2 import (LAYER_NAME, LLAMA_MODULES, MINDSPORE_CELLS, PEFT_PREFIX, PEFT_TENSOR, QKV_CELLS,
+                                ROPE_THETA, W_PACK, W_PACK_MODULE, check_tensors, mindspore_to_hf)
 from lorapipe.errors import InputError
 from lorapipe.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
@@ -42,23 +43,6 @@ from lorapipe.spec import ALIBI, ASSISTANT_PIECE, LORA_A, LORA_B, USER_PIECE, po
 
 log = logging.getLogger("lorapipe")
 
-# Baichuan2-7B's RoPE base: fixed in its modeling code, as in lorapipe.spec.llama_config.
-ROPE_THETA = 10000.0
-
-# A cell of a decoder layer in MindFormers' Llama -> the module PEFT adapts, named as in HF Llama.
-# Baichuan2 names them the same, except that q, k, v are one module, self_attn.W_pack.
-LLAMA_MODULES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-}
-MINDSPORE_CELLS = {module: cell for cell, module in LLAMA_MODULES.items()}
-QKV_CELLS = ("attention.wq", "attention.wk", "attention.wv")  # W_pack's row blocks, in order
-W_PACK_MODULE = W_PACK[: -len(".weight")]  # self_attn.W_pack
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# PEFT's saved names: the wrapped model's module path under base_model.model., adapter name removed.
-PEFT_PREFIX = "base_model.model."
-_PEFT_TENSOR = re.compile(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight")
 
 
 # -- the Llama directory ----------------------------------------------------------------------------
@@ -248,7 +232,7 @@ def trained_adapters(lora_ckpt, rank):
     tensors = dict(iter_checkpoint(lora_ckpt, select=names.__contains__))
     adapters = {}
     for weight, (a, b) in pairs.items():
-        match = _LAYER.fullmatch(weight[: -len(".weight")])
+        match = LAYER_NAME.fullmatch(weight[: -len(".weight")])
         if not match or match.group(2) not in LLAMA_MODULES:
             raise InputError(f"{lora_ckpt}: LoRA adapter {a!r}: PEFT has no module for it (adapters on "
                              f"model.layers.N.{{{', '.join(LLAMA_MODULES)}}} can be exported)")
@@ -386,7 +370,7 @@ def read_peft_adapter(adapter_dir):
         raise InputError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
     found = {}
     for ref in tensor_refs(files[0]):
-        match = _PEFT_TENSOR.fullmatch(ref.name)
+        match = PEFT_TENSOR.fullmatch(ref.name)
         if not match:
             raise InputError(f"{files[0]}: tensor {ref.name!r} is not a LoRA weight "
                              f"({PEFT_PREFIX}<module>.lora_A.weight or .lora_B.weight)")
@@ -409,7 +393,7 @@ def mindspore_adapters(modules, where):
     """{MindSpore cell: (A, B, scaling)} for PEFT {module: (A, B, scaling)} of the Llama or W_pack layout."""
     cells = {}
     for module, (a, b, scaling) in modules.items():
-        match = _LAYER.fullmatch(module)
+        match = LAYER_NAME.fullmatch(module)
         kind = match and match.group(2)
         if kind == W_PACK_MODULE:
             for cell, (a_part, b_part) in zip(QKV_CELLS, _split_w_pack(a, b, f"{where}: {module}")):
@@ -501,7 +485,7 @@ def _uniform(adapters, where):
 
 def _mindformers_targets(cells):
     """pet_config.target_modules for the adapted cells, in the model's order: `.*wq|.*wk|.*wv`."""
-    kinds = sorted({_LAYER.fullmatch(cell).group(2) for cell in cells}, key=list(LLAMA_MODULES).index)
+    kinds = sorted({LAYER_NAME.fullmatch(cell).group(2) for cell in cells}, key=list(LLAMA_MODULES).index)
     return "|".join(f".*{kind.rsplit('.', 1)[1]}" for kind in kinds)
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+from lorapipe.baichuan2 import ROPE_THETA
 from lorapipe.errors import ConfigError, InputError
 
 MODEL_CLASS = "Baichuan2ForCausalLM"  # registered by lorapipe.model: Baichuan2-7B (RoPE)
@@ -93,7 +94,7 @@ def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type
         intermediate_size=hf_config["intermediate_size"],
         vocab_size=hf_config["vocab_size"],
         rms_norm_eps=hf_config["rms_norm_eps"],
-        theta=10000.0,
+        theta=ROPE_THETA,
         bos_token_id=hf_config.get("bos_token_id", 1),
         eos_token_id=hf_config.get("eos_token_id", 2),
         pad_token_id=hf_config.get("pad_token_id", 0),
