@@ -95,6 +95,11 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
             f"{source}: parallel.data_parallel * model_parallel * pipeline_stage = {layout}, "
             f"but parallel.workers * nodes = {devices} devices; they must be equal"
         )
+    train = config["train"]
+    if config["device_target"] == "CPU" and "bfloat16" in (train["compute_dtype"], train["param_init_type"]):
+        raise ConfigError(f"{source}: train.compute_dtype {train['compute_dtype']} and param_init_type "
+                          f"{train['param_init_type']}: MindSpore has no bfloat16 CPU kernels for this network "
+                          f"(every rank stops at its first Reshape); use float32 or float16 on CPU")
     if config["train"]["use_flash_attention"] and config["device_target"] != "Ascend":
         raise ConfigError(f"{source}: train.use_flash_attention needs device_target Ascend (FlashAttentionScore "
                           f"has no {config['device_target']} kernel)")
@@ -103,8 +108,9 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
                           f"launcher starts one node)")
     devices = par["visible_devices"].split(",")
     if len(devices) < par["workers"] or len(set(devices)) < len(devices):
-        raise ConfigError(f"{source}: parallel.visible_devices {par['visible_devices']!r} must list parallel.workers "
-                          f"= {par['workers']} different devices (the ones behind ranks 0..{par['workers'] - 1} of a node)")
+        raise ConfigError(f"{source}: parallel.visible_devices {par['visible_devices']!r} must list "
+                          f"parallel.workers = {par['workers']} different devices (the ones behind ranks "
+                          f"0..{par['workers'] - 1} of a node)")
     lr = config["train"]["lr_schedule"]
     if lr["lr_end"] > lr["learning_rate"]:
         raise ConfigError(f"{source}: train.lr_schedule.lr_end {lr['lr_end']} is above learning_rate "

@@ -156,8 +156,9 @@ def check_layout(model_config, rendered):
     mp, pp = par["model_parallel"], par["pipeline_stage"]
     problems = []
     if cpu and (mp > 1 or pp > 1):
-        problems.append(f"parallel.model_parallel {mp} and pipeline_stage {pp}: lorapipe trains data parallel only "
-                        f"on {rendered['context']['device_target']} (parallel_mode 0, no shard strategies); set both to 1")
+        problems.append(f"parallel.model_parallel {mp} and pipeline_stage {pp}: lorapipe trains data parallel "
+                        f"only on {rendered['context']['device_target']} (parallel_mode 0, no shard strategies); "
+                        f"set both to 1")
     for what, size in (("hidden_size", model_config["hidden_size"]), ("num_heads", model_config["num_heads"]),
                        ("intermediate_size", model_config["intermediate_size"])):
         if size % mp:  # MindFormers: llama_layer.py:439-446 (FeedForward), modules/layers.py:681 (heads)

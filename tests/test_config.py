@@ -46,6 +46,7 @@ def test_shipped_configs_are_valid():
         (lambda c: c["parallel"].update(visible_devices="0"), "parallel.visible_devices '0' must list "
                                                               "parallel.workers = 2 different devices"),
         (lambda c: c["parallel"].update(visible_devices="3,3"), "parallel.visible_devices '3,3' must list"),
+        (lambda c: c["train"].update(compute_dtype="bfloat16"), "MindSpore has no bfloat16 CPU kernels"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):
