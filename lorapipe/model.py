@@ -37,6 +37,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from mindformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
     from mindformers.modules.transformer import LowerTriangularMaskWithDynamic  # noqa: E402
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister  # noqa: E402
+    from mindformers.tools.utils import is_pynative  # noqa: E402
 
 from lorapipe.errors import InputError  # noqa: E402
 from lorapipe.spec import ALIBI_MODEL_CLASS, MODEL_CLASS, alibi_slopes, is_alibi  # noqa: E402,F401
@@ -97,9 +98,109 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
             self.lm_head.shard(((par.data_parallel * par.context_parallel, 1), (vocab_split, 1)))
         if par.pipeline_stage > 1:
             self.lm_head.pipeline_stage = par.pipeline_stage - 1
+        # Packed rows (data.packing): segment ids keep the conversations of a row apart (construct).
+        self.packing = bool(getattr(config, "packing", False))
+        if self.packing:
+            if getattr(config, "use_past", False) or getattr(config, "use_flash_attention", False):
+                raise InputError(f"{MODEL_CLASS}: packing builds its own block-diagonal mask: model_config.use_past "
+                                 f"and use_flash_attention must be False (training rows, additive mask)")
+            self.model.casual_mask = SegmentCausalMask(config.seq_length, config.compute_dtype)
+            if _get_parallel_mode() in (ParallelMode.AUTO_PARALLEL, ParallelMode.SEMI_AUTO_PARALLEL):
+                self.model.casual_mask.shard(par)
         # The parent loaded checkpoint_name_or_path into the head it had; load again into this one.
         if config.checkpoint_name_or_path:
             self.load_checkpoint(config)
+
+    def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
+                  input_embeds=None, init_reset=None, batch_valid_length=None, batch_index=None, zactivate_len=None,
+                  block_tables=None, slot_mapping=None, prefix_keys_values=None, llm_boost_inputs=None,
+                  q_seq_lens=None, loss_mask=None, gather_index=None, seq_range=None, actual_seq_len=None,
+                  segment_ids=None):
+        """LlamaForCausalLM's forward; with packing (training and evaluation, no incremental decoding) the
+        segment ids [batch, seq + 1] of each token (1, 2, ... per conversation of the row, 0 for padding)
+        decide what attends to what. Rows without them (held-out rows) are one segment, their pad tokens
+        the padding."""
+        if not self.packing:
+            return super().construct(input_ids, labels, input_position, position_ids, attention_mask, input_embeds,
+                                     init_reset, batch_valid_length, batch_index, zactivate_len, block_tables,
+                                     slot_mapping, prefix_keys_values, llm_boost_inputs, q_seq_lens, loss_mask,
+                                     gather_index, seq_range, actual_seq_len)
+        bsz, seqlen = self.shape(input_ids)
+        tokens, segments = input_ids, segment_ids
+        if self.training:  # position t predicts labels[t + 1]: drop the last position, as the parent does
+            tokens = self.slice(input_ids, (0, 0), (bsz, seqlen - 1), (1, 1))
+            if segments is not None:
+                segments = self.slice(segments, (0, 0), (bsz, seqlen - 1), (1, 1))
+        if segments is None:
+            segments = self.cast(self.not_equal(tokens, self.pad_token_id), mstype.int32)
+        # LlamaModel reads its first input only for the shape and for casual_mask (llama.py:321, 381) when
+        # it is given the embeddings (llama.py:388-389): the segments go to SegmentCausalMask that way.
+        output = self.model(segments, self.model.tok_embeddings(tokens))
+        logits = self.lm_head(output)
+        input_mask = self.cast(self.not_equal(tokens, self.pad_token_id), mstype.float32)
+        if labels is None:
+            labels = self.slice(input_ids, (0, 1), (bsz, seqlen), (1, 1))
+        else:
+            if self.training:
+                labels = self.slice(labels, (0, 1), (bsz, seqlen), (1, 1))
+            input_mask = self.mul(input_mask, self.cast(self.not_equal(labels, self.ignore_token_id), mstype.float32))
+        if not self.training:
+            return self.cast(logits, mstype.float32), tokens, input_mask
+        logits = self.cast(self.reshape(logits, (-1, self.vocab_size)), mstype.float32)
+        return self.loss(logits, self.reshape(labels, (-1,)), self.reshape(input_mask, (-1,)))
+
+
+class SegmentCausalMask(nn.Cell):
+    """The causal mask of packed rows: a query attends to the keys at or before it that belong to the same
+    conversation (segment id), never to padding (segment 0). Additive, as MindFormers' causal mask: 0 where
+    allowed, -10000 elsewhere, [batch, 1, seq, seq]. For a row of one conversation (segment 1 up to the
+    padding) it is LowerTriangularMaskWithDynamic's mask for every query that is not padding. Its input
+    is the segment ids where MindFormers' mask takes the tokens."""
+
+    def __init__(self, seq_length, compute_dtype=mstype.float32):
+        super().__init__()
+        self.lower = Tensor(np.tril(np.ones((seq_length, seq_length), np.float32))[None])
+        self.compute_dtype = compute_dtype
+        self.is_pynative = is_pynative()  # MindFormers' own test (tools/utils.py:608), as its mask cell
+        self.shape = ops.Shape()
+        self.slice = ops.StridedSlice()
+        self.expand_query = ops.ExpandDims()
+        self.expand_key = ops.ExpandDims()
+        self.same = ops.Equal()
+        self.real_key = ops.NotEqual()
+        self.cast = ops.Cast()
+        self.allowed = ops.Mul()
+        self.causal = ops.Mul()
+        self.flip = ops.Sub()
+        self.scale = ops.Mul()
+        self.expand_heads = ops.ExpandDims()
+
+    def shard(self, parallel_config):
+        """The batch split as the data's; one mask for all heads, as MindFormers' (llama_transformer.py:393)."""
+        dp = parallel_config.data_parallel
+        self.slice.shard(((1, 1, 1),))
+        self.expand_query.shard(((dp, 1),))
+        self.expand_key.shard(((dp, 1),))
+        self.same.shard(((dp, 1, 1), (dp, 1, 1)))
+        self.real_key.shard(((dp, 1, 1), ()))
+        self.cast.shard(((dp, 1, 1),))
+        self.allowed.shard(((dp, 1, 1), (dp, 1, 1)))
+        self.causal.shard(((dp, 1, 1), (1, 1, 1)))
+        self.flip.shard(((), (dp, 1, 1)))
+        self.scale.shard(((dp, 1, 1), ()))
+        self.expand_heads.shard(((dp, 1, 1),))
+
+    def construct(self, segments=None, masks=None, seq_chunk=None):  # LowerTriangularMaskWithDynamic's signature
+        lower = self.lower
+        if self.is_pynative:  # any input length, as MindFormers' mask slices itself (transformer.py:886-887)
+            seq_len = self.shape(segments)[1]
+            lower = self.slice(lower, (0, 0, 0), (1, seq_len, seq_len), (1, 1, 1))
+        keys = self.expand_key(segments, 1)                                      # [batch, 1, seq]
+        same = self.cast(self.same(self.expand_query(segments, 2), keys), mstype.float32)
+        real = self.cast(self.real_key(keys, 0), mstype.float32)
+        allowed = self.causal(self.allowed(same, real), lower)                    # [batch, seq, seq]
+        mask = self.scale(self.flip(1.0, allowed), -10000.0)
+        return self.cast(self.expand_heads(mask, 1), self.compute_dtype)
 
 
 class CausalMaskWithAlibi(nn.Cell):
@@ -111,10 +212,11 @@ class CausalMaskWithAlibi(nn.Cell):
     (r1.0's build_alibi_tensor_v2 used k - q for the same reason). Pad keys get the bias on top of
     -10000, as they would in any additive-mask implementation: lorapipe.decode does the same."""
 
-    def __init__(self, seq_length, num_heads, compute_dtype=mstype.float32, pad_token_id=0):
+    def __init__(self, seq_length, num_heads, compute_dtype=mstype.float32, pad_token_id=0, causal=None):
         super().__init__()
-        self.causal = LowerTriangularMaskWithDynamic(seq_length=seq_length, compute_type=compute_dtype,
-                                                     pad_token_id=pad_token_id)
+        # (packed rows: SegmentCausalMask, whose input is the segment ids)
+        self.causal = causal or LowerTriangularMaskWithDynamic(seq_length=seq_length, compute_type=compute_dtype,
+                                                               pad_token_id=pad_token_id)
         positions = np.arange(seq_length)
         # The bias in fp32, cast once: slope x distance rounded once to the compute dtype.
         self.slopes = Tensor(np.array(alibi_slopes(num_heads), np.float32).reshape(1, num_heads, 1, 1))
@@ -172,7 +274,7 @@ class Baichuan13BV2ForCausalLM(Baichuan2ForCausalLM):
         super().__init__(config=config)
         model = self.model
         model.casual_mask = CausalMaskWithAlibi(config.seq_length, config.num_heads, config.compute_dtype,
-                                                config.pad_token_id)
+                                                config.pad_token_id, causal=model.casual_mask if self.packing else None)
         for layer in model.layers:
             layer.attention.apply_rotary_emb = NoRotary()
         if _get_parallel_mode() in (ParallelMode.AUTO_PARALLEL, ParallelMode.SEMI_AUTO_PARALLEL):
@@ -201,7 +303,10 @@ def build_model(model_config, train=False):
     return net
 
 
-def logits(net, input_ids):
-    """Raw logits [batch, seq, vocab] (float32 numpy) of a model in eval mode."""
-    out = net(ms.Tensor(input_ids, mstype.int32))
+def logits(net, input_ids, segment_ids=None):
+    """Raw logits [batch, seq, vocab] (float32 numpy) of a model in eval mode; `segment_ids` for packed
+    rows (a model built with packing)."""
+    segments = None if segment_ids is None else ms.Tensor(segment_ids, mstype.int32)
+    out = net(ms.Tensor(input_ids, mstype.int32)) if segments is None else \
+        net(ms.Tensor(input_ids, mstype.int32), segment_ids=segments)
     return (out[0] if isinstance(out, tuple) else out).asnumpy()
