@@ -218,7 +218,9 @@ def stop_earlier_launch(status_dir, grace=10.0):
     training state's own lock, so the launcher of those processes is gone."""
     records = read_process_records(status_dir)
     cancel_slurm(records)
-    live = {proc.pid: (proc, _describe(r)) for r in records if (proc := _process_of(r))}
+    # (this process and its parents may be in the records: a second launch from the same process)
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    live = {proc.pid: (proc, _describe(r)) for r in records if (proc := _process_of(r)) and proc.pid not in ours}
     for proc in _ranks_lock_holders(status_dir) or []:
         live.setdefault(proc.pid, (proc, f"pid {proc.pid} ({' '.join(proc.cmdline()[:3])})"))
     if live:
@@ -287,6 +289,26 @@ def srun_msrun_command(script_args, workers, nodes, master_addr, master_port, lo
             "--kill-on-bad-exit=1", "--label", *exec_exporting_pid(line)]
 
 
+def local_addresses():
+    """Every IP address of this host's interfaces."""
+    return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+
+
+def check_master_here(master_addr):
+    """With one node msrun starts its scheduler only where master_addr is a local address
+    (mindspore/parallel/cluster/process_entity/_api.py, _is_local_ip); elsewhere the ranks wait for a
+    scheduler that never comes, until the cluster timeout."""
+    try:
+        address = socket.gethostbyname(master_addr)
+    except OSError:
+        raise LaunchError(f"parallel.master_addr {master_addr!r} does not resolve to an address") from None
+    if address not in local_addresses():
+        raise LaunchError(f"parallel.master_addr {master_addr} ({address}) is not an address of this host "
+                          f"({socket.gethostname()}): with one node msrun's scheduler runs here, so its ranks would "
+                          f"wait for one that never starts; leave parallel.master_addr null")
+
+
 def slurm_first_host():
     """The first host of this Slurm allocation: where msrun's scheduler (node rank 0) runs."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
@@ -320,6 +342,8 @@ def launch(script_args, workers, log_dir, launcher="msrun", nodes=1, master_addr
             log.info("launch: %s", " ".join(cmd))
             job.start(cmd, env, log_dir / "srun.log", "srun")
         elif launcher == "msrun":
+            if master_addr:
+                check_master_here(master_addr)
             cmd = msrun_command(script_args, workers, 1, 0, master_addr or "127.0.0.1", master_port or free_port(),
                                 log_dir)
             log.info("launch: %s", " ".join(cmd))

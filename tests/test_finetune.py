@@ -122,6 +122,19 @@ def test_multi_node_command_runs_one_msrun_per_node():
     assert node1.split()[0] == node1.split()[1]
 
 
+def test_a_master_address_of_another_host_is_refused_before_any_rank(tmp_path):
+    """Found by trying config mistakes: master_addr set to another host on one node left both ranks
+    waiting for a scheduler that msrun starts only on the master (they timed out after 7 minutes)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with pytest.raises(LaunchError, match=r"parallel.master_addr 10.255.255.1 \(10.255.255.1\) is not an address of "
+                                          r"this host"):
+        launch([str(script), "ok"], 2, tmp_path / "logs", master_addr="10.255.255.1")
+    assert not list((tmp_path / "logs").glob("worker_*.log"))
+    launch([str(script), "ok"], 2, tmp_path / "logs", master_addr="127.0.0.1",
+           env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+
+
 def test_all_ranks_succeed(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
