@@ -217,3 +217,20 @@ def test_rows_longer_than_the_models_positions_are_refused_unless_allowed():
     # Baichuan2's config.json names model_max_length too, and it is the one its tokenizer and training used
     assert check_positions({"seq_length": 4096}, {"max_position_embeddings": 8192, "model_max_length": 4096},
                            allow_longer=False).status == "ok"
+
+
+def test_odd_schedules_warn_and_the_rank_table_launcher_on_cpu_fails():
+    from lorapipe.preflight import check_devices, check_schedule
+
+    def rendered(warmup_ratio=0.05, learning_rate=3e-3, save=20):
+        return {"lr_schedule": {"warmup_ratio": warmup_ratio, "learning_rate": learning_rate},
+                "callbacks": [{"type": "CheckpointMonitor", "save_checkpoint_steps": save}]}
+
+    assert check_schedule(rendered(), 108).status == "ok"
+    assert "warmup_ratio 0.05 of 10 steps is no warmup step" in check_schedule(rendered(), 10).detail
+    assert "the rate rises for 54 of 108 steps" in check_schedule(rendered(warmup_ratio=0.5), 108).detail
+    assert "learning_rate 10.0" in check_schedule(rendered(learning_rate=10.0), 108).detail
+    late = check_schedule(rendered(save=500), 108)
+    assert late.status == "warn" and "save_checkpoint_steps 500 > 108 steps: only the final checkpoint" in late.detail
+    cpu = check_devices("CPU", {"launcher": "rank_table", "workers": 2})
+    assert cpu.status == "fail" and cpu.detail.startswith("parallel.launcher rank_table: on CPU")
