@@ -117,7 +117,8 @@ def tokenizer_config(tokenizer_model, config):
     """tokenizer_config.json of a plain LlamaTokenizer over Baichuan2's sentencepiece model that gives
     lorapipe's ids (chat_ids), fast or slow:
     - no BOS/EOS added, as in training;
-    - split_special_tokens: a literal `</s>` in text is text, never the control id (DESIGN.md);
+    - split_special_tokens: a literal `</s>` in text is text, never the control id (docs/architecture.md,
+      "Control tokens and role markers are text");
     - the turn markers are plain added tokens, so they are ids even with split_special_tokens and even
       where the sentencepiece model has them as control pieces;
     - add_prefix_space as the model's own add_dummy_prefix (Baichuan2's: off), so the fast tokenizer

@@ -14,7 +14,8 @@ ALIBI_MODEL_CLASS = "Baichuan13BV2ForCausalLM"
 # name them; an explicit "position_embedding" in config.json spells them "ROPE" / "ALIBI" (vLLM's names).
 ROPE, ALIBI = "rope", "alibi"
 # Baichuan2-13B's width: with no explicit "position_embedding" in config.json, this width means ALiBi
-# (DESIGN.md, "Decisions since"); vLLM keys the same choice on 4096 (RoPE). Both agree on the real models.
+# (docs/architecture.md, "The architecture is decided once"); vLLM keys the same choice on 4096 (RoPE).
+# Both agree on the real models.
 ALIBI_HIDDEN_SIZE = 5120
 # model_config key that marks an ALiBi network (the name MindFormers' TransformerConfig uses for the
 # choice); absent means RoPE, so a 7B YAML is unchanged.
