@@ -106,8 +106,8 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
     if par["nodes"] > 1 and par["launcher"] != "msrun":
         raise ConfigError(f"{source}: parallel.nodes {par['nodes']} needs parallel.launcher msrun (the rank-table "
                           f"launcher starts one node)")
-    devices = par["visible_devices"].split(",")
-    if len(devices) < par["workers"] or len(set(devices)) < len(devices):
+    devices = par["visible_devices"].split(",")  # (CPU ranks have no devices)
+    if config["device_target"] != "CPU" and (len(devices) < par["workers"] or len(set(devices)) < len(devices)):
         raise ConfigError(f"{source}: parallel.visible_devices {par['visible_devices']!r} must list "
                           f"parallel.workers = {par['workers']} different devices (the ones behind ranks "
                           f"0..{par['workers'] - 1} of a node)")

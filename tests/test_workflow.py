@@ -102,8 +102,9 @@ def test_end_to_end_tiny_default(built):
     assert steps == ["merged_ckpt", "filter_out", "finetune", "mf_config", "tiny_base", "ckpt", "mindrecord"]
     assert "belle_sample.json  (source)" in chain.stdout and "verify: 0 problem(s) in 7 step(s)" in chain.stdout
     preflight = {c["name"]: c["status"] for c in json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"]}
-    assert preflight == {"devices": "ok", "rank table": "skipped", "checkpoint": "ok", "checkpoint dtype": "ok",
-                         "tokenizer": "ok", "data": "ok", "memory": "ok", "shard strategies": "skipped"}
+    assert preflight == {"devices": "ok", "rank table": "skipped", "parallel layout": "ok", "checkpoint": "ok",
+                         "checkpoint dtype": "ok", "lora": "ok", "tokenizer": "ok", "sequence length": "ok",
+                         "data": "ok", "schedule": "ok", "memory": "ok", "shard strategies": "skipped"}
 
 
 @pytest.mark.parametrize("key, value, reruns", [
@@ -232,7 +233,7 @@ def test_lint_and_format_are_clean():
 def test_slurm_profile_plans_multi_node_finetune_on_npu_nodes(tmp_path):
     cfg = default_config()
     cfg["device_target"] = "Ascend"
-    cfg["parallel"].update(workers=8, nodes=2, data_parallel=16, master_port=29500)
+    cfg["parallel"].update(workers=8, nodes=2, data_parallel=16, master_port=29500, visible_devices="0,1,2,3,4,5,6,7")
     proc = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"),
                      configfile=write_config(tmp_path / "c.yaml", cfg))
     finetune = proc.stdout.split("rule finetune:")[1].split("\n\n")[0]
