@@ -142,20 +142,84 @@ def encode(array, qtype, transform=None):
 
 # -- metadata --------------------------------------------------------------------------------------
 
-def _sentencepiece_model(path):
-    """(processor, ModelProto) of a sentencepiece model file."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
+def _fields(data, where):
+    """(field number, wire type, value) of a protobuf message's bytes: varints as ints, 32-bit values as
+    raw bytes, length-delimited ones as bytes (the few fields read here need no more)."""
+    pos, n = 0, len(data)
 
-    if not Path(path).is_file():
+    def varint():
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= n or shift > 63:
+                raise InputError(f"{where}: not a sentencepiece model (corrupt protobuf)")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+
+    while pos < n:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = data[pos:pos + size], pos + size
+        elif wire == 2:
+            size = varint()
+            value, pos = data[pos:pos + size], pos + size
+        else:
+            raise InputError(f"{where}: not a sentencepiece model (protobuf wire type {wire})")
+        if pos > n:
+            raise InputError(f"{where}: not a sentencepiece model (truncated)")
+        yield number, wire, value
+
+
+def _sentencepiece_model(path):
+    """[(piece, score, type)] and the normalizer settings of a sentencepiece model file.
+
+    The ModelProto is read by hand (pieces = field 1: piece 1, score 2, type 3; normalizer_spec = field
+    3: name 1, add_dummy_prefix 3, remove_extra_whitespaces 4; proto2 defaults NORMAL, true, true):
+    importing protobuf's generated sentencepiece_model_pb2 here would pick protobuf's C implementation
+    before MindSpore, whose old generated checkpoint_pb2 then fails to import in the same process
+    (MindSpore sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python on import, which only works first).
+    sentencepiece itself loads the file too, as the check that it is a model."""
+    import struct
+
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.is_file():
         raise InputError(f"{path}: tokenizer model not found")
-    proto = sentencepiece_model_pb2.ModelProto()
+    data = path.read_bytes()
     try:
-        proto.ParseFromString(Path(path).read_bytes())
-        sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    except Exception as e:  # protobuf's DecodeError, sentencepiece's RuntimeError
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except (RuntimeError, OSError) as e:
         raise InputError(f"{path}: not a sentencepiece model ({e})") from None
-    return sp, proto
+    pieces, normalizer = [], {"name": "", "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    for number, wire, value in _fields(data, path):
+        if number == 1 and wire == 2:
+            piece = {"piece": b"", "score": 0.0, "type": 1}
+            for f, w, v in _fields(value, path):
+                if f == 1 and w == 2:
+                    piece["piece"] = bytes(v)
+                elif f == 2 and w == 5:
+                    piece["score"] = struct.unpack("<f", v)[0]
+                elif f == 3 and w == 0:
+                    piece["type"] = v
+            pieces.append((piece["piece"].decode("utf-8"), piece["score"], piece["type"]))
+        elif number == 3 and wire == 2:
+            for f, w, v in _fields(value, path):
+                if f == 1 and w == 2:
+                    normalizer["name"] = bytes(v).decode("utf-8")
+                elif f in (3, 4) and w == 0:
+                    normalizer["add_dummy_prefix" if f == 3 else "remove_extra_whitespaces"] = bool(v)
+    if [p for p, _, _ in pieces] != [sp.id_to_piece(i) for i in range(sp.get_piece_size())]:
+        raise InputError(f"{path}: its pieces could not be read")  # a parser bug, never a silent mismatch
+    return sp, pieces, normalizer
 
 
 def vocabulary(tokenizer_model, vocab_size):
@@ -163,13 +227,13 @@ def vocabulary(tokenizer_model, vocab_size):
     of `vocab_size` rows: its pieces with their scores and types, padded with UNUSED `[PADi]` up to the
     model's vocab_size (convert_hf_to_gguf does the same); the turn markers become CONTROL."""
     gguf = _gguf()
-    sp, proto = _sentencepiece_model(tokenizer_model)
-    n = len(proto.pieces)
+    sp, pieces, normalizer = _sentencepiece_model(tokenizer_model)
+    n = len(pieces)
     if n > vocab_size:
         raise InputError(f"{tokenizer_model}: {n} pieces, config.json's vocab_size is {vocab_size}")
-    tokens = [p.piece.encode("utf-8") for p in proto.pieces] + [f"[PAD{i}]".encode() for i in range(n, vocab_size)]
-    scores = [float(p.score) for p in proto.pieces] + [-1000.0] * (vocab_size - n)
-    types = [int(p.type) for p in proto.pieces] + [int(gguf.TokenType.UNUSED)] * (vocab_size - n)
+    tokens = [p.encode("utf-8") for p, _, _ in pieces] + [f"[PAD{i}]".encode() for i in range(n, vocab_size)]
+    scores = [float(s) for _, s, _ in pieces] + [-1000.0] * (vocab_size - n)
+    types = [int(t) for _, _, t in pieces] + [int(gguf.TokenType.UNUSED)] * (vocab_size - n)
     for piece in (USER_PIECE, ASSISTANT_PIECE):
         i = sp.piece_to_id(piece)
         if i == sp.unk_id() or sp.id_to_piece(i) != piece:
@@ -177,13 +241,12 @@ def vocabulary(tokenizer_model, vocab_size):
         types[i] = int(gguf.TokenType.CONTROL)
     if sp.eos_id() < 0:
         raise InputError(f"{tokenizer_model}: the tokenizer has no eos piece")
-    spec = proto.normalizer_spec
-    if spec.name not in ("identity", "") or spec.remove_extra_whitespaces:
+    if normalizer["name"] not in ("identity", "") or normalizer["remove_extra_whitespaces"]:
         log.warning("%s: normalizer %r%s: llama.cpp's SPM tokenizer does not normalise, so texts that this "
-                    "normalisation changes tokenise differently in llama.cpp", tokenizer_model, spec.name,
-                    ", remove_extra_whitespaces" if spec.remove_extra_whitespaces else "")
+                    "normalisation changes tokenise differently in llama.cpp", tokenizer_model, normalizer["name"],
+                    ", remove_extra_whitespaces" if normalizer["remove_extra_whitespaces"] else "")
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
-    return tokens, scores, types, ids, bool(spec.add_dummy_prefix)
+    return tokens, scores, types, ids, normalizer["add_dummy_prefix"]
 
 
 def add_metadata(writer, config, tokenizer_model, file_type, name):

@@ -67,12 +67,19 @@ def llama_tensors(run):
     return out
 
 
+def sentencepiece_types(sp):
+    """The token type of every piece, by sentencepiece's own API (its protobuf module is not imported in
+    this process: see gguf_export._sentencepiece_model). The tiny tokenizer's only user-defined pieces
+    are the turn markers, which the export makes CONTROL; everything else is NORMAL unless the API says."""
+    t = gguf.TokenType
+    return [t.UNKNOWN if sp.IsUnknown(i) else t.CONTROL if sp.IsControl(i) else t.UNUSED if sp.IsUnused(i)
+            else t.BYTE if sp.IsByte(i) else t.CONTROL if sp.id_to_piece(i) in ("<reserved_106>", "<reserved_107>")
+            else t.NORMAL for i in range(sp.get_piece_size())]
+
+
 def test_metadata_is_what_llama_cpp_reads(run, tiny_base_dir):
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString((tiny_base_dir / "tokenizer.model").read_bytes())
     sp = spm.SentencePieceProcessor(model_file=str(tiny_base_dir / "tokenizer.model"))
     c = run.config
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -96,13 +103,13 @@ def test_metadata_is_what_llama_cpp_reads(run, tiny_base_dir):
         assert m["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c["rms_norm_eps"])
         # The SentencePiece vocabulary, piece for piece, and how llama.cpp is to use it.
         assert m["tokenizer.ggml.model"] == "llama" and m["tokenizer.ggml.pre"] == "default"
-        assert m["tokenizer.ggml.tokens"] == [p.piece for p in proto.pieces]
-        assert np.allclose(m["tokenizer.ggml.scores"], [p.score for p in proto.pieces], rtol=0, atol=0)
+        n = sp.get_piece_size()
+        assert m["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+        assert m["tokenizer.ggml.scores"] == [np.float32(sp.get_score(i)) for i in range(n)]
         types = m["tokenizer.ggml.token_type"]
+        assert types == sentencepiece_types(sp)
         user, assistant = sp.piece_to_id("<reserved_106>"), sp.piece_to_id("<reserved_107>")
         assert types[user] == types[assistant] == gguf.TokenType.CONTROL  # the turn markers
-        assert [t for i, t in enumerate(types) if i not in (user, assistant)] == \
-            [p.type for i, p in enumerate(proto.pieces) if i not in (user, assistant)]
         assert types[sp.unk_id()] == gguf.TokenType.UNKNOWN and types[sp.eos_id()] == gguf.TokenType.CONTROL
         assert types.count(gguf.TokenType.BYTE) == 256 and types[sp.piece_to_id("<0x41>")] == gguf.TokenType.BYTE
         assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"], m["tokenizer.ggml.unknown_token_id"],
@@ -256,3 +263,13 @@ def test_cli_writes_the_files_and_a_manifest_with_their_digests(run, tiny_base_d
                           ["--out_dir", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "is not a Baichuan2 model weight" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_mindspore_still_imports_after_an_export(tiny_base_dir):
+    """The export reads tokenizer.model without protobuf's generated modules: MindSpore's own (old)
+    checkpoint_pb2 must still import in the same process afterwards."""
+    code = ("import sys; from lorapipe.gguf_export import vocabulary; vocabulary(sys.argv[1], 600); "
+            "import mindspore.train.serialization")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_base_dir / "tokenizer.model")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

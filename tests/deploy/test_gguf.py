@@ -34,7 +34,8 @@ MAX_NEW = 32  # predict.max_new_tokens of the tiny default
 # activations to f16 too (vec_dot_type F16), so each product carries two f16 roundings (2^-11 relative).
 # q8_0: weights rounded to 1/254 of their block's max, and activations quantised to q8_0 as well. f16 and
 # q8_0 also keep keys and values in llama.cpp's default f16 KV cache.
-TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 1e-1}
+# Measured on the tiny default: 4.4e-6, 3.4e-3 and 0.079; the bounds leave room for another CPU's SIMD.
+TOLERANCE = {"f32": 5e-5, "f16": 1e-2, "q8_0": 0.15}
 QUESTIONS = ["Hello!", "写一首关于秋天的诗", "Tell me about </s> and <s>.", "What is 12 plus 7?\nAnswer briefly."]
 HISTORY = [("Hi", "Hello, how can I help?")]
 TEXTS = [
@@ -91,10 +92,12 @@ def predict_prompts(tok):
         [chat_ids(tok, QUESTIONS[0], HISTORY)]
 
 
-def lorapipe_greedy(decoder, tok, ids):
+def lorapipe_greedy(decoder, tok, ids, eos=None):
+    """predict's greedy tokens (temperature 0, no repetition penalty); eos -1: 32 tokens, eos or not."""
     from lorapipe.generate import generate
 
-    return generate(decoder, ids, tok.eos, max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.0)
+    return generate(decoder, ids, tok.eos if eos is None else eos, max_new_tokens=MAX_NEW, do_sample=False,
+                    repetition_penalty=1.0)
 
 
 def llama_cpp_greedy(llm, ids, eos):
@@ -103,7 +106,7 @@ def llama_cpp_greedy(llm, ids, eos):
         if token == eos or len(out) == MAX_NEW:
             break
         out.append(token)
-    return out
+    return out[:MAX_NEW]
 
 
 def llama_cpp_logits(llm, ids):
@@ -126,7 +129,7 @@ def test_llama_cpp_reads_the_files_as_written(run, tok):
 
 
 def test_logits_agree(run, tok, predict_decoder):
-    """Every position of every prompt and of its greedy answer, on the same ids: llama.cpp against
+    """Every position of every prompt and of 32 greedy tokens after it, on the same ids: llama.cpp against
     lorapipe's MindSpore network and against transformers on the Llama export."""
     import torch
     import transformers
@@ -140,8 +143,7 @@ def test_logits_agree(run, tok, predict_decoder):
     worst = {t: 0.0 for t in run.models}
     agree = {t: [0, 0] for t in run.models}
     for ids in predict_prompts(tok):
-        ids = ids + lorapipe_greedy(predict_decoder, tok, ids)
-        ids = ids[:64]
+        ids = (ids + lorapipe_greedy(predict_decoder, tok, ids, eos=-1))[:64]  # the network's seq_length
         want = logits(net, np.array([ids], np.int32))[0]
         with torch.no_grad():
             assert max_diff(hf(torch.tensor([ids])).logits[0].numpy(), want) < 1e-4  # the two references agree
@@ -158,25 +160,32 @@ def test_logits_agree(run, tok, predict_decoder):
 
 
 def test_greedy_decoding_gives_predicts_tokens(run, tok, predict_decoder):
-    """f32 and f16: predict's tokens, all 32 or up to eos. q8_0: the same tokens up to the first step where
-    the reference's own top-two margin is within q8_0's logit tolerance (a near tie that q8_0 may turn)."""
-    agreed_q8, total = [], 0
-    for ids in predict_prompts(tok):
-        want = lorapipe_greedy(predict_decoder, tok, ids)
-        total += len(want)
-        for t in ("f32", "f16"):
-            assert llama_cpp_greedy(run.models[t], ids, tok.eos) == want, (t, ids)
-        got = llama_cpp_greedy(run.models["q8_0"], ids, tok.eos)
-        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-        if got != want:
-            # where they part, the reference had a near tie
-            seq = ids + want[:n]
-            last = llama_cpp_logits(run.models["f32"], seq)[-1]
-            top2 = np.sort(last)[-2:]
-            assert top2[1] - top2[0] < 2 * TOLERANCE["q8_0"], (ids, n, top2)
-        agreed_q8.append(n)
-    print("q8_0 agrees with predict on the first", agreed_q8, "tokens")
-    assert total > 4 * MAX_NEW  # not all stopped at once
+    """f32 and f16: predict's tokens, all 32 or up to eos; and, to compare longer runs (the tiny model
+    often answers in a few tokens), 32 tokens with eos taken as any token. q8_0: the same tokens up to the
+    first step where the reference's own top-two margin is below twice q8_0's logit tolerance: there an
+    error within the tolerance on each logit can swap the two, so agreement can only be asked up to it."""
+    report = {}
+    for stop in (tok.eos, -1):
+        lengths, q8 = [], []
+        for ids in predict_prompts(tok):
+            want = lorapipe_greedy(predict_decoder, tok, ids, stop)
+            lengths.append(len(want))
+            for t in ("f32", "f16"):
+                assert llama_cpp_greedy(run.models[t], ids, stop) == want, (t, stop, ids)
+            got = llama_cpp_greedy(run.models["q8_0"], ids, stop)
+            n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            margin = None
+            if got != want:
+                top2 = np.sort(llama_cpp_logits(run.models["f32"], ids + want[:n])[-1])[-2:]
+                margin = round(float(top2[1] - top2[0]), 4)
+                assert margin < 2 * TOLERANCE["q8_0"], (stop, ids, n, top2)
+            q8.append((n, len(want), margin))
+        report["up to eos" if stop == tok.eos else "eos ignored"] = (lengths, q8)
+    print("greedy tokens per prompt, and q8_0's agreement (n equal of len, the reference's margin where it "
+          "parts):", report)
+    lengths = report["up to eos"][0]
+    assert MAX_NEW in lengths and min(lengths) < MAX_NEW  # the full 32 tokens, and eos, both covered
+    assert set(report["eos ignored"][0]) == {MAX_NEW}
 
 
 def test_tokenizer_gives_lorapipes_ids(run, tok):
