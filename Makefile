@@ -31,7 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 ## test-deploy: build llama-cpp-python from source for the CPU (envs/deploy-requirements.txt; the first time
-## only, about BUILD_MINUTES minutes on 2 cores) and prove the GGUF export in llama.cpp itself (tests/deploy)
+## only: 20 CPU-minutes, so ~11 min on 2 idle cores) and prove the GGUF export in llama.cpp itself (tests/deploy)
 test-deploy: setup $(DEPLOY_STAMP)
 	$(BIN)/python -m pytest -q -s tests/deploy
 

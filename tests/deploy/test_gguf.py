@@ -231,3 +231,38 @@ def test_chat_completion_formats_as_predict(run, tok, predict_decoder):
         text = jinja2.Environment().from_string(llm.metadata["tokenizer.chat_template"]).render(
             messages=messages, add_generation_prompt=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == want
+
+
+def test_why_the_turn_markers_are_control_tokens(run, tok, tmp_path, monkeypatch):
+    """llama.cpp matches a piece in text only when its type is CONTROL or USER_DEFINED
+    (src/llama-vocab.cpp, tokenizer_st_partition); a NORMAL piece must come out of SPM merges, and no
+    merge path leads to `<reserved_106>`. convert_hf_to_gguf.py types sentencepiece's user-defined pieces
+    NORMAL unless added_tokens declare them (conversion/base.py, _create_vocab_sentencepiece): such a
+    file would give the template's markers as a dozen character pieces."""
+    import gguf
+
+    from lorapipe import gguf_export
+
+    vocabulary = gguf_export.vocabulary
+
+    def as_the_converter_types_them(tokenizer_model, vocab_size):
+        tokens, scores, types, ids, prefix = vocabulary(tokenizer_model, vocab_size)
+        for i in (tok.user, tok.assistant):
+            types[i] = int(gguf.TokenType.NORMAL)
+        return tokens, scores, types, ids, prefix
+
+    monkeypatch.setattr(gguf_export, "vocabulary", as_the_converter_types_them)
+    path = gguf_export.export_gguf(run.ckpt, run.base, tmp_path, "normal", ("f16",))["f16"]
+    normal = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    text = "<reserved_106>hi<reserved_107>".encode()
+    assert run.models["f16"].tokenize(text, add_bos=False, special=True) == [tok.user, *tok.encode(["hi"])[0], tok.assistant]
+    split = normal.tokenize(text, add_bos=False, special=True)
+    assert tok.user not in split and len(split) > 10
+    # llama.cpp's built-in template matcher (llama_chat_apply_template, src/llama-chat.cpp) does not know
+    # this template: clients need a jinja engine (llama-server and llama-cli have one, on by default).
+    import ctypes
+
+    messages = (llama_cpp.llama_chat_message * 1)(llama_cpp.llama_chat_message(role=b"user", content=b"hi"))
+    buffer = ctypes.create_string_buffer(256)
+    template = run.models["f16"].metadata["tokenizer.chat_template"].encode()
+    assert llama_cpp.llama_chat_apply_template(template, messages, 1, True, buffer, 256) == -1
