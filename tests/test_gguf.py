@@ -273,3 +273,19 @@ def test_mindspore_still_imports_after_an_export(tiny_base_dir):
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_base_dir / "tokenizer.model")], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_rule_plans_both_files_and_refuses_an_alibi_model(tmp_path):
+    import yaml
+
+    from conftest import SAMPLE_DATA, default_config, snakemake, write_config
+
+    plan = snakemake(tmp_path, "-n", "export_gguf", configfile=write_config(tmp_path / "c.yaml", default_config()))
+    assert "rule export_gguf:" in plan.stdout
+    for t in ("f16", "q8_0"):
+        assert f"results/tiny/gguf/baichuan2_tiny-{t}.gguf" in plan.stdout
+    cfg = yaml.safe_load((REPO / "config" / "tiny_13b.yaml").read_text())
+    cfg["data"]["train"] = str(SAMPLE_DATA)
+    refused = snakemake(tmp_path, "-n", "export_gguf", configfile=write_config(tmp_path / "13b.yaml", cfg), check=False)
+    assert refused.returncode != 0
+    assert "export_gguf: the base model uses ALiBi (Baichuan2-13B)" in refused.stdout + refused.stderr
