@@ -24,7 +24,7 @@ from lorapipe.digests import sha256_file
 from lorapipe.errors import InputError
 
 MANIFEST_SUFFIX = ".manifest.json"
-PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "snakemake", "sentencepiece", "numpy")
+PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "snakemake", "sentencepiece", "numpy", "gguf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -163,6 +163,17 @@ def llama_dir(folder):
     )
 
 
+def gguf_rope_only(wildcards):
+    """No GGUF for an ALiBi base model: the reason, when the plan asks for it."""
+    if ALIBI:
+        raise ValueError(
+            "export_gguf: the base model uses ALiBi (Baichuan2-13B); llama.cpp's llama architecture has "
+            "rotary position embeddings only, and its baichuan architecture picks RoPE or ALiBi from the "
+            "layer count alone, so the file could not be proven to compute what the model computes"
+        )
+    return []
+
+
 def strategy_flag(checkpoints_dir):
     """Semi-auto parallel (Ascend) writes strategy files; data parallel on CPU writes none."""
     strategy = Path(checkpoints_dir) / "strategy"

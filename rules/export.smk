@@ -72,3 +72,37 @@ rule export_peft:
         "--adapter_config {input.adapter} --out_dir {params.out_dir} "
         "--base_model_name_or_path {params.llama_base} --w_pack_out_dir {params.w_pack_dir} "
         "--w_pack_base_model {params.w_pack_base}"
+
+
+# GGUF for llama.cpp (llama-cli, llama-server, Ollama, LM Studio): lorapipe/gguf_export.py.
+GGUF_DIR = f"{RESULTS}/gguf"
+GGUF_NAME = config["base_model"]["name"]
+
+
+rule export_gguf:
+    """The finetuned model (LoRA folded) as GGUF for llama.cpp, f16 and q8_0: architecture
+    llama, q/k permuted for ggml's rotary, lm_head normalised, vocab, chat template."""
+    input:
+        ckpt=MERGED_LORA,
+        base=base_file("config.json"),
+        tokenizer=base_file("tokenizer.model"),
+        script=f"{SCRIPTS}/export_gguf.py",
+        rope=gguf_rope_only,
+    output:
+        f16=f"{GGUF_DIR}/{GGUF_NAME}-f16.gguf",
+        q8_0=f"{GGUF_DIR}/{GGUF_NAME}-q8_0.gguf",
+        manifest=f"{GGUF_DIR}/{GGUF_NAME}-f16.gguf.manifest.json",
+    log:
+        log_path("export_gguf"),
+    benchmark:
+        benchmark_path("export_gguf")
+    conda:
+        "../envs/lorapipe.yaml"
+    params:
+        base=lambda wildcards, input: os.path.dirname(input.base),
+        out_dir=lambda wildcards, output: os.path.dirname(output.f16),
+        name=GGUF_NAME,
+    shell:
+        "python {input.script} --rule export_gguf --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "--base_model_dir {params.base} --out_dir {params.out_dir} --name {params.name} "
+        "--type f16 --type q8_0"
