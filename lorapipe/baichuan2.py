@@ -85,6 +85,12 @@ def network_shapes(model_config):
     return shapes
 
 
+def fused_record(parts):
+    """The W_pack (dtype, shape) record of q, k, v (dtype, shape) records: mindspore_to_hf's `fuse` for a
+    plan made from a checkpoint's index."""
+    return parts[0][0], (sum(p[1][0] for p in parts), *parts[0][1][1:])
+
+
 def hf_to_mindspore(name, array):
     """[(MindSpore name, array)] for one HF tensor; W_pack becomes wq, wk, wv (row blocks, views)."""
     if name in _TOP_LEVEL:

@@ -42,15 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import check_tensors, mindspore_to_hf
+from lorapipe.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf
 from lorapipe.digests import HashingFile
 from lorapipe.errors import InputError
-from lorapipe.interop import (CHAT_TEMPLATE, ROPE_THETA, _fused_shape, _index, _read_json, llama_tensors,
-                              normalize_rows)
-from lorapipe.msckpt import iter_checkpoint, numpy_dtype
+from lorapipe.hf_io import read_json
+from lorapipe.interop import CHAT_TEMPLATE, check_rope, llama_tensors, normalize_rows
+from lorapipe.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.spec import ALIBI, ASSISTANT_PIECE, USER_PIECE, position_embedding
+from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
 
 log = logging.getLogger("lorapipe")
 
@@ -66,18 +66,10 @@ def _gguf():
     return gguf
 
 
-def check_rope(config, where):
-    """Refuse an ALiBi model (Baichuan2-13B) with the reason."""
-    if position_embedding(config, where=where) != ALIBI:
-        return
-    explicit = config.get("position_embedding")
-    why = f'"position_embedding": "{explicit}"' if explicit else \
-        'hidden_size 5120 (Baichuan2-13B) and no "position_embedding": "ROPE"'
-    raise InputError(f"{where}: an ALiBi model ({why}); no GGUF export: llama.cpp's llama architecture has "
-                     f"rotary position embeddings only, and its baichuan architecture picks RoPE or ALiBi from the "
-                     f"layer count alone (32 layers RoPE, 40 ALiBi, any other count neither), so the file could "
-                     f"not be proven to compute what this model computes. The Baichuan2 layout (export_hf) keeps "
-                     f"ALiBi")
+# Why an ALiBi model has no GGUF (interop.check_rope says it with the model's reason).
+NEEDS_ROPE = ("no GGUF export: llama.cpp's llama architecture has rotary position embeddings only, and its "
+              "baichuan architecture picks RoPE or ALiBi from the layer count alone (32 layers RoPE, 40 ALiBi, "
+              "any other count neither), so the file could not be proven to compute what this model computes")
 
 
 # -- tensors ---------------------------------------------------------------------------------------
@@ -336,8 +328,8 @@ def _writer_class():
 def tensor_plan(ckpt, config):
     """[(GGUF name, HF Llama name, shape)] of a checkpoint in file order, checked as export_hf checks it:
     every tensor config.json implies, the right shapes, no LoRA tensors left."""
-    records = [(name, (numpy_dtype(t), shape)) for name, t, shape in _index(ckpt)]
-    check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, _fused_shape, ckpt)}, config, ckpt)
+    records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
+    check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, fused_record, ckpt)}, config, ckpt)
     n_layers = config["num_hidden_layers"]
     return [(gguf_name(name, n_layers), name, tuple(shape)) for name, (_, shape) in llama_tensors(records, ckpt)]
 
@@ -346,16 +338,16 @@ def output_paths(out_dir, name, file_types):
     return {t: Path(out_dir) / f"{name}-{t}.gguf" for t in file_types}
 
 
-def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), run=None):
+def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), position_embedding="auto", run=None):
     """A complete (LoRA-folded) MindSpore Baichuan2-7B checkpoint -> `<out_dir>/<name>-<type>.gguf` for each
     of `file_types`, in one pass over the checkpoint. Returns {type: path} and logs, for q8_0, the tensors
-    that stay f16."""
+    that stay f16. `position_embedding` is base_model.position_embedding (interop.check_rope)."""
     base_dir = Path(base_dir)
     unknown = [t for t in file_types if t not in TYPES]
     if unknown or not file_types:
         raise InputError(f"GGUF file types {list(file_types)}: expected some of {', '.join(TYPES)}")
-    config = _read_json(base_dir / "config.json")
-    check_rope(config, base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
+    check_rope(config, base_dir / "config.json", position_embedding, NEEDS_ROPE)
     tokenizer = base_dir / "tokenizer.model"
     plan = tensor_plan(ckpt, config)
     n_head = config["num_attention_heads"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.baichuan2 import (LAYER_NAME, LLAMA_MODULES, MINDSPORE_CELLS, PEFT_PREFIX, PEFT_TENSOR, QKV_CELLS,
-                                ROPE_THETA, W_PACK, W_PACK_MODULE, check_tensors, mindspore_to_hf)
+                                ROPE_THETA, W_PACK, W_PACK_MODULE, check_tensors, fused_record, mindspore_to_hf)
 from lorapipe.errors import InputError
 from lorapipe.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
@@ -47,19 +47,20 @@ log = logging.getLogger("lorapipe")
 
 # -- the Llama directory ----------------------------------------------------------------------------
 
-def check_rope(config, where, override="auto"):
-    """Refuse an ALiBi model (Baichuan2-13B): Llama has rotary position embeddings only, so no Llama
-    directory computes what it computes. The architecture is lorapipe.spec.position_embedding's, of
-    config.json and `override` (base_model.position_embedding; the workflow passes the one it planned
-    with, so that a job never decides otherwise)."""
+LLAMA_NEEDS_ROPE = "a Llama-format export needs rotary position embeddings and would compute something else"
+
+
+def check_rope(config, where, override="auto", reason=LLAMA_NEEDS_ROPE):
+    """Refuse an ALiBi model (Baichuan2-13B) for an export whose format has rotary position embeddings
+    only (`reason` says which). The architecture is lorapipe.spec.position_embedding's, of config.json and
+    `override` (base_model.position_embedding; the workflow passes the one it planned with, so that a job
+    never decides otherwise)."""
     if position_embedding(config, override, where) != ALIBI:
         return
     explicit = config.get("position_embedding")
     why = f'"position_embedding": "{explicit}"' if explicit else \
         'hidden_size 5120 (Baichuan2-13B) and no "position_embedding": "ROPE"'
-    raise InputError(f"{where}: an ALiBi model ({why}); a Llama-format export needs rotary position "
-                     f"embeddings and would compute something else. The Baichuan2 layout (export_hf) "
-                     f"keeps ALiBi")
+    raise InputError(f"{where}: an ALiBi model ({why}); {reason}. The Baichuan2 layout (export_hf) keeps ALiBi")
 
 
 def llama_config(config, dtype, where="config.json", override="auto"):
@@ -151,11 +152,6 @@ def tokenizer_config(tokenizer_model, config):
     }
 
 
-def _fused_shape(parts):
-    """The W_pack (dtype, shape) record of q, k, v records."""
-    return parts[0][0], (sum(p[1][0] for p in parts), *parts[0][1][1:])
-
-
 def llama_tensors(pairs, where="checkpoint"):
     """(Llama name, x) for MindSpore (name, x) pairs: Baichuan2's HF names, with each layer's q, k, v
     as q_proj, k_proj, v_proj instead of W_pack. Works on arrays or on (dtype, shape) records."""
@@ -184,7 +180,7 @@ def export_llama(ckpt, base_dir, out_dir, position_embedding="auto", run=None):
     check_rope(config, base_dir / "config.json", position_embedding)
     records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
     # The checks of export_hf, on the Baichuan2 layout: every tensor, the right shapes, no LoRA left.
-    check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, _fused_shape, ckpt)}, config, ckpt)
+    check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, fused_record, ckpt)}, config, ckpt)
     plan = [(name, dtype, shape) for name, (dtype, shape) in llama_tensors(records, ckpt)]
     side = {"config.json": llama_config(config, dict(records)["model.tok_embeddings.embedding_weight"][0],
                                         base_dir / "config.json", position_embedding),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import check_tensors, hf_to_mindspore, mindspore_to_hf
+from lorapipe.baichuan2 import check_tensors, fused_record, hf_to_mindspore, mindspore_to_hf
 from lorapipe.hf_io import SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs, weight_files
 from lorapipe.msckpt import CheckpointWriter, bfloat16, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
@@ -56,7 +56,7 @@ def export_hf(ckpt, base_dir, out_dir, run=None):
     Streams: one tensor (or one layer's q, k, v) in memory at a time."""
     records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
     plan = [(name, dtype, shape) for name, (dtype, shape) in mindspore_to_hf(
-        records, lambda parts: (parts[0][0], (sum(p[1][0] for p in parts), *parts[0][1][1:])), ckpt)]
+        records, fused_record, ckpt)]
     check_tensors({n: (s, ckpt) for n, _, s in plan}, json.loads((Path(base_dir) / "config.json").read_text()),
                   ckpt)
     out_dir = Path(out_dir)

@@ -116,10 +116,10 @@ def rope_only(wildcards):
     the reason (rule `all` does not ask for them then)."""
     if ARCH == ALIBI:
         raise ValueError(
-            "the Llama-format exports (export_llama, export_llama_base, export_peft): the base model uses "
-            "ALiBi (Baichuan2-13B); Llama has rotary position embeddings only, so a Llama-format export "
-            "(and a PEFT adapter for it) would compute something else. The Baichuan2 layout (export_hf) "
-            "keeps ALiBi"
+            "the Llama-format exports (export_llama, export_llama_base, export_peft) and export_gguf: the "
+            "base model uses ALiBi (Baichuan2-13B); Llama has rotary position embeddings only, so a "
+            "Llama-format export (a PEFT adapter for it, a GGUF file of llama.cpp's llama architecture) "
+            "would compute something else. The Baichuan2 layout (export_hf) keeps ALiBi"
         )
     return []
 
@@ -129,7 +129,12 @@ HF_LLAMA = f"{RESULTS}/hf_llama"
 HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
 PEFT_ADAPTER = f"{RESULTS}/peft_adapter"
 PEFT_ADAPTER_W_PACK = f"{RESULTS}/peft_adapter_w_pack"
-# Llama has no ALiBi: the Llama-format exports are for RoPE models.
+# GGUF for llama.cpp (llama-cli, llama-server, Ollama, LM Studio): lorapipe/gguf_export.py.
+GGUF_DIR = f"{RESULTS}/gguf"
+GGUF_FILES = [
+    f"{GGUF_DIR}/{config['base_model']['name']}-{t}.gguf" for t in ("f16", "q8_0")
+]
+# Llama has no ALiBi: the Llama-format and GGUF exports are for RoPE models.
 LLAMA_EXPORTS = (
     []
     if ARCH == ALIBI
@@ -137,6 +142,7 @@ LLAMA_EXPORTS = (
         f"{HF_LLAMA}/model.safetensors",
         f"{HF_LLAMA_BASE}/model.safetensors",
         f"{PEFT_ADAPTER}/adapter_model.safetensors",
+        *GGUF_FILES,
     ]
 )
 # What export_llama reads besides the checkpoint: the base model's config and tokenizer.
@@ -161,17 +167,6 @@ def llama_dir(folder):
         ),
         manifest=f"{folder}/model.safetensors.manifest.json",
     )
-
-
-def gguf_rope_only(wildcards):
-    """No GGUF for an ALiBi base model: the reason, when the plan asks for it."""
-    if ALIBI:
-        raise ValueError(
-            "export_gguf: the base model uses ALiBi (Baichuan2-13B); llama.cpp's llama architecture has "
-            "rotary position embeddings only, and its baichuan architecture picks RoPE or ALiBi from the "
-            "layer count alone, so the file could not be proven to compute what the model computes"
-        )
-    return []
 
 
 def strategy_flag(checkpoints_dir):

@@ -1,5 +1,6 @@
-# Interop exports: the finetuned and the base model as plain HF Llama directories (transformers, vLLM,
-# llama.cpp), and the trained LoRA adapter as PEFT folders (see lorapipe/interop.py).
+# Interop exports: the finetuned and the base model as plain HF Llama directories (transformers, vLLM),
+# the trained LoRA adapter as PEFT folders (lorapipe/interop.py), and GGUF for llama.cpp
+# (lorapipe/gguf_export.py). Their paths are in common.smk.
 
 
 rule export_llama:
@@ -74,11 +75,6 @@ rule export_peft:
         "--w_pack_base_model {params.w_pack_base}"
 
 
-# GGUF for llama.cpp (llama-cli, llama-server, Ollama, LM Studio): lorapipe/gguf_export.py.
-GGUF_DIR = f"{RESULTS}/gguf"
-GGUF_NAME = config["base_model"]["name"]
-
-
 rule export_gguf:
     """The finetuned model (LoRA folded) as GGUF for llama.cpp, f16 and q8_0: architecture
     llama, q/k permuted for ggml's rotary, lm_head normalised, vocab, chat template."""
@@ -87,11 +83,11 @@ rule export_gguf:
         base=base_file("config.json"),
         tokenizer=base_file("tokenizer.model"),
         script=f"{SCRIPTS}/export_gguf.py",
-        rope=gguf_rope_only,
+        rope=rope_only,
     output:
-        f16=f"{GGUF_DIR}/{GGUF_NAME}-f16.gguf",
-        q8_0=f"{GGUF_DIR}/{GGUF_NAME}-q8_0.gguf",
-        manifest=f"{GGUF_DIR}/{GGUF_NAME}-f16.gguf.manifest.json",
+        f16=GGUF_FILES[0],
+        q8_0=GGUF_FILES[1],
+        manifest=f"{GGUF_FILES[0]}.manifest.json",
     log:
         log_path("export_gguf"),
     benchmark:
@@ -101,8 +97,9 @@ rule export_gguf:
     params:
         base=lambda wildcards, input: os.path.dirname(input.base),
         out_dir=lambda wildcards, output: os.path.dirname(output.f16),
-        name=GGUF_NAME,
+        name=config["base_model"]["name"],
+        position_embedding=ARCH,
     shell:
-        "python {input.script} --rule export_gguf --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "python {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
         "--base_model_dir {params.base} --out_dir {params.out_dir} --name {params.name} "
-        "--type f16 --type q8_0"
+        "--type f16 --type q8_0 --position_embedding {params.position_embedding}"

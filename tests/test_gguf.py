@@ -213,8 +213,22 @@ def test_alibi_models_are_refused_clearly(run, tiny_base_dir, tmp_path):
         gguf_export.export_gguf(run.folded, base, tmp_path / "out", "tiny")
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match=r"hidden_size 5120 \(Baichuan2-13B\)"):
-        gguf_export.check_rope({"hidden_size": 5120}, "config.json")
-    gguf_export.check_rope({"hidden_size": 5120, "position_embedding": "ROPE"}, "config.json")
+        gguf_export.export_gguf(run.folded, wide(tiny_base_dir, tmp_path, run.config), tmp_path / "out", "tiny")
+    # base_model.position_embedding rope (the plan's decision) holds for the 5120-wide base: it gets as far as
+    # its tensors, which are not that wide
+    with pytest.raises(InputError, match="5120"):
+        gguf_export.export_gguf(run.folded, wide(tiny_base_dir, tmp_path, run.config), tmp_path / "out", "tiny",
+                                position_embedding="rope")
+    assert not (tmp_path / "out").exists()
+
+
+def wide(tiny_base_dir, tmp_path, config):
+    """The tiny base with a config.json that says hidden_size 5120 and no "position_embedding"."""
+    base = tmp_path / "wide"
+    if not base.exists():
+        shutil.copytree(tiny_base_dir, base)
+        (base / "config.json").write_text(json.dumps(dict(config, hidden_size=5120)))
+    return base
 
 
 def test_bad_inputs_are_named_and_leave_no_output(run, tiny_base_dir, tmp_path):
@@ -241,7 +255,7 @@ def test_bad_inputs_are_named_and_leave_no_output(run, tiny_base_dir, tmp_path):
     (base / "tokenizer.model").unlink()
     refused(run.folded, base, "base/tokenizer.model: tokenizer model not found")
     (base / "config.json").unlink()
-    refused(run.folded, base, "base/config.json: not found")
+    refused(run.folded, base, "base/config.json: file not found")
 
 
 def test_cli_writes_the_files_and_a_manifest_with_their_digests(run, tiny_base_dir, tmp_path):
@@ -254,7 +268,8 @@ def test_cli_writes_the_files_and_a_manifest_with_their_digests(run, tiny_base_d
     for t in ("f16", "q8_0"):
         assert (tmp_path / f"tiny-{t}.gguf").read_bytes() == run.paths[t].read_bytes()
     manifest = json.loads((tmp_path / "tiny-f16.gguf.manifest.json").read_text())
-    assert manifest["rule"] == "manual" and manifest["params"] == {"name": "tiny", "types": ["f16", "q8_0"]}
+    assert manifest["rule"] == "manual" and manifest["params"] == {"name": "tiny", "types": ["f16", "q8_0"],
+                                                                      "position_embedding": "auto"}
     assert manifest["packages"]["gguf"] == metadata.version("gguf")
     for rel, entry in manifest["outputs"].items():  # hashed as written: the digests are the files'
         assert entry["sha256"] == hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest(), rel
@@ -288,4 +303,4 @@ def test_the_rule_plans_both_files_and_refuses_an_alibi_model(tmp_path):
     cfg["data"]["train"] = str(SAMPLE_DATA)
     refused = snakemake(tmp_path, "-n", "export_gguf", configfile=write_config(tmp_path / "13b.yaml", cfg), check=False)
     assert refused.returncode != 0
-    assert "export_gguf: the base model uses ALiBi (Baichuan2-13B)" in refused.stdout + refused.stderr
+    assert "and export_gguf: the base model uses ALiBi (Baichuan2-13B)" in refused.stdout + refused.stderr

@@ -24,7 +24,7 @@ def test_dry_run_default_plans_the_recipe(tmp_path, tiny_config):
     assert planned_jobs(proc) == {"tiny_base": 1, "ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1,
                                   "filter_out": 1, "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1,
                                   "predict_config": 1, "preflight": 1, "evaluate": 1, "report": 1, "export_llama": 1,
-                                  "export_llama_base": 1, "export_peft": 1, "all": 1}
+                                  "export_llama_base": 1, "export_peft": 1, "export_gguf": 1, "all": 1}
 
 
 def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
@@ -37,14 +37,14 @@ def test_real_config_uses_the_users_base_model(tmp_path, tiny_config):
     assert planned_jobs(proc) == {"ckpt": 1, "mindrecord": 1, "mf_config": 1, "finetune": 1, "filter_out": 1,
                                   "merged_ckpt": 1, "fold_lora": 1, "export_hf": 1, "predict": 1, "evaluate": 1,
                                   "predict_config": 1, "preflight": 1, "report": 1, "export_llama": 1,
-                                  "export_llama_base": 1, "export_peft": 1, "all": 1}
+                                  "export_llama_base": 1, "export_peft": 1, "export_gguf": 1, "all": 1}
 
 
 ALL_RULES = {"tiny_base", "ckpt", "mindrecord", "mf_config", "preflight", "finetune", "filter_out", "merged_ckpt", "fold_lora",
              "export_hf", "predict_config", "predict", "evaluate", "report", "export_llama", "export_llama_base",
-             "export_peft", "all"}
+             "export_peft", "export_gguf", "all"}
 AFTER_FINETUNE = {"preflight", "finetune", "filter_out", "merged_ckpt", "fold_lora", "export_hf", "predict", "evaluate",
-                  "report", "export_llama", "export_peft", "all"}
+                  "report", "export_llama", "export_peft", "export_gguf", "all"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_end_to_end_tiny_default(built):
     assert manifest["rule"] == "tiny_base"
     for rule in ("tiny_base", "ckpt", "mindrecord", "mf_config", "preflight", "finetune", "filter_out",
                  "merged_ckpt", "fold_lora", "export_hf", "predict_config", "predict", "evaluate", "report",
-                 "export_llama", "export_llama_base", "export_peft"):
+                 "export_llama", "export_llama_base", "export_peft", "export_gguf"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
     assert (tmp_path / "results/tiny/finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt").exists()
