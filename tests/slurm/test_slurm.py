@@ -273,11 +273,15 @@ def start_long_finetune(slurm_run, tmp_path):
     return snake, configfile, job
 
 
-def processes_of(workdir):
+def processes_of(workdir, snake=None):
     """Live processes, on either node, with `workdir` on their command line: msrun, its scheduler, the
-    ranks, and the launcher."""
+    ranks, and the launcher; not the Snakemake client `snake` on the submit host, nor what it runs."""
+    client = set()
+    if snake is not None and psutil.pid_exists(snake.pid):
+        client = {snake.pid, *(c.pid for c in psutil.Process(snake.pid).children(recursive=True))}
     return [p for p in psutil.process_iter(["cmdline", "status"])
-            if str(workdir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+            if str(workdir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE
+            and p.pid not in client]
 
 
 def test_scancel_of_the_finetune_job_leaves_nothing_running(slurm_run, tmp_path):
@@ -285,11 +289,12 @@ def test_scancel_of_the_finetune_job_leaves_nothing_running(slurm_run, tmp_path)
     sessions of their own, die with it on n1 and on n2."""
     snake, _, job = start_long_finetune(slurm_run, tmp_path)
     try:
+        assert processes_of(tmp_path, snake)  # the job's processes, on n1 and n2
         subprocess.run(["scancel", job], check=True)
         deadline = time.time() + 60
-        while processes_of(tmp_path) and time.time() < deadline:
+        while processes_of(tmp_path, snake) and time.time() < deadline:
             time.sleep(1)
-        assert not processes_of(tmp_path), [p.info["cmdline"][:4] for p in processes_of(tmp_path)]
+        assert not processes_of(tmp_path, snake), [p.info["cmdline"][:4] for p in processes_of(tmp_path, snake)]
     finally:
         os.killpg(snake.pid, signal.SIGKILL)
         snake.wait()
