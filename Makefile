@@ -2,8 +2,23 @@
 SHELL := /bin/bash
 VENV  := .venv
 BIN   := $(abspath $(VENV))/bin
-STAMP := $(VENV)/.lorapipe-installed
 CORES ?= 2
+# The MindSpore/MindFormers pair (README "MindSpore and MindFormers versions"): the one a cluster's CANN
+# dictates. 2.9.0 (default) with MindFormers 1.9.0, 2.7.2 with 1.8.0, 2.7.1 with 1.7.0.
+MINDSPORE ?= 2.9.0
+REQUIREMENTS := $(if $(filter 2.9.0,$(MINDSPORE)),envs/requirements.txt,envs/requirements-ms$(MINDSPORE).txt)
+ifneq ($(filter 2.10%,$(MINDSPORE)),)
+$(error MINDSPORE=$(MINDSPORE): its MindFormers 2.0.0 requires hyper-parallel~=1.0.0, which is not on PyPI, and `import mindformers` fails without it; use 2.9.0, 2.7.2 or 2.7.1)
+endif
+ifneq ($(filter 2.8%,$(MINDSPORE)),)
+$(error MINDSPORE=$(MINDSPORE): no MindFormers release accepts it (1.8.0 needs ~=2.7.2, 1.9.0 needs ~=2.9.0); use 2.9.0, 2.7.2 or 2.7.1)
+endif
+ifeq ($(wildcard $(REQUIREMENTS)),)
+$(error MINDSPORE=$(MINDSPORE): not a supported pair (no $(REQUIREMENTS)); use 2.9.0, 2.7.2 or 2.7.1)
+endif
+STAMP := $(VENV)/.lorapipe-installed-ms$(MINDSPORE)
+# Where `make test-matrix` builds its venvs (about 4.4 GB each) and runs the tiny default per pair.
+MATRIX_DIR ?= $(HOME)/.cache/lorapipe/matrix
 DEPLOY_STAMP := $(VENV)/.llama-cpp-installed
 # llama.cpp's CPU backend only: no BLAS, no multimodal library (llama-cpp-python builds libllama, ggml and
 # llama.cpp's common library, which it forces on).
@@ -11,14 +26,15 @@ LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
 # Snakemake's shell steps find the venv's tools (msrun, python) first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-deploy test-slurm dag clean
+.PHONY: setup run test test-deploy test-slurm test-matrix dag clean
 
 ## setup: create .venv with the pinned stack from envs/ (quick when already done)
 setup: $(STAMP)
 
-$(STAMP): envs/requirements.txt pyproject.toml
+$(STAMP): $(REQUIREMENTS) envs/common.txt pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r envs/requirements.txt
+	rm -f $(VENV)/.lorapipe-installed*
+	$(BIN)/pip install --disable-pip-version-check -q -r $(REQUIREMENTS)
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -45,6 +61,11 @@ $(DEPLOY_STAMP): envs/deploy-requirements.txt $(STAMP)
 test-slurm: setup
 	bash tests/slurm/cluster.sh up
 	USER=$${USER:-$$(id -un)} LORAPIPE_TEST_SLURM=1 $(BIN)/python -m pytest -q -s tests/slurm
+
+## test-matrix: for each supported MindSpore/MindFormers pair, a venv in $(MATRIX_DIR) (built once), the tiny
+## default end to end and the fast tests; prints pair, setup time, run time, pass or fail (tests/matrix/run_matrix.py)
+test-matrix:
+	python3 tests/matrix/run_matrix.py --matrix_dir $(MATRIX_DIR) --cores $(CORES)
 
 ## dag: the rule graph and the job DAG of the default config as mermaid (docs/*.mmd), SVG if dot exists
 dag: setup
