@@ -75,7 +75,8 @@ def main():
 
     from lorapipe.data import ChatTokenizer
     from lorapipe.decode import KVCacheDecoder
-    from lorapipe.generate import chat_ids, generate, load_model, load_weights
+    from lorapipe.chat_template import chat_ids
+    from lorapipe.generate import generate, load_model, load_weights
     from lorapipe.spec import llama_config
     from lorapipe.tiny_base import build_tiny_base
     from lorapipe.weights import convert_hf_to_mindspore

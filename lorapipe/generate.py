@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.baichuan2 import network_shapes
+from lorapipe.chat_template import chat_ids
 from lorapipe.checkpoints import rank_checkpoints
-from lorapipe.data import ROLE_MARKER, ChatTokenizer
+from lorapipe.data import ChatTokenizer
 from lorapipe.decode import KVCacheDecoder
 from lorapipe.errors import InputError
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config
 from lorapipe.msckpt import checkpoint_index, iter_checkpoint
 from lorapipe.outputs import atomic_outputs
-from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE, is_alibi
+from lorapipe.spec import is_alibi
 
 log = logging.getLogger("lorapipe")
 
@@ -40,24 +41,6 @@ def generation_settings(model_config, overrides):
     YAML's model_config value, else the default."""
     return {k: model_config.get(k, v) if overrides.get(k) is None else overrides[k]
             for k, v in GENERATION_DEFAULTS.items()}
-
-
-def chat_ids(tok, question, history=()):
-    """Prompt ids for `question` after earlier (question, answer) turns. A question already in the
-    template (`<reserved_106>q<reserved_107>`, possibly several turns, as the recipe's --predict_data
-    writes it) is used as it is, not wrapped twice."""
-    ids = []
-    for q, a in history:
-        ids += [tok.user, *tok.encode([q])[0], tok.assistant, *tok.encode([a])[0]]
-    parts = ROLE_MARKER.split(question)
-    if len(parts) == 1:
-        return ids + [tok.user, *tok.encode([question])[0], tok.assistant]
-    if parts[0].strip() or parts[1] != USER_PIECE or parts[-2] != ASSISTANT_PIECE or parts[-1]:
-        raise InputError(f"prompt {question!r}: a prompt in the chat template must start with {USER_PIECE} "
-                         f"and end with {ASSISTANT_PIECE}")
-    for marker, text in zip(parts[1::2], parts[2::2]):
-        ids += [tok.user if marker == USER_PIECE else tok.assistant, *(tok.encode([text])[0] if text else [])]
-    return ids
 
 
 def next_token(logits, generated, rng, do_sample=False, top_k=0, top_p=1.0, temperature=1.0,

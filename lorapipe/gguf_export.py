@@ -29,7 +29,7 @@ llama.cpp adds a BOS to SPM vocabularies by default). The turn markers `<reserve
 are CONTROL tokens: llama.cpp matches them in text only when asked to parse special tokens, which chat
 formatting does (the rendered template is tokenised with parse_special), while plain text tokenised
 without it keeps a typed marker as characters, as lorapipe.data does. `tokenizer.chat_template` is
-interop.CHAT_TEMPLATE, the layout of lorapipe.generate.chat_ids.
+lorapipe.chat_template's, the layout of its chat_ids.
 
 Streaming: the plan (every tensor's name, shape and type) comes from the checkpoint's index, then each
 tensor is read once, converted in row chunks and appended to every output file through
@@ -43,10 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf
+from lorapipe.chat_template import CHAT_TEMPLATE, OLLAMA_TEMPLATE
 from lorapipe.digests import HashingFile
 from lorapipe.errors import InputError
 from lorapipe.hf_io import read_json
-from lorapipe.interop import CHAT_TEMPLATE, check_rope, llama_tensors, normalize_rows
+from lorapipe.interop import check_rope, llama_tensors, normalize_rows
 from lorapipe.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
@@ -338,10 +339,19 @@ def output_paths(out_dir, name, file_types):
     return {t: Path(out_dir) / f"{name}-{t}.gguf" for t in file_types}
 
 
+def modelfile(gguf_file):
+    """An Ollama Modelfile for `gguf_file` beside it: the chat template in Ollama's Go syntax
+    (chat_template.OLLAMA_TEMPLATE), and a stop at the user marker, should the model start a turn."""
+    return (f"# Ollama: ollama create <model name> -f {Path(gguf_file).parent}/Modelfile (written by lorapipe's "
+            f"export_gguf)\nFROM ./{Path(gguf_file).name}\nTEMPLATE \"\"\"{OLLAMA_TEMPLATE}\"\"\"\n"
+            f"PARAMETER stop {USER_PIECE}\n")
+
+
 def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), position_embedding="auto", run=None):
     """A complete (LoRA-folded) MindSpore Baichuan2-7B checkpoint -> `<out_dir>/<name>-<type>.gguf` for each
-    of `file_types`, in one pass over the checkpoint. Returns {type: path} and logs, for q8_0, the tensors
-    that stay f16. `position_embedding` is base_model.position_embedding (interop.check_rope)."""
+    of `file_types`, in one pass over the checkpoint, and an Ollama `Modelfile` for the f16 file (if
+    written). Returns {type: path} and logs, for q8_0, the tensors that stay f16. `position_embedding` is
+    base_model.position_embedding (interop.check_rope)."""
     base_dir = Path(base_dir)
     unknown = [t for t in file_types if t not in TYPES]
     if unknown or not file_types:
@@ -358,8 +368,11 @@ def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), posit
         kept = [g for (g, _, _), q in zip(plan, types["q8_0"]) if q.name == "F16"]
         log.info("q8_0: %d tensors stay f16 (row length not a multiple of 32): %s", len(kept), ", ".join(kept) or "none")
     progress = Progress("export gguf", len(plan), unit="tensors")
-    with atomic_outputs(list(paths.values()), run=run, inputs=[ckpt, base_dir / "config.json", tokenizer],
+    outputs = list(paths.values()) + ([Path(out_dir) / "Modelfile"] if "f16" in paths else [])
+    with atomic_outputs(outputs, run=run, inputs=[ckpt, base_dir / "config.json", tokenizer],
                         hashed_inline=[ckpt], need_bytes=sum(sizes.values())) as temps:
+        if "f16" in paths:
+            temps[-1].write_text(modelfile(paths["f16"]), encoding="utf-8")
         Writer = _writer_class()
         writers, done = {}, 0
         try:

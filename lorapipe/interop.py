@@ -31,15 +31,28 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import (LAYER_NAME, LLAMA_MODULES, MINDSPORE_CELLS, PEFT_PREFIX, PEFT_TENSOR, QKV_CELLS,
-                                ROPE_THETA, W_PACK, W_PACK_MODULE, check_tensors, fused_record, mindspore_to_hf)
+from lorapipe.baichuan2 import (
+    LAYER_NAME,
+    LLAMA_MODULES,
+    MINDSPORE_CELLS,
+    PEFT_PREFIX,
+    PEFT_TENSOR,
+    QKV_CELLS,
+    ROPE_THETA,
+    W_PACK,
+    W_PACK_MODULE,
+    check_tensors,
+    fused_record,
+    mindspore_to_hf,
+)
+from lorapipe.chat_template import CHAT_TEMPLATE
 from lorapipe.errors import InputError
 from lorapipe.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
 from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.spec import ALIBI, ASSISTANT_PIECE, LORA_A, LORA_B, USER_PIECE, position_embedding
+from lorapipe.spec import ALIBI, LORA_A, LORA_B, position_embedding
 
 log = logging.getLogger("lorapipe")
 
@@ -94,24 +107,6 @@ def llama_config(config, dtype, where="config.json", override="auto"):
         "use_cache": True,
         "torch_dtype": np.dtype(dtype).name,
     }
-
-
-# The chat layout of lorapipe.generate.chat_ids (and of training): `<reserved_106>question<reserved_107>
-# answer` per turn, no separator between turns, and the prompt ends with the assistant marker.
-# Baichuan2's template has no system token: a leading system message is prepended to the first user
-# turn followed by a newline, as lorapipe.data does with a record's system prompt.
-CHAT_TEMPLATE = (
-    "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] + '\\n' %}{% set messages = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '" + USER_PIECE + "' + (system if loop.first else '') + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT_PIECE + "' + message['content'] }}"
-    "{% else %}{{ raise_exception('unexpected role ' + message['role'] + ': the chat template takes one leading "
-    "system message, then user and assistant turns') }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT_PIECE + "' }}{% endif %}"
-)
 
 
 def tokenizer_config(tokenizer_model, config):

@@ -87,6 +87,7 @@ rule export_gguf:
     output:
         f16=GGUF_FILES[0],
         q8_0=GGUF_FILES[1],
+        modelfile=f"{GGUF_DIR}/Modelfile",
         manifest=f"{GGUF_FILES[0]}.manifest.json",
     log:
         log_path("export_gguf"),

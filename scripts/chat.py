@@ -10,9 +10,19 @@ import argparse
 import sys
 
 from lorapipe import cli
+from lorapipe.chat_template import chat_ids
 from lorapipe.data import ChatTokenizer
-from lorapipe.generate import (TextStreamer, build_decoder, chat_ids, complete_checkpoint, generate,
-                               generation_settings, read_adapter, read_mindformers_yaml, tokenizer_file, use_device)
+from lorapipe.generate import (
+    TextStreamer,
+    build_decoder,
+    complete_checkpoint,
+    generate,
+    generation_settings,
+    read_adapter,
+    read_mindformers_yaml,
+    tokenizer_file,
+    use_device,
+)
 
 
 def main():

@@ -170,7 +170,8 @@ def test_kv_cache_decoder_matches_the_alibi_network(base_13b, model_13b):
     greedy tokens equal to the full-recompute loop's for 128 new tokens."""
     from lorapipe.data import ChatTokenizer
     from lorapipe.decode import KVCacheDecoder
-    from lorapipe.generate import chat_ids, generate, load_weights
+    from lorapipe.chat_template import chat_ids
+    from lorapipe.generate import generate, load_weights
     from lorapipe.model import logits
 
     net, model_config, ckpt = model_13b

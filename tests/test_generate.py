@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
+from lorapipe.chat_template import chat_ids
 from lorapipe.data import ChatTokenizer
 from lorapipe.errors import InputError
-from lorapipe.generate import chat_ids, next_token
+from lorapipe.generate import next_token
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +130,12 @@ def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
 
 
 def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tmp_path):
+    import mindspore.dataset as ds
     from conftest import SAMPLE_DATA
+
     from lorapipe.data import preprocess_belle
     from lorapipe.evaluate import heldout_loss
     from lorapipe.model import logits
-    import mindspore.dataset as ds
 
     net = tiny_model[0]
     rec = tmp_path / "e.mindrecord"
@@ -151,6 +153,7 @@ def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tm
 
 def _one_row(rec, tmp_path):
     import mindspore.dataset as ds
+
     from lorapipe.data import write_mindrecord
 
     row = next(ds.MindDataset(str(rec), shuffle=False).create_dict_iterator(output_numpy=True))
@@ -218,3 +221,12 @@ def test_the_recipes_predict_command(tiny_model, tiny_base_dir, tmp_path):
     proc = run_recipe_predict(*recipe, "--predict_data", "Hi", "--load_checkpoint", tmp_path / "none.ckpt")
     assert proc.returncode == 1 and "none.ckpt: no such checkpoint file or folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_system_prompt_joins_the_first_user_turn(tok):
+    """The chat template's rule (lorapipe.chat_template), as training does with a record's system prompt."""
+    from lorapipe.chat_template import SYSTEM_SEPARATOR
+
+    assert chat_ids(tok, "2+2?", system="Be brief.") == chat_ids(tok, f"Be brief.{SYSTEM_SEPARATOR}2+2?")
+    assert chat_ids(tok, "2+2?", [("Hi", "Hello!")], system="Be brief.") == \
+        chat_ids(tok, "2+2?", [(f"Be brief.{SYSTEM_SEPARATOR}Hi", "Hello!")])

@@ -273,7 +273,7 @@ def test_cli_writes_the_files_and_a_manifest_with_their_digests(run, tiny_base_d
     assert manifest["packages"]["gguf"] == metadata.version("gguf")
     for rel, entry in manifest["outputs"].items():  # hashed as written: the digests are the files'
         assert entry["sha256"] == hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest(), rel
-    assert sorted(manifest["outputs"]) == ["tiny-f16.gguf", "tiny-q8_0.gguf"]
+    assert sorted(manifest["outputs"]) == ["Modelfile", "tiny-f16.gguf", "tiny-q8_0.gguf"]
     proc = subprocess.run(script[:2] + ["--mindspore_ckpt_path", str(run.lora)] + script[4:] +
                           ["--out_dir", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -304,3 +304,14 @@ def test_the_rule_plans_both_files_and_refuses_an_alibi_model(tmp_path):
     refused = snakemake(tmp_path, "-n", "export_gguf", configfile=write_config(tmp_path / "13b.yaml", cfg), check=False)
     assert refused.returncode != 0
     assert "and export_gguf: the base model uses ALiBi (Baichuan2-13B)" in refused.stdout + refused.stderr
+
+
+def test_the_ollama_modelfile_names_the_f16_file_and_the_chat_template(run):
+    """Written beside the f16 GGUF. The Go template is the chat template in Ollama's syntax: not run here
+    (no Ollama, no Go), but built from the same pieces as the Jinja one (lorapipe.chat_template)."""
+    from lorapipe.chat_template import OLLAMA_TEMPLATE
+
+    text = (run.paths["f16"].parent / "Modelfile").read_text()
+    assert f"\nFROM ./{run.paths['f16'].name}\n" in text
+    assert f'\nTEMPLATE """{OLLAMA_TEMPLATE}"""\n' in text and "\nPARAMETER stop <reserved_106>\n" in text
+    assert OLLAMA_TEMPLATE.count("<reserved_106>") == 1 and OLLAMA_TEMPLATE.endswith("<reserved_107>")

@@ -73,7 +73,7 @@ def ms_model(run, ckpt, adapter=None):
 
 
 def prompts(tok):
-    from lorapipe.generate import chat_ids
+    from lorapipe.chat_template import chat_ids
 
     return [chat_ids(tok, q) for q in QUESTIONS] + [chat_ids(tok, QUESTIONS[1], HISTORY)]
 
@@ -121,7 +121,7 @@ def test_llama_greedy_generate_equals_lorapipes_predict_tokens(run, tok):
 def test_tokenizer_loads_offline_and_its_chat_template_gives_chat_ids(run, tok):
     from transformers import AutoTokenizer
 
-    from lorapipe.generate import chat_ids
+    from lorapipe.chat_template import chat_ids
 
     for use_fast in (True, False):
         hf_tok = AutoTokenizer.from_pretrained(run.dir / "hf_llama", use_fast=use_fast, local_files_only=True)

@@ -9,7 +9,7 @@ llama.cpp, on the same token ids as lorapipe:
   predict's tokens, all 32 or up to eos; q8_0 the same until the reference's top-two margin is within
   q8_0's logit error;
 * its tokenizer gives lorapipe's ids (ChatTokenizer) on varied texts;
-* create_chat_completion with the embedded template gives lorapipe's prompt ids (generate.chat_ids), and
+* create_chat_completion with the embedded template gives lorapipe's prompt ids (chat_template.chat_ids), and
   the answer predict gives.
 Not collected by `make test` (pyproject.toml: norecursedirs); skipped where llama_cpp is not installed.
 """
@@ -85,7 +85,7 @@ def predict_decoder(run):
 
 
 def predict_prompts(tok):
-    from lorapipe.generate import chat_ids
+    from lorapipe.chat_template import chat_ids
 
     prompts = default_config()["predict"]["prompts"]
     return [chat_ids(tok, p) for p in prompts] + [chat_ids(tok, q) for q in QUESTIONS] + \
@@ -205,7 +205,7 @@ def test_chat_completion_formats_as_predict(run, tok, predict_decoder):
     """create_chat_completion with the GGUF's own template: lorapipe's prompt ids, and predict's answer."""
     import jinja2
 
-    from lorapipe.generate import chat_ids
+    from lorapipe.chat_template import chat_ids
 
     llm = run.models["f32"]
     assert llm.chat_format == "chat_template.default"
