@@ -259,11 +259,12 @@ def wait_for_training_rank(workdir, rank, timeout):
     raise AssertionError(f"rank {rank} did not start training within {timeout} s")
 
 
-def start_long_finetune(slurm_run, tmp_path):
+def start_long_finetune(slurm_run, tmp_path, cpus_per_task=2):
     """The two-node finetune (60 epochs, so that it is mid-training when stopped) under the profile,
     once rank 1 (on n2) trains: (Snakemake, its output file, the finetune's Slurm job id)."""
     configfile = two_node_copy(slurm_run, tmp_path)
-    configfile.write_text(configfile.read_text().replace("epochs: 3", "epochs: 60"))
+    configfile.write_text(configfile.read_text().replace("epochs: 3", "epochs: 60")
+                          .replace("cpus_per_task: 2", f"cpus_per_task: {cpus_per_task}"))
     snake = subprocess.Popen(snakemake_cmd(tmp_path, configfile, "finetune", "--profile", str(PROFILE)),
                              stdout=open(tmp_path / "snakemake.out", "w"), stderr=subprocess.STDOUT, env=env(),
                              cwd=tmp_path, text=True, start_new_session=True)
@@ -303,8 +304,10 @@ def test_scancel_of_the_finetune_job_leaves_nothing_running(slurm_run, tmp_path)
 def test_a_rerun_after_snakemake_was_killed_cancels_the_orphaned_job_and_resumes(slurm_run, tmp_path):
     """Killing Snakemake does not end the Slurm job it submitted: the job trains on. The rerun's launcher
     finds that job in the training state (its lock and its process records), scancels it, and resumes
-    from the last checkpoint; two trainings never share the state."""
-    snake, configfile, job = start_long_finetune(slurm_run, tmp_path)
+    from the last checkpoint; two trainings never share the state. (One CPU per node, so that the rerun's
+    job finds room beside the orphan on the two test nodes; were they full, the rerun would wait for the
+    orphan to finish and collect its training.)"""
+    snake, configfile, job = start_long_finetune(slurm_run, tmp_path, cpus_per_task=1)
     state = next((tmp_path / "results/tiny/.finetune_state").glob("*"))
     while not list(state.glob("output/checkpoint/rank_1/*.ckpt")):
         time.sleep(1)
