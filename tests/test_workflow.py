@@ -157,8 +157,8 @@ def test_the_same_config_written_differently_reruns_nothing(built):
      | AFTER_FINETUNE),
     (REPO / "scripts/export_hf.py", {"export_hf", "all"}),
     (REPO / "scripts/run_baichuan2.py", {"predict", "report", "all"}),  # predict code never reruns finetune
-    (REPO / "scripts/fold_lora.py", {"fold_lora", "export_hf", "export_llama", "predict", "evaluate", "report",
-                                     "all"}),
+    (REPO / "scripts/fold_lora.py", {"fold_lora", "export_hf", "export_llama", "export_gguf", "predict",
+                                     "evaluate", "report", "all"}),
 ])
 def test_an_edited_file_reruns_its_consumers(built, path, reruns):
     workdir, configfile = built
