@@ -2,8 +2,9 @@
 """Benchmark: chat JSON -> MindRecord, lorapipe against the recipe's per-sample loop and the floor, in one run.
 
 On N conversations (default 24,000: the sample data repeated under new ids), seq_length 512, times
-  recipe loop  - the recipe's belle_preprocess.py approach: encode each message of each sample on its
-                 own, build the row in Python lists, one FileWriter.write_raw_data call per sample
+  recipe loop  - the recipe's belle_preprocess.py: its preprocess (tests/recipe_r10.py) encodes each
+                 message of each sample on its own and builds the rows in Python lists, then one
+                 FileWriter.write_raw_data call per sample
   lorapipe     - lorapipe.data.preprocess_conversations on the same JSON file: read, check, tokenize,
                  assemble the rows, write the MindRecord and its stats
   floor        - what any preprocessing must do: tokenize every message and write the finished rows;
@@ -25,6 +26,7 @@ import json
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,33 +38,18 @@ from mindspore.mindrecord import FileWriter
 from lorapipe.data import SCHEMA, ChatTokenizer, MindRecordWriter, preprocess_conversations
 
 REPO = Path(__file__).resolve().parent.parent
-IGNORE = -100
-
-
-def recipe_row(messages, tok, seq_length):
-    """One sample as the recipe's belle_preprocess.py builds it: a sentencepiece call per message."""
-    input_ids, labels = [], []
-    for message in messages:
-        ids = tok.sp.encode(message["value"])
-        if message["from"] == "human":
-            input_ids += [tok.user] + ids
-            labels += [tok.eos] + [IGNORE] * len(ids)
-        else:
-            input_ids += [tok.assistant] + ids
-            labels += [IGNORE] + ids
-    input_ids.append(tok.eos)
-    labels.append(tok.eos)
-    width = seq_length + 1
-    input_ids = input_ids[:width] + [0] * (width - len(input_ids))
-    labels = labels[:width] + [IGNORE] * (width - len(labels))
-    return np.array(input_ids, np.int32), np.array(labels, np.int32)
+sys.path.insert(0, str(REPO / "tests"))
+import recipe_r10  # noqa: E402  (r1.0's preprocess, the one copy: tests/recipe_r10.py)
 
 
 def recipe_loop(records, tok, seq_length, out):
+    """r1.0's belle_preprocess.py: its preprocess (tests/recipe_r10.py) builds every row, then one
+    FileWriter.write_raw_data call per row."""
     writer = FileWriter(str(out), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "belle_baichuan2")
-    for record in records:
-        input_ids, labels = recipe_row(record["conversations"], tok, seq_length)
+    rows = recipe_r10.preprocess(records, recipe_r10.SentencePieceTokenizer(tok.sp), seq_length + 1, tok.user,
+                                 tok.assistant)
+    for input_ids, labels in zip(rows["input_ids"], rows["labels"]):
         writer.write_raw_data([{"input_ids": input_ids, "labels": labels}])
     writer.commit()
 
@@ -113,7 +100,9 @@ def main():
         source.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         tok = ChatTokenizer(args.tokenizer)
         texts = [m["value"] for r in records for m in r["conversations"]]
-        rows = [recipe_row(r["conversations"], tok, args.seq_length) for r in records]
+        built = recipe_r10.preprocess(records, recipe_r10.SentencePieceTokenizer(tok.sp), args.seq_length + 1,
+                                      tok.user, tok.assistant)
+        rows = list(zip(built["input_ids"], built["labels"]))
         methods = {
             "recipe loop": (recipe_loop, records, tok, args.seq_length, work / "recipe.mindrecord"),
             "lorapipe": (preprocess_conversations, source, args.tokenizer, work / "ours.mindrecord", args.seq_length),

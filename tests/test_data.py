@@ -15,6 +15,7 @@ from lorapipe.config import ConfigError, canonical, load_yaml, validate
 from lorapipe.data import (SCHEMA, ChatTokenizer, Conversation, MindRecordWriter, TokenizedConversations,
                            assemble_rows, draws_samples, input_files, is_heldout, preprocess_conversations)
 from lorapipe.errors import InputError
+from recipe_r10 import recipe_rows
 
 M = -100  # masked label
 SAMPLE = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
@@ -31,22 +32,8 @@ def tokenizer_file(tiny_base_dir):
 
 
 def recipe_row(messages, tok, seq_length):
-    """The reference: one sample as MindFormers r1.0's belle_preprocess.py builds it (and lorapipe did,
-    one conversation at a time, before its rows were assembled for all conversations at once)."""
-    input_ids, labels = [], []
-    for message in messages:
-        ids = tok.sp.encode(message["value"])
-        if message["from"] == "human":
-            input_ids += [tok.user] + ids
-            labels += [tok.eos] + [M] * len(ids)
-        else:
-            input_ids += [tok.assistant] + ids
-            labels += [M] + ids
-    input_ids.append(tok.eos)
-    labels.append(tok.eos)
-    width = seq_length + 1
-    return (np.array(input_ids[:width] + [0] * (width - len(input_ids)), np.int32),
-            np.array(labels[:width] + [M] * (width - len(labels)), np.int32))
+    """r1.0's row of one BELLE conversation (tests/recipe_r10.py)."""
+    return recipe_rows([{"conversations": messages}], tok.sp, seq_length, tok.user, tok.assistant)[0]
 
 
 def rows_of(turn_lists, tok, seq_length):
