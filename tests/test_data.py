@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA
 from lorapipe.config import ConfigError, canonical, load_yaml, validate
-from lorapipe.data import (KINDS, SCHEMA, ChatTokenizer, Conversation, MindRecordWriter, TokenizedConversations,
+from lorapipe.data import (DROPPABLE, KINDS, SCHEMA, ChatTokenizer, Conversation, MindRecordWriter, TokenizedConversations,
                            assemble_rows, draws_samples, input_files, is_heldout, preprocess_conversations)
 from lorapipe.errors import InputError
 from recipe_r10 import recipe_rows
@@ -262,6 +262,24 @@ def test_data_train_config_forms(tmp_path):
         cfg["data"]["train"] = bad
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             validate(cfg)
+
+
+def test_data_drop_config_names_the_kinds_of_record(tmp_path):
+    schema = load_yaml(REPO / "config" / "schema.yaml")
+    assert schema["properties"]["data"]["properties"]["drop"]["items"]["enum"] == list(DROPPABLE)
+    for name in ("config.yaml", "tiny_13b.yaml", "baichuan2_7b_910b.yaml", "baichuan2_13b_910b.yaml"):
+        assert load_yaml(REPO / "config" / name)["data"]["drop"] == []  # every record r1.0 trains on
+    cfg = load_yaml(REPO / "config" / "config.yaml")
+    cfg["data"]["drop"] = ["over length", "empty turn"]
+    validate(cfg)
+    for bad, message in [(["long"], "data.drop.0: 'long' is not one of"), (["empty turn"] * 2, "data.drop: "),
+                         ("over length", "data.drop: 'over length' is not of type 'array'")]:
+        cfg["data"]["drop"] = bad
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)
+    del cfg["data"]["drop"]
+    with pytest.raises(ConfigError, match="missing required key data.drop"):
+        validate(cfg)
 
 
 # -- malformed, questionable and dropped records ----------------------------------------------------------
@@ -516,7 +534,7 @@ def run_script(monkeypatch, *args):
 def test_script_takes_the_recipes_flags_or_the_config_data_section(tmp_path, tokenizer_file, monkeypatch):
     alpaca = write_json(tmp_path / "a.json", [as_alpaca(r) for r in SAMPLE[:30]])
     data = {"train": [{"path": str(SAMPLE_DATA)}, {"path": str(alpaca), "weight": 0.5}], "format": "auto",
-            "seq_length": 16, "heldout_fraction": 0.0, "split_seed": 0, "on_bad_record": "fail"}
+            "seq_length": 16, "heldout_fraction": 0.0, "split_seed": 0, "on_bad_record": "fail", "drop": []}
     assert run_script(monkeypatch, "--data", json.dumps(data), "--sample_seed", 1, "--model_file", tokenizer_file,
                       "--output_file", tmp_path / "d.mindrecord", "--stats_file", tmp_path / "d.json") == 0
     stats = json.loads((tmp_path / "d.json").read_text())
@@ -527,6 +545,15 @@ def test_script_takes_the_recipes_flags_or_the_config_data_section(tmp_path, tok
         [r[0].tobytes() for r in read_rows(tmp_path / "d.mindrecord")][:324]
     assert run_script(monkeypatch, "--data", json.dumps(data), "--seq_length", 16, "--model_file", tokenizer_file,
                       "--output_file", tmp_path / "x.mindrecord") == 2  # one or the other
+    # data.drop, or --drop with the recipe's flags
+    assert run_script(monkeypatch, "--data", json.dumps({**data, "drop": ["over length"]}), "--model_file",
+                      tokenizer_file, "--output_file", tmp_path / "o.mindrecord", "--stats_file", tmp_path / "o.json") == 0
+    assert run_script(monkeypatch, "--input_glob", SAMPLE_DATA, "--seq_length", 16, "--drop", "over length",
+                      "--model_file", tokenizer_file, "--output_file", tmp_path / "f.mindrecord",
+                      "--stats_file", tmp_path / "f.json") == 0
+    flag, config = (json.loads((tmp_path / name).read_text()) for name in ("f.json", "o.json"))
+    assert flag["drop"] == config["drop"] == ["over length"] and flag["skipped"] == config["sources"][0]["dropped"] > 0
+    assert len(read_rows(tmp_path / "f.mindrecord")) == 324 - flag["drop_reasons"]["over length"]
 
 
 def test_workflow_passes_a_list_of_sources_and_train_seed_for_a_fractional_weight(tmp_path):
