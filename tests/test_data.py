@@ -572,9 +572,20 @@ def test_workflow_passes_a_list_of_sources_and_train_seed_for_a_fractional_weigh
     # (without a fractional weight the rule passes --sample_seed 0 and train.seed edits rebuild nothing: draws_samples)
 
 
+def sql_dump(db_path):
+    import sqlite3
+
+    db = sqlite3.connect(db_path)
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
 def test_writer_writes_the_bytes_of_mindspores_file_writer(tmp_path):
     """MindRecordWriter hands MindSpore's C++ shard writer the blobs FileWriter would build (a batch
-    serialised with numpy, not row by row in Python): same file, same index, byte for byte."""
+    serialised with numpy, not row by row in Python): the same file, byte for byte, and the same index
+    (its own index writer's SQL dump is the generator's)."""
     from mindspore.mindrecord import FileWriter
 
     rng = np.random.default_rng(0)
@@ -587,15 +598,50 @@ def test_writer_writes_the_bytes_of_mindspores_file_writer(tmp_path):
         writer.write_raw_data([{"input_ids": i, "labels": l}
                                for i, l in zip(input_ids[start:start + 100], labels[start:start + 100])])
     writer.commit()
-    theirs = {name: (tmp_path / name).read_bytes() for name in ("x.mindrecord", "x.mindrecord.db")}
+    theirs, their_index = path.read_bytes(), sql_dump(f"{path}.db")
     ours = MindRecordWriter(path)
     for start in (0, 128, 256):
         ours.write(input_ids[start:start + 128], labels[start:start + 128])
     ours.commit()
-    for name, content in theirs.items():
-        assert (tmp_path / name).read_bytes() == content, name
+    assert path.read_bytes() == theirs and sql_dump(f"{path}.db") == their_index
+    assert len(their_index) == 300 + 5  # (BEGIN, two tables, the shard name, the primary key's index, COMMIT)
     with pytest.raises(ValueError, match="input_ids: expected int32 rows"):
         MindRecordWriter(tmp_path / "c.mindrecord").write(input_ids.astype(np.int64), labels)
+
+
+def test_the_index_is_mindspores_for_any_page_layout(tmp_path):
+    """write_index against MindSpore's index generator on a file of many small pages (several raw-data
+    and blob pages, raw pages with several row groups): the same SQL dump; MindDataset reads every row."""
+    import mindspore.dataset as ds
+    from mindspore.mindrecord import FileWriter
+
+    from lorapipe.data import write_index
+
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(-100, 1000, (2, int(n)), dtype=np.int32) for n in rng.integers(1, 12, 3000)]
+    for name, index in (("theirs", None), ("ours", write_index)):
+        (tmp_path / name).mkdir()
+        writer = FileWriter(str(tmp_path / name / "x.mindrecord"), shard_num=1, overwrite=True)
+        writer.set_page_size(1 << 15)
+        writer.add_schema(SCHEMA, "belle_baichuan2")
+        for start in range(0, len(rows), 1000):
+            writer.write_raw_data([{"input_ids": r[0], "labels": r[1]} for r in rows[start:start + 1000]])
+        if index is None:
+            writer.commit()
+        else:
+            writer._flush = True
+            writer._writer.commit()
+            index(tmp_path / name / "x.mindrecord")
+    with open(tmp_path / "ours" / "x.mindrecord", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    raw_pages = [p for p in header["page"] if p["page_type"] == "RAW_DATA"]
+    assert len(raw_pages) > 1 and max(len(p["row_group_ids"]) for p in raw_pages) > 1
+    assert sql_dump(tmp_path / "ours" / "x.mindrecord.db") == sql_dump(tmp_path / "theirs" / "x.mindrecord.db")
+    read = [r["labels"] for r in ds.MindDataset(str(tmp_path / "ours" / "x.mindrecord"), shuffle=False)
+            .create_dict_iterator(output_numpy=True)]
+    assert len(read) == len(rows) and all((a == r[1]).all() for a, r in zip(read, rows))
+    with pytest.raises(FileExistsError):
+        write_index(tmp_path / "ours" / "x.mindrecord")
 
 
 def test_a_split_left_empty_is_named(tmp_path, tokenizer_file):
