@@ -836,6 +836,8 @@ def write_index(path):
         raise FileExistsError(f"{db_path}: the index exists already")  # (as MindSpore's generator refuses)
     db = sqlite3.connect(db_path, isolation_level=None)
     try:
+        # no fsync: the index is a temporary until atomic_outputs renames it (lorapipe fsyncs no output)
+        db.execute("PRAGMA synchronous = OFF;")
         db.execute("DROP TABLE IF EXISTS INDEXES;")
         db.execute(_INDEX_TABLE)
         db.execute("DROP TABLE IF EXISTS SHARD_NAME;")
