@@ -1026,8 +1026,9 @@ def summary(stats):
                      + (f", {source['heldout_rows']} held-out rows" if "heldout_rows" in source else ""))
     if stats["questionable_records"]:
         kinds = ", ".join(f"{kind} {n}" for kind, n in stats["questionable_kinds"].items() if n)
-        lines.append(f"  {stats['questionable_records']} questionable records ({kinds}): built as r1.0 builds them "
-                     f"(README, \"Which rule applies to which record\") unless data.drop names their kind")
+        lines.append(f"  {stats['questionable_records']} questionable records ({kinds}); those of no kind that "
+                     f"data.drop names are kept, built as r1.0 builds them (README, \"Which rule applies to which "
+                     f"record\")")
     if stats["control_text_records"]:
         lines.append(f"  {stats['control_text_records']} records contain the text {', '.join(CONTROL_TEXTS)}: "
                      f"encoded as text, not control tokens (MindFormers r1.0 made them control ids, so its rows "
