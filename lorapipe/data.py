@@ -970,7 +970,9 @@ class _Lengths:
             return
         top = int(lengths.max()) + 1
         if top > len(self.counts):
-            self.counts = np.concatenate([self.counts, np.zeros(max(top, 2 * len(self.counts)) - len(self.counts), np.int64)])
+            grown = np.zeros(max(top, 2 * len(self.counts)), np.int64)
+            grown[:len(self.counts)] = self.counts
+            self.counts = grown
         self.counts[:top] += np.bincount(lengths, minlength=top)
         self.label_tokens += int((labels != IGNORE_TOKEN_ID).sum())
 

@@ -371,7 +371,8 @@ def test_drop_leaves_out_the_kinds_it_names_and_skip_the_malformed(tmp_path, tok
     assert stats["skipped_records"][0]["problem"] == "bad role order: turn 0 is an assistant turn"
     assert all(d["file"] == str(path) for d in stats["skipped_records"])
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped")]
-    assert len(logged) == 5 and logged[0] == f"dropped {path} record 12: bad role order: bad role order: turn 0 is an assistant turn"
+    assert len(logged) == 5
+    assert logged[0] == f"dropped {path} record 12: bad role order: bad role order: turn 0 is an assistant turn"
     # without "over length" in drop the long conversation is truncated, as the recipe does
     stats, rows = preprocess(tmp_path, write_json(tmp_path / "long.json", records[-1:]), tokenizer_file, 128, name="t")
     assert stats["train"]["truncated"] == 1 and len(rows) == 1
