@@ -30,13 +30,20 @@ def measure(cmd):
     """Wall seconds and peak RSS (MiB) of one command in its own process.
 
     Keep the calling process small: a forked child's peak RSS starts from its parent's."""
+    wall, _, rss = measure_usage(cmd)
+    return wall, rss
+
+
+def measure_usage(cmd):
+    """Wall seconds, CPU seconds (user + system, all threads) and peak RSS (MiB) of one command in its
+    own process (see measure)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if status != 0:
         raise RuntimeError(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def warm(path):

@@ -2,8 +2,9 @@
 """Benchmark: chat JSON -> MindRecord, lorapipe against the recipe's per-sample loop and the floor, in one run.
 
 On N conversations (default 24,000: the sample data repeated under new ids), seq_length 512, times
-  recipe loop  - the recipe's belle_preprocess.py approach: encode each message of each sample on its
-                 own, build the row in Python lists, one FileWriter.write_raw_data call per sample
+  recipe loop  - the recipe's belle_preprocess.py: its preprocess (tests/recipe_r10.py) encodes each
+                 message of each sample on its own and builds the rows in Python lists, then one
+                 FileWriter.write_raw_data call per sample
   lorapipe     - lorapipe.data.preprocess_conversations on the same JSON file: read, check, tokenize,
                  assemble the rows, write the MindRecord and its stats
   floor        - what any preprocessing must do: tokenize every message and write the finished rows;
@@ -18,6 +19,16 @@ Everything runs in one process with MindSpore already imported, so no method pay
 methods run in turn, --repeat times; the table gives each one's median (a shared machine is noisy).
 
     .venv/bin/python benchmarks/preprocess.py [--conversations 24000] [--repeat 3] [--tokenizer results/tiny/tiny_base/tokenizer.model]
+
+With --scale, instead: scripts/belle_preprocess.py (what the mindrecord rule runs: reading, two passes,
+tokenizing, writing, provenance hashes) at seq_length 512, each run in its own process, on JSON Lines of
+100,000, 400,000 and 1,600,000 conversations (the sample data repeated under distinct ids), then on a
+JSON array of the largest size; a markdown table of wall and CPU seconds, microseconds per
+conversation and peak RSS, and how much the peak grows per conversation from one size to the next.
+Needs, per million conversations, about 0.2 GB of disk for the input and 1.4 GB for the
+MindRecord (MindRecord compresses the int32 columns; one input and one output at a time, in --workdir):
+
+    .venv/bin/python benchmarks/preprocess.py --scale [--sizes 100000 400000 1600000] [--workdir DIR]
 """
 
 import argparse
@@ -25,49 +36,41 @@ import json
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import mindspore.dataset as ds
 import numpy as np
-from mindspore.mindrecord import FileWriter
 
-from lorapipe.data import SCHEMA, ChatTokenizer, MindRecordWriter, preprocess_conversations
+from common import measure_usage
 
 REPO = Path(__file__).resolve().parent.parent
-IGNORE = -100
-
-
-def recipe_row(messages, tok, seq_length):
-    """One sample as the recipe's belle_preprocess.py builds it: a sentencepiece call per message."""
-    input_ids, labels = [], []
-    for message in messages:
-        ids = tok.sp.encode(message["value"])
-        if message["from"] == "human":
-            input_ids += [tok.user] + ids
-            labels += [tok.eos] + [IGNORE] * len(ids)
-        else:
-            input_ids += [tok.assistant] + ids
-            labels += [IGNORE] + ids
-    input_ids.append(tok.eos)
-    labels.append(tok.eos)
-    width = seq_length + 1
-    input_ids = input_ids[:width] + [0] * (width - len(input_ids))
-    labels = labels[:width] + [IGNORE] * (width - len(labels))
-    return np.array(input_ids, np.int32), np.array(labels, np.int32)
+sys.path.insert(0, str(REPO / "tests"))
+import recipe_r10  # noqa: E402  (r1.0's preprocess, the one copy: tests/recipe_r10.py)
+# MindSpore and lorapipe.data are imported where used: the scale runs measure the peak RSS of child
+# processes, which starts from this process's (benchmarks/common.py measure), so it stays small.
 
 
 def recipe_loop(records, tok, seq_length, out):
+    """r1.0's belle_preprocess.py: its preprocess (tests/recipe_r10.py) builds every row, then one
+    FileWriter.write_raw_data call per row."""
+    from mindspore.mindrecord import FileWriter
+
+    from lorapipe.data import SCHEMA
+
     writer = FileWriter(str(out), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "belle_baichuan2")
-    for record in records:
-        input_ids, labels = recipe_row(record["conversations"], tok, seq_length)
+    rows = recipe_r10.preprocess(records, recipe_r10.SentencePieceTokenizer(tok.sp), seq_length + 1, tok.user,
+                                 tok.assistant)
+    for input_ids, labels in zip(rows["input_ids"], rows["labels"]):
         writer.write_raw_data([{"input_ids": input_ids, "labels": labels}])
     writer.commit()
 
 
 def write_rows(input_ids, labels, out, batch=4096):
+    from lorapipe.data import MindRecordWriter
+
     writer = MindRecordWriter(out)
     for start in range(0, len(input_ids), batch):
         writer.write(input_ids[start:start + batch], labels[start:start + batch])
@@ -75,6 +78,10 @@ def write_rows(input_ids, labels, out, batch=4096):
 
 
 def file_writer_rows(rows, out, batch=1000):
+    from mindspore.mindrecord import FileWriter
+
+    from lorapipe.data import SCHEMA
+
     writer = FileWriter(str(out), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "belle_baichuan2")
     for start in range(0, len(rows), batch):
@@ -83,6 +90,8 @@ def file_writer_rows(rows, out, batch=1000):
 
 
 def read_rows(path):
+    import mindspore.dataset as ds
+
     return [(r["input_ids"].tobytes(), r["labels"].tobytes())
             for r in ds.MindDataset(str(path), shuffle=False).create_dict_iterator(output_numpy=True)]
 
@@ -104,7 +113,21 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tokenizer", type=Path, default=REPO / "results/tiny/tiny_base/tokenizer.model",
                    help="a tokenizer.model (make run builds the tiny one)")
+    p.add_argument("--scale", action="store_true", help="time and peak RSS at --sizes instead (see above)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    p.add_argument("--workdir", type=Path, default=None, help="where the scale runs write (default: a temp dir)")
     args = p.parse_args()
+    if args.scale:
+        scale(args)
+    else:
+        compare(args)
+
+
+def compare(args):
+    import mindspore.mindrecord  # noqa: F401  (imported before any method is timed)
+
+    from lorapipe.data import ChatTokenizer, preprocess_conversations
+
     sample = json.loads((REPO / "data/belle_sample.json").read_text(encoding="utf-8"))
     records = [dict(sample[i % len(sample)], id=f"bench_{i}") for i in range(args.conversations)]
     work = Path(tempfile.mkdtemp(prefix="lorapipe-bench-data-"))
@@ -113,7 +136,9 @@ def main():
         source.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         tok = ChatTokenizer(args.tokenizer)
         texts = [m["value"] for r in records for m in r["conversations"]]
-        rows = [recipe_row(r["conversations"], tok, args.seq_length) for r in records]
+        built = recipe_r10.preprocess(records, recipe_r10.SentencePieceTokenizer(tok.sp), args.seq_length + 1,
+                                      tok.user, tok.assistant)
+        rows = list(zip(built["input_ids"], built["labels"]))
         methods = {
             "recipe loop": (recipe_loop, records, tok, args.seq_length, work / "recipe.mindrecord"),
             "lorapipe": (preprocess_conversations, source, args.tokenizer, work / "ours.mindrecord", args.seq_length),
@@ -145,6 +170,64 @@ def main():
               f"{cpu['recipe loop'] / c:.1f}× | {t / times['floor']:.2f}, {c / cpu['floor']:.2f} |")
     if not identical:
         raise SystemExit("rows differ")
+
+
+
+
+def write_conversations(path, count, array=False):
+    """`count` conversations of the sample data under distinct ids, as JSON Lines or a JSON array,
+    written as they are made (this process stays small)."""
+    sample = json.loads((REPO / "data/belle_sample.json").read_text(encoding="utf-8"))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n" if array else "")
+        for i in range(count):
+            line = json.dumps(dict(sample[i % len(sample)], id=f"bench_{i}"), ensure_ascii=False)
+            f.write((",\n" if array and i else "") + line + ("" if array else "\n"))
+        f.write("\n]\n" if array else "")
+    return path.stat().st_size
+
+
+def scale(args):
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="lorapipe-bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs = [(n, "JSON Lines") for n in args.sizes] + [(max(args.sizes), "JSON array")]
+    results = []
+    try:
+        for count, layout in runs:
+            source = work / (f"belle_{count}.json" if layout == "JSON array" else f"belle_{count}.jsonl")
+            size = write_conversations(source, count, array=layout == "JSON array")
+            out = work / "out"
+            cmd = [sys.executable, str(REPO / "scripts/belle_preprocess.py"), "--input_glob", str(source),
+                   "--seq_length", str(args.seq_length), "--model_file", str(args.tokenizer),
+                   "--output_file", str(out / f"belle_{args.seq_length}.mindrecord"),
+                   "--stats_file", str(out / "stats.json"), "--log", str(work / "preprocess.log")]
+            wall, cpu, rss = measure_usage(cmd)
+            stats = json.loads((out / "stats.json").read_text())
+            assert stats["train"]["samples"] == count, stats["train"]
+            written = sum(f.stat().st_size for f in out.glob("belle_*"))
+            results.append((count, layout, size, wall, cpu, rss, written))
+            print(f"{count} {layout}: {wall:.1f} s, {cpu:.1f} CPU s, peak RSS {rss:.0f} MiB", flush=True)
+            shutil.rmtree(out)
+            source.unlink()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work)
+    print(f"\nscripts/belle_preprocess.py, seq_length {args.seq_length}, one process per run\n")
+    print("| conversations | input | input MB | MindRecord GB | wall s | CPU s | µs per conversation (wall) "
+          "| µs per added conversation (wall, CPU) | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    previous = None
+    for count, layout, size, wall, cpu, rss, written in results:
+        added = "" if previous is None or previous[0] == count else \
+            f"{1e6 * (wall - previous[1]) / (count - previous[0]):.1f}, {1e6 * (cpu - previous[2]) / (count - previous[0]):.1f}"
+        print(f"| {count:,} | {layout} | {size / 1e6:.1f} | {written / 1e9:.2f} | {wall:.1f} | {cpu:.1f} "
+              f"| {1e6 * wall / count:.1f} | {added} | {rss:.0f} |")
+        if layout == "JSON Lines":
+            previous = (count, wall, cpu)
+    lines = [r for r in results if r[1] == "JSON Lines"]
+    for (n0, *_, rss0, _), (n1, *_, rss1, _) in zip(lines, lines[1:]):
+        print(f"peak RSS growth from {n0:,} to {n1:,} conversations: {(rss1 - rss0) * 2**20 / (n1 - n0):.1f} "
+              f"bytes per conversation")
 
 
 if __name__ == "__main__":

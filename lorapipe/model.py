@@ -121,7 +121,9 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
         decide what attends to what. Rows without them (held-out rows) are one segment, their pad tokens
         the padding."""
         if not self.packing:
-            return super().construct(input_ids, labels, input_position, position_ids, attention_mask, input_embeds,
+            # super() with its class: MindSpore's graph compiler reads a bare super() as super(type(self)),
+            # which for Baichuan13BV2ForCausalLM calls this method again, without end.
+            return super(Baichuan2ForCausalLM, self).construct(input_ids, labels, input_position, position_ids, attention_mask, input_embeds,
                                      init_reset, batch_valid_length, batch_index, zactivate_len, block_tables,
                                      slot_mapping, prefix_keys_values, llm_boost_inputs, q_seq_lens, loss_mask,
                                      gather_index, seq_range, actual_seq_len)

@@ -33,6 +33,7 @@ rule mindrecord:
             "heldout_fraction",
             "split_seed",
             "on_bad_record",
+            "drop",
         ),
         # train.seed draws the sample of a fractional source weight; other data never depends on it,
         # so that editing train.seed rebuilds no MindRecord that it cannot change.

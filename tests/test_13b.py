@@ -254,8 +254,8 @@ def test_tiny_13b_end_to_end(tmp_path):
     assert json.loads((results / "hf/config.json").read_text())["position_embedding"] == "ALIBI"
     assert not (results / "hf_llama").exists() and not (results / "peft_adapter").exists()
     refused = snakemake(tmp_path, "-n", "export_llama", configfile=configfile, check=False)
-    assert refused.returncode != 0 and "the Llama-format exports (export_llama, export_llama_base, export_peft): the "\
-        "base model uses ALiBi" in refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "the Llama-format exports (export_llama, export_llama_base, export_peft) and "\
+        "export_gguf: the base model uses ALiBi" in refused.stdout + refused.stderr
     # chat, on the predict YAML: its first answer is the finetuned model's prediction for the same prompt
     proc = subprocess.run([sys.executable, str(REPO / "scripts/chat.py"), "--config",
                            "results/tiny_13b/predict/run_baichuan2.yaml", "--load_checkpoint",

@@ -133,13 +133,13 @@ def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tm
     import mindspore.dataset as ds
     from conftest import SAMPLE_DATA
 
-    from lorapipe.data import preprocess_belle
+    from lorapipe.data import preprocess_conversations
     from lorapipe.evaluate import heldout_loss
     from lorapipe.model import logits
 
     net = tiny_model[0]
     rec = tmp_path / "e.mindrecord"
-    preprocess_belle(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", rec, 32)
+    preprocess_conversations(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", rec, 32)
     got = heldout_loss(net, rec, batch_size=16)
     row = next(ds.MindDataset(str(rec), shuffle=False).create_dict_iterator(output_numpy=True))
     assert got["samples"] == 324 and got["tokens"] > 0 and np.isclose(got["perplexity"], np.exp(got["loss"]))

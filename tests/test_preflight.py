@@ -88,9 +88,9 @@ def test_checks_name_what_is_wrong(tmp_path, tiny_base_dir):
     small = {"vocab_size": 100, "user_token_id": 3, "assistant_token_id": 4}
     assert check_tokenizer(tiny_base_dir / "tokenizer.model", small).status == "fail"
 
-    from lorapipe.data import preprocess_belle
+    from lorapipe.data import preprocess_conversations
 
-    preprocess_belle(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "d.mindrecord", 16)
+    preprocess_conversations(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "d.mindrecord", 16)
     rendered = {"runner_config": {"batch_size": 400, "epochs": 1, "sink_mode": False, "sink_size": 1},
                 "parallel_config": {"data_parallel": 1, "pipeline_stage": 1}}
     (data,) = check_data(tmp_path / "d.mindrecord", rendered)
