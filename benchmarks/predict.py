@@ -73,7 +73,7 @@ def main():
     args = p.parse_args()
     import json
 
-    from lorapipe.data import ChatTokenizer
+    from lorapipe.tokenizer import ChatTokenizer
     from lorapipe.decode import KVCacheDecoder
     from lorapipe.chat_template import chat_ids
     from lorapipe.generate import generate, load_model, load_weights

@@ -20,7 +20,7 @@ import numpy as np
 from lorapipe.baichuan2 import network_shapes
 from lorapipe.chat_template import chat_ids
 from lorapipe.checkpoints import rank_checkpoints
-from lorapipe.data import ChatTokenizer
+from lorapipe.tokenizer import ChatTokenizer
 from lorapipe.decode import KVCacheDecoder
 from lorapipe.errors import InputError
 from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config

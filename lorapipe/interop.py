@@ -119,7 +119,7 @@ def tokenizer_config(tokenizer_model, config):
       where the sentencepiece model has them as control pieces;
     - add_prefix_space as the model's own add_dummy_prefix (Baichuan2's: off), so the fast tokenizer
       converted from it matches."""
-    from lorapipe.data import ChatTokenizer
+    from lorapipe.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer(tokenizer_model)  # checks that the turn markers are there
     sp = tok.sp

@@ -5,7 +5,7 @@ processor section both share, and the PEFT-style adapter_config.json of a run. N
 
 import yaml
 
-from lorapipe.data import ChatTokenizer
+from lorapipe.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs
 from lorapipe.spec import LORA_A, LORA_B, llama_config, model_arch
 

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorapipe.data import ChatTokenizer
+from lorapipe.tokenizer import ChatTokenizer
 from lorapipe.errors import StepError
 from lorapipe.msckpt import checkpoint_index
 from lorapipe.outputs import atomic_outputs, format_bytes

@@ -11,7 +11,7 @@ import sys
 
 from lorapipe import cli
 from lorapipe.chat_template import chat_ids
-from lorapipe.data import ChatTokenizer
+from lorapipe.tokenizer import ChatTokenizer
 from lorapipe.generate import (
     TextStreamer,
     build_decoder,

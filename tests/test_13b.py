@@ -168,7 +168,7 @@ def test_logits_match_an_independent_pytorch_alibi_forward(base_13b, model_13b):
 def test_kv_cache_decoder_matches_the_alibi_network(base_13b, model_13b):
     """Position by position, pad ids included (masked as keys, with their bias, as the network does), and
     greedy tokens equal to the full-recompute loop's for 128 new tokens."""
-    from lorapipe.data import ChatTokenizer
+    from lorapipe.tokenizer import ChatTokenizer
     from lorapipe.decode import KVCacheDecoder
     from lorapipe.chat_template import chat_ids
     from lorapipe.generate import generate, load_weights

@@ -12,10 +12,11 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA
 from lorapipe.config import canonical, load_yaml, validate
-from lorapipe.data import (DROPPABLE, KINDS, SCHEMA, ChatTokenizer, Conversation, MindRecordWriter,
+from lorapipe.data import (DROPPABLE, KINDS, SCHEMA, Conversation, MindRecordWriter,
                            TokenizedConversations, assemble_rows, draws_samples, input_files, is_heldout,
                            preprocess_conversations)
 from lorapipe.errors import ConfigError, InputError
+from lorapipe.tokenizer import ChatTokenizer
 from recipe_r10 import recipe_rows
 
 M = -100  # masked label

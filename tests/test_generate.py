@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from lorapipe.chat_template import chat_ids
-from lorapipe.data import ChatTokenizer
+from lorapipe.tokenizer import ChatTokenizer
 from lorapipe.errors import InputError
 from lorapipe.generate import next_token
 

@@ -54,7 +54,7 @@ def run(tiny_base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tiny_base_dir):
-    from lorapipe.data import ChatTokenizer
+    from lorapipe.tokenizer import ChatTokenizer
 
     return ChatTokenizer(tiny_base_dir / "tokenizer.model")
 

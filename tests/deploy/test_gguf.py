@@ -70,7 +70,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(run):
-    from lorapipe.data import ChatTokenizer
+    from lorapipe.tokenizer import ChatTokenizer
 
     return ChatTokenizer(run.base / "tokenizer.model")
 
