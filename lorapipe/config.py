@@ -103,6 +103,13 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
     if config["train"]["use_flash_attention"] and config["device_target"] != "Ascend":
         raise ConfigError(f"{source}: train.use_flash_attention needs device_target Ascend (FlashAttentionScore "
                           f"has no {config['device_target']} kernel)")
+    if config["data"]["packing"] and train["use_flash_attention"]:
+        # MindFormers' packed path is flash attention's eod mask compression, which needs seq_length >= 2048
+        # (modules/transformer/transformer.py:824-825, reached from models/llama/llama.py:165); lorapipe's
+        # packed rows use its own mask cells (lorapipe.model.SegmentCausalMask), which flash attention skips.
+        raise ConfigError(f"{source}: data.packing needs train.use_flash_attention: false (packed rows keep their "
+                          f"conversations apart with lorapipe's attention mask, which flash attention does not "
+                          f"read; MindFormers' own packed flash attention needs seq_length >= 2048)")
     if par["nodes"] > 1 and par["launcher"] != "msrun":
         raise ConfigError(f"{source}: parallel.nodes {par['nodes']} needs parallel.launcher msrun (the rank-table "
                           f"launcher starts one node)")

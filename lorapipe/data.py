@@ -77,6 +77,8 @@ log = logging.getLogger("lorapipe")
 IGNORE_TOKEN_ID = -100
 PAD_ID = 0
 SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
+# Packed rows (data.packing) carry each token's conversation: 1, 2, ... in the row, 0 for padding.
+PACKED_SCHEMA = {**SCHEMA, "segment_ids": {"type": "int32", "shape": [-1]}}
 FORMATS = ("belle", "sharegpt", "alpaca", "messages")
 CONTROL_TEXTS = ("</s>", "<s>", "<unk>", USER_PIECE, ASSISTANT_PIECE)
 MALFORMED = "malformed"
@@ -721,7 +723,8 @@ def assemble_rows(tokens, chosen, tok, seq_length):
 # -- writing ----------------------------------------------------------------------------------------
 
 class MindRecordWriter:
-    """A MindRecord file (+ `.db`) of SCHEMA rows, written a batch of equal-length rows at a time.
+    """A MindRecord file (+ `.db`) of SCHEMA rows (PACKED_SCHEMA with segment ids), written a batch of
+    equal-length rows at a time.
 
     MindSpore's FileWriter creates the file and its header. The rows go to the C++ shard writer that
     FileWriter.write_raw_data ends in, as the very blobs it would build, but a batch is serialised at
@@ -732,19 +735,19 @@ class MindRecordWriter:
     generator, which holds about 1.4 KB per row in memory.
     """
 
-    def __init__(self, path, description="belle_baichuan2"):
+    def __init__(self, path, description="belle_baichuan2", schema=SCHEMA):
         from mindspore.mindrecord import FileWriter
 
         self.file = FileWriter(str(path), shard_num=1, overwrite=True)
-        self.file.add_schema(SCHEMA, description)
+        self.file.add_schema(schema, description)
         # what FileWriter.write_raw_data does before its first rows
         self.file._writer.open(self.file._paths, True)
         self.file._writer.set_shard_header(self.file._header)
         self.blob_fields = self.file._header.blob_fields  # their order in a row's blob
 
-    def write(self, input_ids, labels):
-        """Append rows: input_ids and labels are int32 arrays [rows, width]."""
-        columns = {"input_ids": input_ids, "labels": labels}
+    def write(self, input_ids, labels, segment_ids=None):
+        """Append rows: input_ids, labels (and segment_ids, for PACKED_SCHEMA) are int32 arrays [rows, width]."""
+        columns = {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
         parts = []
         for field in self.blob_fields:
             column = np.ascontiguousarray(columns[field])
@@ -760,6 +763,64 @@ class MindRecordWriter:
         self.file._flush = True  # what FileWriter.commit does, but for the index
         self.file._writer.commit()
         write_index(self.file._paths[0])
+
+
+class RowPacker:
+    """Packs the rows of consecutive conversations into rows of the same width, in their order (next fit):
+    a conversation goes into the current packed row if it fits in what is left of it, otherwise that row is
+    written and the conversation starts the next. A conversation as long as a row (truncated) fills one.
+
+    Why in order: it streams (one packed row and a chunk of finished ones in memory, whatever the data),
+    keeps the data's order (so the shuffle, the sample of a weight and the held-out split mean what they
+    mean unpacked) and is deterministic. First-fit decreasing would leave less padding but needs every
+    length first. benchmarks/README.md gives the padding it leaves.
+
+    Each conversation's first label is ignored (-100): r1.0's first label is the user marker's eos, which
+    the previous conversation's last position would otherwise be trained to predict. The model drops the
+    first label of an unpacked row anyway (it predicts labels[t + 1] at t), so the loss of a packed row is
+    the sum of its conversations' losses alone."""
+
+    def __init__(self, writer, width):
+        self.writer, self.width = writer, width
+        self.rows = 0
+        self._done = []      # finished packed rows (input_ids, labels, segment_ids), written in chunks
+        self._new_row()
+
+    def _new_row(self):
+        self.input_ids = np.full(self.width, PAD_ID, np.int32)
+        self.labels = np.full(self.width, IGNORE_TOKEN_ID, np.int32)
+        self.segment_ids = np.zeros(self.width, np.int32)
+        self.used = self.segments = 0
+
+    def add(self, input_ids, labels, lengths):
+        """Rows of assemble_rows and the conversations' untruncated lengths."""
+        for row_ids, row_labels, n in zip(input_ids, labels, np.minimum(lengths, self.width)):
+            if self.used + n > self.width:
+                self._finish_row()
+            at = self.used
+            self.input_ids[at:at + n] = row_ids[:n]
+            self.labels[at:at + n] = row_labels[:n]
+            self.labels[at] = IGNORE_TOKEN_ID
+            self.segments += 1
+            self.segment_ids[at:at + n] = self.segments
+            self.used += n
+        if len(self._done) >= ROWS_PER_CHUNK:
+            self._write()
+
+    def _finish_row(self):
+        self._done.append((self.input_ids, self.labels, self.segment_ids))
+        self.rows += 1
+        self._new_row()
+
+    def _write(self):
+        if self._done:
+            self.writer.write(*(np.stack(column) for column in zip(*self._done)))
+            self._done = []
+
+    def close(self):
+        if self.used:
+            self._finish_row()
+        self._write()
 
 
 # MindSpore's ShardIndexGenerator's SQL (shard_index_generator.cc), for a schema without index fields
@@ -977,6 +1038,11 @@ def summary(stats):
             lines.append(f"  {split:8} {s['samples']:7d} samples {s['tokens']:10d} tokens "
                          f"{s['label_tokens']:9d} label tokens, truncated {s['truncated']} "
                          f"({100 * s['truncated_ratio']:.1f}%), length mean {s['length_mean']} max {s['length_max']}")
+    if "packing" in stats:
+        p = stats["packing"]
+        lines.append(f"  packed   {p['conversations']} train conversations into {p['rows']} rows (unpacked "
+                     f"{p['rows_unpacked']}): padding {100 * p['padding_fraction']:.1f}% of the row slots "
+                     f"(unpacked {100 * p['padding_fraction_unpacked']:.1f}%)")
     for source in stats["sources"]:
         lines.append(f"  source {source['path']} (weight {source['weight']:g}): {source['records']} records, "
                      f"{source['dropped']} dropped, {source['train_rows']} train rows"
@@ -1006,13 +1072,15 @@ def _check_drop(drop):
 
 def preprocess_conversations(train, model_file, output_file, seq_length, heldout_file=None,
                              heldout_fraction=0.0, split_seed=0, on_bad_record="fail", stats_file=None,
-                             run=None, data_format="auto", sample_seed=0, drop=()):
+                             run=None, data_format="auto", sample_seed=0, drop=(), packing=False):
     """Chat data -> `output_file` MindRecord (+ .db), optionally a held-out MindRecord and stats JSON.
 
     `train` is a data.train value: a path or glob, or a list of sources {path, format, weight}
     (`data_format` is the format of those that name none). `on_bad_record` ("fail" or "skip") is for
     malformed records; `drop` names the kinds of questionable record (KINDS) and "over length" to leave
-    out. All outputs appear together, or none do. Memory does not grow with the data (module docstring).
+    out. With `packing` the training rows hold several conversations each (RowPacker) and a segment_ids
+    column; the held-out rows stay one conversation each, so that evaluation compares across settings.
+    All outputs appear together, or none do. Memory does not grow with the data (module docstring).
     """
     if seq_length < 1:
         raise InputError(f"seq_length must be positive, got {seq_length}")
@@ -1055,12 +1123,15 @@ def preprocess_conversations(train, model_file, output_file, seq_length, heldout
     outputs = {"train": Path(output_file), "heldout": Path(heldout_file) if heldout_file else None}
     finals = [p for name in rows for p in (outputs[name], Path(f"{outputs[name]}.db"))]
     finals += [Path(stats_file)] if stats_file else []
-    # two int32 columns of seq_length + 1 per row, plus MindRecord's page and index overhead (~20%)
-    need = int(sum(map(sum, rows.values())) * width * 8 * 1.2)
+    # two int32 columns of seq_length + 1 per row (three packed, at most as many rows), plus MindRecord's
+    # page and index overhead (~20%)
+    need = int(sum(map(sum, rows.values())) * width * (12 if packing else 8) * 1.2)
     lengths = {name: _Lengths() for name in rows}
     with atomic_outputs(finals, run=run, inputs=[*input_files(sources), model_file], need_bytes=need) as temps:
         temp_of = dict(zip(finals, temps))
         writers = {name: MindRecordWriter(temp_of[outputs[name]]) for name in rows}
+        if packing:
+            writers["train"] = RowPacker(MindRecordWriter(temp_of[outputs["train"]], schema=PACKED_SCHEMA), width)
         # The second pass: each source's whole copies, then its sample, in file order; the held-out
         # rows on the first reading of each source.
         for s, source in enumerate(sources):
@@ -1095,12 +1166,20 @@ def preprocess_conversations(train, model_file, output_file, seq_length, heldout
                         if mask.any():
                             chosen = index[mask]
                             input_ids, labels = assemble_rows(tokens, chosen, tok, seq_length)
-                            writers[name].write(input_ids, labels)
+                            if isinstance(writers[name], RowPacker):
+                                writers[name].add(input_ids, labels, tokens.length[chosen])
+                            else:
+                                writers[name].write(input_ids, labels)
                             lengths[name].add(tokens.length[chosen], labels)
+        packed_rows = None
+        if packing:
+            writers["train"].close()
+            packed_rows = writers["train"].rows
+            writers["train"] = writers["train"].writer
         for name, writer in writers.items():
             writer.commit()
-            log.info("wrote %d %s rows", sum(rows[name]), name)
-        stats = _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed)
+            log.info("wrote %d %s rows", packed_rows if name == "train" and packing else sum(rows[name]), name)
+        stats = _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed, packed_rows)
         if stats_file:
             temp_of[Path(stats_file)].write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
     log.info("%s", summary(stats))
@@ -1117,7 +1196,7 @@ class _Split:
         return np.fromiter((is_heldout(c.key, self.fraction, self.seed) for c in batch), bool, len(batch))
 
 
-def _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed):
+def _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed, packed_rows=None):
     stats = {"input": where, "seq_length": seq_length, "drop": drop,
              "skipped": sum(tally.reasons.values()), "drop_reasons": tally.reasons,
              "skipped_records": [d.as_dict() for d in (tally.drops + tally.long_drops)[:LISTED]],
@@ -1137,4 +1216,14 @@ def _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed):
         })
     for name, split_lengths in lengths.items():
         stats[name] = row_stats(split_lengths, seq_length)
+    if packed_rows is not None:
+        train = stats["train"]
+        stats["packing"] = {"conversations": train["samples"], "rows": packed_rows, "rows_unpacked": train["samples"],
+                            "padding_fraction": _padding(train["tokens"], packed_rows, seq_length),
+                            "padding_fraction_unpacked": _padding(train["tokens"], train["samples"], seq_length)}
     return stats
+
+
+def _padding(tokens, rows, seq_length):
+    """The share of a split's row slots that are padding."""
+    return round(1 - tokens / (rows * (seq_length + 1)), 4)

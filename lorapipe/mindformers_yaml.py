@@ -22,11 +22,12 @@ def processor_config(tokenizer):
 
 
 def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data, seq_length, name, lora,
-                              train, parallel, device_target, position_embedding="auto"):
+                              train, parallel, device_target, position_embedding="auto", packing=False):
     """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand. On Ascend
     it is the official r1.0 run_baichuan2_7b_lora_910b.yaml (run_baichuan2_13b_lora_910b.yaml for an
     ALiBi base model) except for the deviations listed (with their reasons) in
-    tests/test_golden_yaml.py; on CPU it is what MindFormers can run there."""
+    tests/test_golden_yaml.py; on CPU it is what MindFormers can run there. With `packing` the data has a
+    segment_ids column, which the network reads (model_config.packing) to keep conversations apart."""
     cpu = device_target == "CPU"
     kind, arch = model_arch(hf_config, position_embedding)
     opt, lr = train["optimizer"], train["lr_schedule"]
@@ -54,6 +55,11 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
         user_token_id=tok.user, assistant_token_id=tok.assistant, offset=0, checkpoint_name_or_path="",
         pet_config={"pet_type": "lora", "lora_rank": lora["rank"], "lora_alpha": lora["alpha"],
                     "lora_dropout": lora["dropout"], "target_modules": lora["target_modules"]})
+    if packing:
+        # MindFormers hands the listed columns to the network by name (DataOrderWrapperCell,
+        # trainer/base_trainer.py:926, 1305-1306): segment_ids reaches Baichuan2ForCausalLM.construct.
+        dataset["input_columns"] = ["input_ids", "labels", "segment_ids"]
+        model_config["packing"] = True
     return {
         "seed": train["seed"],
         "run_mode": "finetune",

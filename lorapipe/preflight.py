@@ -261,7 +261,16 @@ def check_tokenizer(tokenizer, model_config):
 def check_data(train_data, rendered):
     import mindspore.dataset as ds
 
-    rows = ds.MindDataset(str(train_data), shuffle=False).get_dataset_size()
+    data = ds.MindDataset(str(train_data), shuffle=False)
+    rows = data.get_dataset_size()
+    # Packed rows need the network that reads their segment ids, and that network needs them: a MindRecord
+    # from before a data.packing edit must not train with the other setting's YAML.
+    columns, wanted = set(data.get_col_names()), set(rendered["train_dataset"]["input_columns"])
+    packed = bool(rendered["model"]["model_config"].get("packing"))
+    if columns != wanted or packed != ("segment_ids" in columns):
+        return [Check("data", "fail", f"{train_data}: columns {sorted(columns)}, the YAML reads {sorted(wanted)} with "
+                                      f"model_config.packing {packed}: data and YAML come from different "
+                                      f"data.packing settings")]
     runner, par = rendered["runner_config"], rendered["parallel_config"]
     # as MindFormers computes it (trainer/base_trainer.py:224): micro batches only with pipeline stages
     micro = par["micro_batch_num"] if par["pipeline_stage"] > 1 else 1
@@ -274,7 +283,7 @@ def check_data(train_data, rendered):
     total = steps * runner["epochs"]
     if runner["sink_mode"] and total < runner["sink_size"]:
         return [Check("data", "fail", f"{total} steps, fewer than sink_size {runner['sink_size']}")]
-    return [Check("data", "ok", f"{rows} rows, global batch {global_batch}: {steps} steps per epoch, {total} in all"),
+    return [Check("data", "ok", f"{rows} {'packed ' if packed else ''}rows, global batch {global_batch}: {steps} steps per epoch, {total} in all"),
             check_schedule(rendered, total)]
 
 

@@ -34,6 +34,7 @@ rule mindrecord:
             "split_seed",
             "on_bad_record",
             "drop",
+            "packing",
         ),
         # train.seed draws the sample of a fractional source weight; other data never depends on it,
         # so that editing train.seed rebuilds no MindRecord that it cannot change.

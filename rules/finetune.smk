@@ -25,6 +25,7 @@ rule mf_config:
             name=config["base_model"]["name"],
             position_embedding=ARCH,
             seq_length=config["data"]["seq_length"],
+            packing=config["data"]["packing"],
             lora=config["lora"],
             train=config["train"],
             parallel=pick(

@@ -13,7 +13,7 @@ from lorapipe.data import DROPPABLE, FORMATS, preprocess_conversations
 
 # The data settings, as the config's data section names them, and their defaults without --data.
 SETTINGS = {"format": "auto", "seq_length": 512, "heldout_fraction": 0.0, "split_seed": 0, "on_bad_record": "fail",
-            "drop": []}
+            "drop": [], "packing": False}
 
 
 def main():
@@ -26,11 +26,13 @@ def main():
     p.add_argument("--on_bad_record", choices=["fail", "skip"], help="malformed records: default fail")
     p.add_argument("--drop", action="append", choices=DROPPABLE, metavar="KIND",
                    help=f"leave out records of this kind (repeatable): {', '.join(DROPPABLE)}; default none")
+    p.add_argument("--packing", action="store_true", default=None,
+                   help="pack several conversations into each training row, with a segment_ids column")
     p.add_argument("--data", type=json.loads,
                    help='the config\'s data section as JSON instead of the flags above, e.g. {"train": '
                         '[{"path": "a.jsonl", "format": "alpaca", "weight": 0.5}], "format": "auto", '
                         '"seq_length": 512, "heldout_fraction": 0.01, "split_seed": 0, "on_bad_record": "fail", '
-                        '"drop": []}')
+                        '"drop": [], "packing": false}')
     p.add_argument("--sample_seed", type=int, default=0, help="draws the samples of fractional source weights")
     p.add_argument("--model_file", required=True, help="sentencepiece tokenizer.model")
     p.add_argument("--output_file", required=True, help="the training .mindrecord (its .db is written too)")
@@ -50,7 +52,7 @@ def main():
     preprocess_conversations(data["train"], args.model_file, args.output_file, data["seq_length"],
                              heldout_file=args.heldout_output_file, heldout_fraction=data["heldout_fraction"],
                              split_seed=data["split_seed"], on_bad_record=data["on_bad_record"], drop=data["drop"],
-                             data_format=data["format"], sample_seed=args.sample_seed,
+                             packing=data["packing"], data_format=data["format"], sample_seed=args.sample_seed,
                              stats_file=args.stats_file, run=run)
 
 

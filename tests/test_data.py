@@ -485,7 +485,7 @@ def test_json_lines_are_read_a_line_at_a_time(tmp_path):
 def test_memory_does_not_grow_with_the_records(tmp_path, tokenizer_file, monkeypatch):
     """No per-record object outlives its batch: the Python heap's peak over a run (tracemalloc) is the same
     for 300 and for 1,500 conversations, at small batches and read windows, with every kind of work on:
-    a held-out split, a weight of 2.5 (two whole readings and a sample), a JSON array and JSON Lines."""
+    a held-out split, a weight of 2.5 (two whole readings and a sample), a JSON array and JSON Lines, packing."""
     import tracemalloc
 
     import lorapipe.data as data
@@ -502,7 +502,7 @@ def test_memory_does_not_grow_with_the_records(tmp_path, tokenizer_file, monkeyp
         tracemalloc.start()
         stats = preprocess_conversations(train, tokenizer_file, tmp_path / f"o{count}" / "t.mindrecord", 16,
                                          heldout_file=tmp_path / f"o{count}" / "h.mindrecord", heldout_fraction=0.1,
-                                         sample_seed=1)
+                                         sample_seed=1, packing=True)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert stats["train"]["samples"] > 1.5 * count

@@ -92,3 +92,94 @@ def test_an_unpacked_row_is_one_segment(networks):
     ids = np.zeros(SEQ, np.int32)
     ids[:30] = np.random.default_rng(1).integers(3, 600, 30)
     assert np.abs(logits(packed, ids[None])[0, :30] - logits(plain, ids[None])[0, :30]).max() < 1e-5
+
+
+# -- the data: packed rows ------------------------------------------------------------------------------
+
+def read_columns(path):
+    import mindspore.dataset as ds
+
+    rows = list(ds.MindDataset(str(path), shuffle=False).create_dict_iterator(output_numpy=True))
+    return {column: np.stack([row[column] for row in rows]) for column in rows[0]}
+
+
+@pytest.mark.parametrize("seq_length", [8, 24, 64, 512])  # most conversations truncated .. many per row
+def test_packed_rows_are_the_unpacked_rows_packed_in_order(tmp_path, tiny_base_dir, seq_length):
+    """Differential, over 3,000 random BELLE records (empty ones, long ones, every role order): the packed
+    MindRecord's rows, cut at their segment ids, are the unpacked MindRecord's rows in their order, each
+    whole (a truncated one fills a row), its first label ignored, and nothing else in the row but padding.
+    Each packed row is full in the next-fit sense: the next row's first conversation did not fit in it.
+    The held-out MindRecord is the unpacked one, byte for byte."""
+    import random
+
+    from lorapipe.data import preprocess_conversations
+    from test_data import random_belle
+
+    records = random_belle(random.Random(seq_length), 3000, system=True)
+    (tmp_path / "r.json").write_text(json.dumps(records, ensure_ascii=False))
+    width = seq_length + 1
+    outputs = {}
+    for packing in (False, True):
+        out = tmp_path / str(packing)
+        stats = preprocess_conversations(tmp_path / "r.json", tiny_base_dir / "tokenizer.model", out / "t.mindrecord",
+                                         seq_length, heldout_file=out / "h.mindrecord", heldout_fraction=0.1,
+                                         packing=packing)
+        outputs[packing] = stats, read_columns(out / "t.mindrecord")
+    (_, plain), (stats, packed) = outputs[False], outputs[True]
+    assert (tmp_path / "True/h.mindrecord").read_bytes() == (tmp_path / "False/h.mindrecord").read_bytes()
+    assert set(packed) == {"input_ids", "labels", "segment_ids"} and packed["input_ids"].shape[1] == width
+
+    def is_padding(ids, labels):
+        return (ids == 0) & (labels == -100)
+
+    conversation = 0
+    previous_used = None
+    for ids, labels, segments in zip(packed["input_ids"], packed["labels"], packed["segment_ids"]):
+        used = int(np.count_nonzero(segments))
+        assert used and np.array_equal(segments[:used] > 0, np.ones(used, bool)) and is_padding(ids, labels)[used:].all()
+        assert np.all(np.diff(segments[:used]) >= 0) and np.all(np.diff(segments[:used]) <= 1) and segments[0] == 1
+        for k in range(1, segments.max() + 1):
+            at = np.flatnonzero(segments == k)
+            start, n = at[0], len(at)
+            alone_ids, alone_labels = plain["input_ids"][conversation], plain["labels"][conversation]
+            assert np.array_equal(ids[at], alone_ids[:n]) and labels[start] == -100
+            assert np.array_equal(labels[at][1:], alone_labels[1:n])
+            assert is_padding(alone_ids, alone_labels)[n:].all()  # the whole conversation is there
+            if k == 1 and previous_used is not None:
+                assert previous_used + n > width  # it did not fit in the row before
+            conversation += 1
+        previous_used = used
+    assert conversation == len(plain["input_ids"]) == stats["packing"]["conversations"]
+    assert stats["packing"]["rows"] == len(packed["input_ids"]) < stats["packing"]["rows_unpacked"]
+    real = int(np.count_nonzero(packed["segment_ids"]))
+    assert stats["packing"]["padding_fraction"] == round(1 - real / packed["segment_ids"].size, 4)
+    assert stats["packing"]["padding_fraction"] < stats["packing"]["padding_fraction_unpacked"]
+
+
+def test_packing_and_flash_attention_are_refused_together(tmp_path):
+    from conftest import default_config, write_config
+    from lorapipe.config import load_config
+    from lorapipe.errors import ConfigError
+
+    cfg = default_config()
+    cfg["data"]["packing"] = True
+    cfg["device_target"], cfg["train"]["use_flash_attention"] = "Ascend", True
+    with pytest.raises(ConfigError, match="data.packing needs train.use_flash_attention: false"):
+        load_config(write_config(tmp_path / "c.yaml", cfg))
+
+
+def test_the_rendered_yaml_reads_the_segment_ids_only_when_packing(tiny_base_dir):
+    from conftest import default_config
+    from lorapipe.mindformers_yaml import render_mindformers_config
+
+    cfg = default_config()
+    hf_config = json.loads((tiny_base_dir / "config.json").read_text())
+    par = {"data_parallel": 2, "model_parallel": 1, "pipeline_stage": 1, "max_device_memory": None}
+    common = dict(tokenizer=tiny_base_dir / "tokenizer.model", base_ckpt_dir="ckpt", train_data="t.mindrecord",
+                  seq_length=64, name="tiny", lora=cfg["lora"], train=cfg["train"], parallel=par, device_target="CPU")
+    plain, packed = (render_mindformers_config(hf_config, packing=p, **common) for p in (False, True))
+    assert plain["train_dataset"]["input_columns"] == ["input_ids", "labels"]
+    assert "packing" not in plain["model"]["model_config"]
+    assert packed["train_dataset"]["input_columns"] == ["input_ids", "labels", "segment_ids"]
+    assert packed["train_dataset_task"]["dataset_config"]["input_columns"] == packed["train_dataset"]["input_columns"]
+    assert packed["model"]["model_config"]["packing"] is True

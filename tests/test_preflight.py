@@ -92,9 +92,17 @@ def test_checks_name_what_is_wrong(tmp_path, tiny_base_dir):
 
     preprocess_conversations(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "d.mindrecord", 16)
     rendered = {"runner_config": {"batch_size": 400, "epochs": 1, "sink_mode": False, "sink_size": 1},
-                "parallel_config": {"data_parallel": 1, "pipeline_stage": 1}}
+                "parallel_config": {"data_parallel": 1, "pipeline_stage": 1},
+                "train_dataset": {"input_columns": ["input_ids", "labels"]}, "model": {"model_config": {}}}
     (data,) = check_data(tmp_path / "d.mindrecord", rendered)
     assert data.status == "fail" and "324 rows give no full batch of train.batch_size 400" in data.detail
+    # packed rows with an unpacked YAML (or the other way round): a data.packing edit half rebuilt
+    preprocess_conversations(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "p.mindrecord", 16,
+                             packing=True)
+    (data,) = check_data(tmp_path / "p.mindrecord", dict(rendered, runner_config=dict(rendered["runner_config"],
+                                                                                      batch_size=1)))
+    assert data.status == "fail" and "columns ['input_ids', 'labels', 'segment_ids'], the YAML reads ['input_ids', "\
+        "'labels'] with model_config.packing False" in data.detail
 
     (tmp_path / "hccn.conf").write_text("address_0=10.0.0.1\naddress_1=10.0.0.2\n")
     table = {"version": "1.0", "server_count": "1", "status": "completed", "server_list": [{
