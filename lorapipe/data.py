@@ -29,9 +29,9 @@ user/assistant are the ids of `<reserved_106>`/`<reserved_107>` looked up in the
 all (an empty `conversations` list) gives r1.0's eos-only row.
 
 Literal `</s>`, `<s>`, `<unk>` and the role markers in the text are encoded as text, never as control or
-marker ids (README, "Control tokens in the text are text"); records containing them are counted.
+marker ids (docs/data.md, "Control tokens in the text are text"); records containing them are counted.
 
-Kinds of record (README, "Which rule applies to which record"):
+Kinds of record (docs/data.md, "Which rule applies to which record"):
   malformed     what r1.0 crashes on or cannot read: not an object, no `conversations` list, a turn that
                 is not an object or lacks from/value, a value that is not a string, a JSON Lines line
                 that is not JSON (and the same for the other layouts). It fails the run naming file and
@@ -1050,7 +1050,7 @@ def summary(stats):
     if stats["questionable_records"]:
         kinds = ", ".join(f"{kind} {n}" for kind, n in stats["questionable_kinds"].items() if n)
         lines.append(f"  {stats['questionable_records']} questionable records ({kinds}); those of no kind that "
-                     f"data.drop names are kept, built as r1.0 builds them (README, \"Which rule applies to which "
+                     f"data.drop names are kept, built as r1.0 builds them (docs/data.md, \"Which rule applies to which "
                      f"record\")")
     if stats["control_text_records"]:
         lines.append(f"  {stats['control_text_records']} records contain the text {', '.join(CONTROL_TEXTS)}: "

@@ -62,7 +62,7 @@ class SentencePieceTokenizer:
     special tokens, eos_token_id and pad_token_id (`<unk>`, id 0, as Baichuan2's tokenizer_config says).
 
     For text that spells no control token and no role marker this is r1.0's encoding: sentencepiece's.
-    Text that does follows lorapipe's documented rule instead (README, "Control tokens in the text are
+    Text that does follows lorapipe's documented rule instead (docs/data.md, "Control tokens in the text are
     text"), where r1.0 made control or marker ids: `</s>`, `<s>`, `<unk>` are sentencepiece's characters
     (it never matches control pieces in a text), and each role marker is encoded as its `<` and the rest
     apart, the text between markers on its own."""

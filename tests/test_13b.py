@@ -238,15 +238,21 @@ def test_shard_strategies_follow_parallel_config(base_13b, tmp_path):
 # -- the whole DAG ----------------------------------------------------------------------------------
 
 def test_tiny_13b_end_to_end(tmp_path):
-    """config/tiny_13b.yaml: every step on CPU, two data-parallel ranks through MindFormers' Trainer; the
-    finetune beats the base on held-out data; predict and chat decode with ALiBi; no Llama export."""
+    """config/tiny_13b.yaml with packed rows (data.packing): every step on CPU, two data-parallel ranks
+    through MindFormers' Trainer, the ALiBi bias on the packed rows' block-diagonal mask; the finetune beats
+    the base on held-out data; predict and chat decode with ALiBi; no Llama export. (The tiny default's
+    end-to-end test in test_workflow.py trains unpacked rows.)"""
     cfg = yaml.safe_load((REPO / "config" / "tiny_13b.yaml").read_text())
     cfg["data"]["train"] = str(SAMPLE_DATA)
+    cfg["data"]["packing"] = True
     configfile = write_config(tmp_path / "tiny_13b.yaml", cfg)
     snakemake(tmp_path, "--cores", "2", configfile=configfile)
     results = tmp_path / "results/tiny_13b"
-    assert yaml.safe_load((results / "finetune/run_baichuan2_lora.yaml").read_text())["model"]["arch"]["type"] == \
-        "Baichuan13BV2ForCausalLM"
+    rendered = yaml.safe_load((results / "finetune/run_baichuan2_lora.yaml").read_text())
+    assert rendered["model"]["arch"]["type"] == "Baichuan13BV2ForCausalLM"
+    assert rendered["model"]["model_config"]["packing"] is True
+    packing = json.loads((results / "data/belle_64.stats.json").read_text())["packing"]
+    assert packing["rows"] < packing["rows_unpacked"] / 2
     metrics = json.loads((results / "evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 1.0
     predictions = [json.loads(line) for line in (results / "predict/predictions.jsonl").read_text().splitlines()]

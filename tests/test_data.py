@@ -196,7 +196,7 @@ def test_system_prompt_and_alpaca_input_join_the_first_user_turn(tmp_path, token
 # -- control tokens in the text -------------------------------------------------------------------------
 
 def test_control_token_strings_are_text_and_counted(tmp_path, tok, tokenizer_file):
-    """README "Control tokens in the text are text": r1.0's tokenizer turned `</s>` in a text into the eos
+    """docs/data.md, "Control tokens in the text are text": r1.0's tokenizer turned `</s>` in a text into the eos
     id (and split "a</s>b" around it); lorapipe encodes the characters, so data cannot end a sequence
     or fake a turn. Records that contain such text are counted, since their rows differ from r1.0's."""
     texts = ["hello </s> world", "a</s>b", "<s>x<unk>"]

@@ -114,6 +114,7 @@ def test_end_to_end_tiny_default(built):
     ("train.epochs", 1, {"mf_config"} | AFTER_FINETUNE),
     ("data.seq_length", 48, {"mindrecord", "mf_config"} | AFTER_FINETUNE),
     ("data.heldout_fraction", 0.2, {"mindrecord"} | AFTER_FINETUNE),
+    ("data.packing", True, {"mindrecord", "mf_config"} | AFTER_FINETUNE),
     ("base_model.dtype", "fp16", {"ckpt", "export_llama_base"} | AFTER_FINETUNE),
     ("tiny_base.seed", 1, ALL_RULES),
     ("predict.max_new_tokens", 8, {"predict_config", "predict", "report", "all"}),
@@ -266,11 +267,11 @@ def test_multi_node_rank_table_is_written_per_node_and_merged(tmp_path):
 
 
 def readme_commands():
-    """Every `snakemake ...` and `python scripts/...` command in the README's bash blocks, one string
-    each (continuation lines joined, trailing comments dropped)."""
+    """Every `snakemake ...` and `python scripts/...` command in the bash blocks of the README and the
+    pages of docs/ it links to, one string each (continuation lines joined, trailing comments dropped)."""
     import shlex
 
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.replace("\\\n", " ").splitlines()]
     lines += re.findall(r"`(snakemake [^`]*)`", text)  # inline ones too
