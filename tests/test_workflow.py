@@ -71,7 +71,15 @@ def test_end_to_end_tiny_default(built):
                  "export_llama", "export_llama_base", "export_peft", "export_gguf"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
-    assert (tmp_path / "results/tiny/finetune/checkpoint_network/rank_1/baichuan2_tiny_lora.ckpt").exists()
+    from lorapipe.msckpt import iter_checkpoint
+
+    base_weights = dict(iter_checkpoint(tmp_path / "results/tiny/ckpt/rank_0/baichuan2_tiny.ckpt"))
+    for rank in (0, 1):  # only LoRA trained: every base tensor as it was, 12 LoRA matrices
+        trained = dict(iter_checkpoint(tmp_path / f"results/tiny/finetune/checkpoint_network/rank_{rank}/"
+                                                  "baichuan2_tiny_lora.ckpt"))
+        assert all(trained[k].tobytes() == v.tobytes() for k, v in base_weights.items())
+        assert len([k for k in trained if k.endswith(("mindpet_delta_lora_a", "mindpet_delta_lora_b"))
+                    and not k.startswith("adam")]) == 12
     metrics = json.loads((tmp_path / "results/tiny/evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 0.5  # the finetune helped
     predictions = [json.loads(line) for line in
@@ -419,6 +427,15 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
     assert losses[0] == losses[1]
     assert not [p for p in results.rglob("*") if p.name.startswith(".lorapipe-tmp-") or ".tmp-" in p.name]
     assert "Nothing to be done" in snakemake(workdir, "-n", configfile=configfile).stdout
+    # Killed after the final checkpoint but before the outputs were collected (issue 17): the rerun collects
+    # the finished training, it does not resume it (MindSpore refuses epoch == initial_epoch).
+    next(results.glob(".finetune_state/*/complete")).unlink()
+    for output in ("loss.tsv", "adapter_config.json"):
+        (results / "finetune" / output).unlink()
+    snakemake(workdir, "--cores", "2", "finetune", configfile=configfile)
+    log = (results / "logs/finetune.log").read_text()
+    assert "already finished" in log and "resuming" not in log
+    assert [row["loss"] for row in read_loss_tsv(results / "finetune/loss.tsv")] == losses[1]
     for artifact in ("merged_ckpt/rank_0/checkpoint_0.ckpt", "predict/predictions.jsonl", "report/summary.html"):
         verify = subprocess.run([sys.executable, str(REPO / "scripts/provenance.py"), "--verify",
                                  str(results / artifact)], capture_output=True, text=True)
