@@ -26,7 +26,7 @@ LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
 # Snakemake's shell steps find the venv's tools (msrun, python) first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-deploy test-slurm test-matrix dag clean
+.PHONY: setup run test test-slow test-deploy test-slurm test-matrix dag clean
 
 ## setup: create .venv with the pinned stack from envs/ (quick when already done)
 setup: $(STAMP)
@@ -45,6 +45,10 @@ run: setup
 ## test: the test suite (unit, parity, workflow, one end-to-end run of the tiny default)
 test: setup
 	$(BIN)/python -m pytest -q
+
+## test-slow: the tests marked slow (kill points of a whole run, networks at Baichuan2-7B/13B widths; ~5 min)
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 ## test-deploy: build llama-cpp-python from source for the CPU (envs/deploy-requirements.txt; the first time
 ## only: 20 CPU-minutes, so ~11 min on 2 idle cores) and prove the GGUF export in llama.cpp itself (tests/deploy)

@@ -246,7 +246,7 @@ def test_tiny_13b_end_to_end(tmp_path):
     cfg["data"]["train"] = str(SAMPLE_DATA)
     cfg["data"]["packing"] = True
     configfile = write_config(tmp_path / "tiny_13b.yaml", cfg)
-    snakemake(tmp_path, "--cores", "2", configfile=configfile)
+    snakemake(tmp_path, "--cores", "2", "evaluate", "predict", "export_hf", configfile=configfile)  # all but report
     results = tmp_path / "results/tiny_13b"
     rendered = yaml.safe_load((results / "finetune/run_baichuan2_lora.yaml").read_text())
     assert rendered["model"]["arch"]["type"] == "Baichuan13BV2ForCausalLM"

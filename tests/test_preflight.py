@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
@@ -39,6 +40,7 @@ def write_7b_shaped_base(folder, tokenizer, config=BAICHUAN2_7B_2_LAYERS):
     writer.close()
 
 
+@pytest.mark.slow
 def test_preflight_passes_for_a_7b_shaped_base_with_the_910b_config(tmp_path, tiny_base_dir):
     write_7b_shaped_base(tmp_path / "base", tiny_base_dir / "tokenizer.model")
     cfg = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
@@ -54,6 +56,7 @@ def test_preflight_passes_for_a_7b_shaped_base_with_the_910b_config(tmp_path, ti
     assert checks["tokenizer"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_preflight_passes_for_a_13b_shaped_base_with_the_910b_config(tmp_path, tiny_base_dir):
     """Baichuan2-13B (ALiBi, from hidden_size 5120) under semi-auto parallel, dp 8: the network MindFormers
     builds from the rendered YAML has every op on a parameter sharded, its checkpoint matches."""

@@ -283,7 +283,8 @@ def readme_commands():
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.replace("\\\n", " ").splitlines()]
     lines += re.findall(r"`(snakemake [^`]*)`", text)  # inline ones too
-    return [shlex.split(line, comments=True) for line in lines if line.startswith(("snakemake ", "python scripts/"))]
+    commands = [shlex.split(line, comments=True) for line in lines if line.startswith(("snakemake ", "python scripts/"))]
+    return list(dict.fromkeys(map(tuple, commands)))  # each once
 
 
 def test_every_readme_command_runs(built, tmp_path):
@@ -371,6 +372,7 @@ def wait_for(proc, found, timeout=600):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_path):
     """SIGKILL the whole Snakemake process group during the conversion and during the finetune (a
     second run in the folder meanwhile is refused by Snakemake's lock); after `snakemake --unlock` the
