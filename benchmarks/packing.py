@@ -40,7 +40,7 @@ def run_finetune(workdir, seq_length, packing, epochs):
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           "--configfile", str(workdir / "config.yaml"), "finetune"]
+           "finetune", "--configfile", str(workdir / "config.yaml")]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -70,7 +70,7 @@ def measure(workdir, seq_length, packing, min_steps):
     (data_only / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(data_only),
-                    "--cores", "2", "--configfile", str(data_only / "config.yaml"), "mindrecord"],
+                    "--cores", "2", "mindrecord", "--configfile", str(data_only / "config.yaml")],
                    cwd=data_only, env=env, check=True, capture_output=True)
     mindrecord = data_only / f"results/tiny/data/belle_{seq_length}.mindrecord"
     rows, real = rows_and_real_tokens(mindrecord, packing)
