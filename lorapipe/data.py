@@ -1050,8 +1050,8 @@ def summary(stats):
     if stats["questionable_records"]:
         kinds = ", ".join(f"{kind} {n}" for kind, n in stats["questionable_kinds"].items() if n)
         lines.append(f"  {stats['questionable_records']} questionable records ({kinds}); those of no kind that "
-                     f"data.drop names are kept, built as r1.0 builds them (docs/data.md, \"Which rule applies to which "
-                     f"record\")")
+                     f"data.drop names are kept, built as r1.0 builds them (docs/data.md, \"Which rule applies to "
+                     f"which record\")")
     if stats["control_text_records"]:
         lines.append(f"  {stats['control_text_records']} records contain the text {', '.join(CONTROL_TEXTS)}: "
                      f"encoded as text, not control tokens (MindFormers r1.0 made them control ids, so its rows "

@@ -412,16 +412,19 @@ class _Job:
             if (self.log_dir / f"failed_rank_{rank}").exists():
                 return rank
         if len(self.processes) == len(self.ranks):  # one process per rank
-            return next((r for r, p in zip(self.ranks, self.processes) if p.poll() not in (None, 0)), None)
+            return next((r for r, p in zip(self.ranks, self.processes)
+                         if p.poll() not in (None, 0) and not self.done(r)), None)
         live = self._scan()
-        gone = [r for r in set(self.worker_rank.values()) - live
-                if not (self.log_dir / f"done_rank_{r}").exists()]
+        gone = [r for r in set(self.worker_rank.values()) - live if not self.done(r)]
         if not gone:
             return None
         # msrun kills the other workers once it sees one die; its log says which died first.
         first = re.search(r"Worker process (\d+) exit with exception",
                           log_tail(self.log_dir / "msrun.log", 200))
         return self.worker_rank.get(int(first.group(1)), min(gone)) if first else min(gone)
+
+    def done(self, rank):
+        return (self.log_dir / f"done_rank_{rank}").exists()
 
     def srun_failed_rank(self):
         """Several nodes (srun.log): the rank whose death made its node's msrun fail first. The other
@@ -436,7 +439,7 @@ class _Job:
         task = re.search(r"srun: error: \S+: tasks? (\d+)[-\d,]*: Exited with exit code", text)
         if task:
             node_ranks = self.ranks[int(task[1]) * self.workers:(int(task[1]) + 1) * self.workers]
-            return next((r for r in node_ranks if not (self.log_dir / f"done_rank_{r}").exists()), None)
+            return next((r for r in node_ranks if not self.done(r)), None)
         return None
 
     def supervise(self, on_poll, poll):
@@ -449,14 +452,19 @@ class _Job:
                                   f"{log_tail(self.log_dir / f'worker_{failed}.log')}")
             codes = [p.poll() for p in self.processes]
             if all(c is not None for c in codes):
+                if any(codes) and all(self.done(r) for r in self.ranks):
+                    # Each rank's main returned (worker_status), its checkpoints saved; what failed came after,
+                    # in the interpreter's teardown (seen on CI: a rank's SIGSEGV in MindSpore's, msrun exit 1).
+                    log.warning("the launcher exited with status %d after every rank had reported done: the "
+                                "training finished; %s", max(codes), self._exit_note())
+                    return
                 if any(codes):
                     rank = self.srun_failed_rank() if len(self.ranks) > self.workers else None
                     if rank is not None:
                         raise LaunchError(f"rank {rank} failed; srun stopped the ranks of the other nodes. Last "
                                           f"lines of {self.log_dir}/worker_{rank}.log:\n"
                                           f"{log_tail(self.log_dir / f'worker_{rank}.log')}")
-                    rank = next((r for r in self.ranks if not (self.log_dir / f"done_rank_{r}").exists()),
-                                self.ranks[0])
+                    rank = next((r for r in self.ranks if not self.done(r)), self.ranks[0])
                     raise LaunchError(f"the launcher exited with status {max(codes)}; rank {rank} did not "
                                       f"finish. Last lines of {self.log_dir}/worker_{rank}.log:\n"
                                       f"{log_tail(self.log_dir / f'worker_{rank}.log')}")
@@ -464,6 +472,12 @@ class _Job:
             if on_poll:
                 on_poll()
             time.sleep(poll)
+
+    def _exit_note(self):
+        """msrun's word on how a worker ended, if it said."""
+        died = re.search(r"Worker process \d+ exit with exception\. Error code: -?\d+",
+                         log_tail(self.log_dir / "msrun.log", 200))
+        return f"msrun.log: {died[0]}" if died else f"see {self.log_dir}"
 
     def stop(self, grace=10.0):
         """SIGTERM everything started, SIGKILL what is left after `grace` s; return once all are gone."""

@@ -123,10 +123,10 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
         if not self.packing:
             # super() with its class: MindSpore's graph compiler reads a bare super() as super(type(self)),
             # which for Baichuan13BV2ForCausalLM calls this method again, without end.
-            return super(Baichuan2ForCausalLM, self).construct(input_ids, labels, input_position, position_ids, attention_mask, input_embeds,
-                                     init_reset, batch_valid_length, batch_index, zactivate_len, block_tables,
-                                     slot_mapping, prefix_keys_values, llm_boost_inputs, q_seq_lens, loss_mask,
-                                     gather_index, seq_range, actual_seq_len)
+            return super(Baichuan2ForCausalLM, self).construct(
+                input_ids, labels, input_position, position_ids, attention_mask, input_embeds, init_reset,
+                batch_valid_length, batch_index, zactivate_len, block_tables, slot_mapping, prefix_keys_values,
+                llm_boost_inputs, q_seq_lens, loss_mask, gather_index, seq_range, actual_seq_len)
         bsz, seqlen = self.shape(input_ids)
         tokens, segments = input_ids, segment_ids
         if self.training:  # position t predicts labels[t + 1]: drop the last position, as the parent does

@@ -283,7 +283,8 @@ def check_data(train_data, rendered):
     total = steps * runner["epochs"]
     if runner["sink_mode"] and total < runner["sink_size"]:
         return [Check("data", "fail", f"{total} steps, fewer than sink_size {runner['sink_size']}")]
-    return [Check("data", "ok", f"{rows} {'packed ' if packed else ''}rows, global batch {global_batch}: {steps} steps per epoch, {total} in all"),
+    return [Check("data", "ok", f"{rows} {'packed ' if packed else ''}rows, global batch {global_batch}: "
+                                f"{steps} steps per epoch, {total} in all"),
             check_schedule(rendered, total)]
 
 
