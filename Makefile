@@ -46,7 +46,8 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-## test-slow: the tests marked slow (kill points of a whole run, networks at Baichuan2-7B/13B widths; ~5 min)
+## test-slow: the tests marked slow (kill points of a whole run, every deterministic step rerun elsewhere, the
+## packed tiny 13B end to end, networks at Baichuan2-7B/13B widths; ~7 min)
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 

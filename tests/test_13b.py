@@ -237,6 +237,7 @@ def test_shard_strategies_follow_parallel_config(base_13b, tmp_path):
 
 # -- the whole DAG ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_13b_end_to_end(tmp_path):
     """config/tiny_13b.yaml with packed rows (data.packing): every step on CPU, two data-parallel ranks
     through MindFormers' Trainer, the ALiBi bias on the packed rows' block-diagonal mask; the finetune beats

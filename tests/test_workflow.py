@@ -327,6 +327,7 @@ def test_every_readme_command_runs(built, tmp_path):
     assert (workdir / "results/baichuan2_7b_910b/finetune/run_baichuan2_lora.yaml").is_file()  # rendered on a laptop
 
 
+@pytest.mark.slow
 def test_every_step_that_claims_to_be_deterministic_is(built, tmp_path):
     """Rerun, in another folder, every rule whose manifests say `deterministic`: each output is
     byte-identical to the first run's (the multi-rank finetune says it is not, and is not rerun)."""
