@@ -47,7 +47,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 ## test-slow: the tests marked slow (kill points of a whole run, every deterministic step rerun elsewhere, the
-## packed tiny 13B end to end, networks at Baichuan2-7B/13B widths; ~7 min)
+## packed tiny 13B end to end, networks at Baichuan2-7B/13B widths; ~8 min)
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
