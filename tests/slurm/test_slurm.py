@@ -259,13 +259,17 @@ def wait_for_training_rank(workdir, rank, timeout):
     raise AssertionError(f"rank {rank} did not start training within {timeout} s")
 
 
-def start_long_finetune(slurm_run, tmp_path, cpus_per_task=2):
+# Half the profile's finetune memory, so that two finetune jobs fit on the 10 GB test nodes (the orphan test).
+SMALL_FINETUNE = ["--set-resources", "finetune:slurm_partition=ascend", "finetune:mem_mb=4000", "finetune:runtime=60"]
+
+
+def start_long_finetune(slurm_run, tmp_path, cpus_per_task=2, *extra):
     """The two-node finetune (60 epochs, so that it is mid-training when stopped) under the profile,
     once rank 1 (on n2) trains: (Snakemake, its output file, the finetune's Slurm job id)."""
     configfile = two_node_copy(slurm_run, tmp_path)
     configfile.write_text(configfile.read_text().replace("epochs: 3", "epochs: 60")
                           .replace("cpus_per_task: 2", f"cpus_per_task: {cpus_per_task}"))
-    snake = subprocess.Popen(snakemake_cmd(tmp_path, configfile, "finetune", "--profile", str(PROFILE)),
+    snake = subprocess.Popen(snakemake_cmd(tmp_path, configfile, "finetune", "--profile", str(PROFILE), *extra),
                              stdout=open(tmp_path / "snakemake.out", "w"), stderr=subprocess.STDOUT, env=env(),
                              cwd=tmp_path, text=True, start_new_session=True)
     wait_for_training_rank(tmp_path, 1, timeout=420)
@@ -306,8 +310,8 @@ def test_a_rerun_after_snakemake_was_killed_cancels_the_orphaned_job_and_resumes
     finds that job in the training state (its lock and its process records), scancels it, and resumes
     from the last checkpoint; two trainings never share the state. (One CPU per node, so that the rerun's
     job finds room beside the orphan on the two test nodes; were they full, the rerun would wait for the
-    orphan to finish and collect its training.)"""
-    snake, configfile, job = start_long_finetune(slurm_run, tmp_path, cpus_per_task=1)
+    orphan to finish and collect its training, as the 8 GB per node of profiles/slurm-local once made it.)"""
+    snake, configfile, job = start_long_finetune(slurm_run, tmp_path, 1, *SMALL_FINETUNE)
     state = next((tmp_path / "results/tiny/.finetune_state").glob("*"))
     while not list(state.glob("output/checkpoint/rank_1/*.ckpt")):
         time.sleep(1)
@@ -315,7 +319,7 @@ def test_a_rerun_after_snakemake_was_killed_cancels_the_orphaned_job_and_resumes
     snake.wait()
     assert job in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     run(tmp_path, configfile, "--unlock")
-    proc = run(tmp_path, configfile, "finetune", check=False)
+    proc = run(tmp_path, configfile, "finetune", *SMALL_FINETUNE, check=False)
     log = (tmp_path / "results/tiny/logs/finetune.log").read_text()
     assert f"cancelling Slurm {job}" in log and "resuming from the checkpoints" in log, log[-3000:]
     assert proc.returncode == 0, log[-3000:]
