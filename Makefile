@@ -68,9 +68,10 @@ test-slurm: setup
 	USER=$${USER:-$$(id -un)} LORAPIPE_TEST_SLURM=1 $(BIN)/python -m pytest -q -s tests/slurm
 
 ## test-matrix: for each supported MindSpore/MindFormers pair, a venv in $(MATRIX_DIR) (built once), the tiny
-## default end to end and the fast tests; prints pair, setup time, run time, pass or fail (tests/matrix/run_matrix.py)
+## default end to end and the fast tests; prints pair, setup time, run time, pass or fail (tests/matrix/run_matrix.py);
+## PAIRS="2.7.1 2.7.2" runs some pairs only
 test-matrix:
-	python3 tests/matrix/run_matrix.py --matrix_dir $(MATRIX_DIR) --cores $(CORES)
+	python3 tests/matrix/run_matrix.py --matrix_dir $(MATRIX_DIR) --cores $(CORES) $(if $(PAIRS),--pairs $(PAIRS))
 
 ## dag: the rule graph and the job DAG of the default config as mermaid (docs/*.mmd), SVG if dot exists
 dag: setup
