@@ -45,8 +45,9 @@ def setup(venv, requirements, log):
         return True, 0.0, "reused"
     stamp.unlink(missing_ok=True)
     start = time.time()
-    steps = [[sys.executable, "-m", "venv", venv],
-             [venv / "bin/pip", "install", "--disable-pip-version-check", "-q", "-r", requirements],
+    # an existing venv (an interrupted build, or one made by hand) is completed, not made again
+    steps = [] if (venv / "bin/python").exists() else [[sys.executable, "-m", "venv", venv]]
+    steps += [[venv / "bin/pip", "install", "--disable-pip-version-check", "-q", "-r", requirements],
              [venv / "bin/pip", "install", "--disable-pip-version-check", "-q", "--no-deps", "--no-build-isolation",
               "-e", REPO]]
     for cmd in steps:
