@@ -48,8 +48,8 @@ def setup(venv, requirements, log):
     # an existing venv (an interrupted build, or one made by hand) is completed, not made again
     steps = [] if (venv / "bin/python").exists() else [[sys.executable, "-m", "venv", venv]]
     steps += [[venv / "bin/pip", "install", "--disable-pip-version-check", "-q", "-r", requirements],
-             [venv / "bin/pip", "install", "--disable-pip-version-check", "-q", "--no-deps", "--no-build-isolation",
-              "-e", REPO]]
+              [venv / "bin/pip", "install", "--disable-pip-version-check", "-q", "--no-deps", "--no-build-isolation",
+               "-e", REPO]]
     for cmd in steps:
         if timed(cmd, log)[0]:
             return False, time.time() - start, "failed"
