@@ -70,3 +70,25 @@ def tiny_base_dir(tmp_path_factory):
     from lorapipe.tiny_base import build_tiny_base
 
     return build_tiny_base(SAMPLE_DATA, tmp_path_factory.mktemp("tiny_base") / "base", **TINY_DIMS)
+
+
+def write_base_with_random_lora(base_dir, folder, rank, seed):
+    """(base .ckpt, the same with random LoRA pairs on wq, wk, wv): what finetune's merged_ckpt holds, with
+    adapters drawn from normal(0, 0.1) by a generator seeded with `seed`."""
+    import numpy as np
+
+    from lorapipe.msckpt import iter_checkpoint, write_checkpoint
+    from lorapipe.weights import convert_hf_to_mindspore
+
+    base = convert_hf_to_mindspore(base_dir, folder / "ckpt" / "base.ckpt")
+    rng = np.random.default_rng(seed)
+    entries = []
+    for name, array in iter_checkpoint(base):
+        entries.append((name, array))
+        if name.rsplit(".", 2)[-2] in ("wq", "wk", "wv"):
+            cell = name[: -len(".weight")]
+            entries += [(f"{cell}.mindpet_delta_lora_a", rng.normal(0, 0.1, (rank, array.shape[1])).astype(np.float32)),
+                        (f"{cell}.mindpet_delta_lora_b", rng.normal(0, 0.1, (array.shape[0], rank)).astype(np.float32))]
+    lora = folder / "merged_ckpt.ckpt"
+    write_checkpoint(lora, entries)
+    return base, lora

@@ -13,12 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_base_with_random_lora
 from lorapipe import gguf_export, interop
 from lorapipe.checkpoints import fold_lora
 from lorapipe.errors import InputError
-from lorapipe.msckpt import iter_checkpoint, write_checkpoint
-from lorapipe.weights import convert_hf_to_mindspore
 
 gguf = pytest.importorskip("gguf")
 
@@ -30,17 +28,7 @@ TYPES = ("f32", "f16", "q8_0")
 def run(tiny_base_dir, tmp_path_factory):
     """A LoRA-folded checkpoint (random adapters on wq, wk, wv), its Llama export and its GGUF files."""
     d = tmp_path_factory.mktemp("gguf")
-    base = convert_hf_to_mindspore(tiny_base_dir, d / "ckpt" / "base.ckpt")
-    rng = np.random.default_rng(1)
-    entries = []
-    for name, array in iter_checkpoint(base):
-        entries.append((name, array))
-        if name.rsplit(".", 2)[-2] in ("wq", "wk", "wv"):
-            cell = name[: -len(".weight")]
-            entries += [(f"{cell}.mindpet_delta_lora_a", rng.normal(0, 0.1, (RANK, array.shape[1])).astype(np.float32)),
-                        (f"{cell}.mindpet_delta_lora_b", rng.normal(0, 0.1, (array.shape[0], RANK)).astype(np.float32))]
-    lora = d / "merged_ckpt.ckpt"
-    write_checkpoint(lora, entries)
+    base, lora = write_base_with_random_lora(tiny_base_dir, d, RANK, seed=1)
     adapter_config = d / "adapter_config.json"
     adapter_config.write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": ".*wq|.*wk|.*wv"}))
     folded = d / "merged_lora.ckpt"

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, write_base_with_random_lora
 from lorapipe import interop
 from lorapipe.checkpoints import fold_lora
 from lorapipe.errors import InputError
-from lorapipe.msckpt import iter_checkpoint, write_checkpoint
-from lorapipe.weights import convert_hf_to_mindspore
+from lorapipe.msckpt import iter_checkpoint
 
 RANK, ALPHA = 4, 16
 QUESTIONS = ["Hello!", "What is the capital of France?", "写一首关于秋天的诗", "Tell me about </s> and <s>."]
@@ -28,17 +27,7 @@ def run(tiny_base_dir, tmp_path_factory):
     """The workflow's artifacts for a run with a known adapter on wq, wk, wv (ckpt, merged_ckpt and its
     adapter_config.json, merged_lora) and the three exports made from them."""
     d = tmp_path_factory.mktemp("interop")
-    base = convert_hf_to_mindspore(tiny_base_dir, d / "ckpt" / "base.ckpt")
-    rng = np.random.default_rng(0)
-    entries = []
-    for name, array in iter_checkpoint(base):
-        entries.append((name, array))
-        if name.rsplit(".", 2)[-2] in ("wq", "wk", "wv"):
-            cell = name[: -len(".weight")]
-            entries += [(f"{cell}.mindpet_delta_lora_a", rng.normal(0, 0.1, (RANK, array.shape[1])).astype(np.float32)),
-                        (f"{cell}.mindpet_delta_lora_b", rng.normal(0, 0.1, (array.shape[0], RANK)).astype(np.float32))]
-    lora = d / "merged_ckpt.ckpt"
-    write_checkpoint(lora, entries)
+    base, lora = write_base_with_random_lora(tiny_base_dir, d, RANK, seed=0)
     adapter_config = d / "adapter_config.json"
     adapter_config.write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.1,
                                           "target_modules": ".*wq|.*wk|.*wv"}))
