@@ -1129,9 +1129,10 @@ def preprocess_conversations(train, model_file, output_file, seq_length, heldout
     lengths = {name: _Lengths() for name in rows}
     with atomic_outputs(finals, run=run, inputs=[*input_files(sources), model_file], need_bytes=need) as temps:
         temp_of = dict(zip(finals, temps))
-        writers = {name: MindRecordWriter(temp_of[outputs[name]]) for name in rows}
-        if packing:
-            writers["train"] = RowPacker(MindRecordWriter(temp_of[outputs["train"]], schema=PACKED_SCHEMA), width)
+        writers = {name: MindRecordWriter(temp_of[outputs[name]],
+                                          schema=PACKED_SCHEMA if packing and name == "train" else SCHEMA)
+                   for name in rows}
+        packer = RowPacker(writers["train"], width) if packing else None
         # The second pass: each source's whole copies, then its sample, in file order; the held-out
         # rows on the first reading of each source.
         for s, source in enumerate(sources):
@@ -1166,20 +1167,18 @@ def preprocess_conversations(train, model_file, output_file, seq_length, heldout
                         if mask.any():
                             chosen = index[mask]
                             input_ids, labels = assemble_rows(tokens, chosen, tok, seq_length)
-                            if isinstance(writers[name], RowPacker):
-                                writers[name].add(input_ids, labels, tokens.length[chosen])
+                            if packer and name == "train":
+                                packer.add(input_ids, labels, tokens.length[chosen])
                             else:
                                 writers[name].write(input_ids, labels)
                             lengths[name].add(tokens.length[chosen], labels)
-        packed_rows = None
-        if packing:
-            writers["train"].close()
-            packed_rows = writers["train"].rows
-            writers["train"] = writers["train"].writer
+        if packer:
+            packer.close()
         for name, writer in writers.items():
             writer.commit()
-            log.info("wrote %d %s rows", packed_rows if name == "train" and packing else sum(rows[name]), name)
-        stats = _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed, packed_rows)
+            log.info("wrote %d %s rows", packer.rows if packer and name == "train" else sum(rows[name]), name)
+        stats = _stats(sources, tally, rows, lengths, where, seq_length, drop, sample_seed,
+                       packer.rows if packer else None)
         if stats_file:
             temp_of[Path(stats_file)].write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
     log.info("%s", summary(stats))
