@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 from lorapipe.losslog import read_rank_log  # noqa: E402
 
 
-def run_finetune(workdir, seq_length, packing, epochs):
+def run_workflow(workdir, seq_length, packing, epochs, target):
+    """Build `target` of the tiny default in `workdir` with these settings; the tiny default's results."""
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg["data"].update(train=str(REPO / "data/belle_sample.json"), seq_length=seq_length, packing=packing)
     cfg["train"]["epochs"] = epochs
@@ -40,11 +41,11 @@ def run_finetune(workdir, seq_length, packing, epochs):
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           "finetune", "--configfile", str(workdir / "config.yaml")]
+           target, "--configfile", str(workdir / "config.yaml")]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"finetune (seq {seq_length}, packing {packing}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{target} (seq {seq_length}, packing {packing}) failed:\n{proc.stderr[-3000:]}")
     return workdir / "results/tiny"
 
 
@@ -63,20 +64,13 @@ def rows_and_real_tokens(mindrecord, packed):
 def measure(workdir, seq_length, packing, min_steps):
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
     global_batch = cfg["train"]["batch_size"] * cfg["parallel"]["data_parallel"]
-    # rows first (the data step alone), to set the epochs that give min_steps steps
-    data_only = workdir / "data"
-    data_only.mkdir(parents=True, exist_ok=True)
-    cfg["data"].update(train=str(REPO / "data/belle_sample.json"), seq_length=seq_length, packing=packing)
-    (data_only / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(data_only),
-                    "--cores", "2", "mindrecord", "--configfile", str(data_only / "config.yaml")],
-                   cwd=data_only, env=env, check=True, capture_output=True)
-    mindrecord = data_only / f"results/tiny/data/belle_{seq_length}.mindrecord"
-    rows, real = rows_and_real_tokens(mindrecord, packing)
+    # rows first (the data step alone), to set the epochs that give min_steps steps; editing
+    # train.epochs afterwards reruns no data step
+    results = run_workflow(workdir, seq_length, packing, 1, "mindrecord")
+    rows, real = rows_and_real_tokens(results / f"data/belle_{seq_length}.mindrecord", packing)
     steps_per_epoch = rows // global_batch
     epochs = -(-min_steps // steps_per_epoch)
-    results = run_finetune(workdir / "run", seq_length, packing, epochs)
+    run_workflow(workdir, seq_length, packing, epochs, "finetune")
     log = read_rank_log(next((results / ".finetune_state").glob("*/train_log_rank_0.tsv")))
     step_seconds = statistics.median(b["seconds"] - a["seconds"] for a, b in zip(log[1:], log[2:]))
     trained_rows = steps_per_epoch * global_batch
