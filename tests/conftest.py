@@ -19,6 +19,16 @@ def default_config():
     return cfg
 
 
+def make_run_workdir(workdir):
+    """`workdir` set up as the checkout is for `make run`: data/ (linked) and the tiny default config, with
+    the data named as config/config.yaml names it, so that every artifact is make run's. Returns the
+    config file."""
+    (workdir / "data").symlink_to(SAMPLE_DATA.parent)
+    cfg = default_config()
+    cfg["data"]["train"] = str(SAMPLE_DATA.relative_to(REPO))
+    return write_config(workdir / "config.yaml", cfg)
+
+
 def write_config(path, cfg):
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
