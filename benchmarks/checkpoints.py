@@ -4,9 +4,9 @@
 Writes a synthetic training checkpoint (default ~1.2 GB: Baichuan2-shaped fp32 parameters with LoRA
 adapters, plus Adam m and v for every parameter and the bookkeeping scalars), then runs each method in
 its own process:
-  filter  ours  - lorapipe.checkpoints.filter_checkpoint (one tensor at a time)
+  filter  ours  - lorapipe.weights.checkpoints.filter_checkpoint (one tensor at a time)
   filter  naive - mindspore.load_checkpoint, drop entries, mindspore.save_checkpoint (the recipe's way)
-  fold    ours  - lorapipe.checkpoints.fold_lora on the filtered checkpoint
+  fold    ours  - lorapipe.weights.checkpoints.fold_lora on the filtered checkpoint
   fold    naive - mindspore.load_checkpoint, fold in numpy, mindspore.save_checkpoint
 
     .venv/bin/python benchmarks/checkpoints.py [--layers 3]
@@ -21,7 +21,7 @@ from common import measure, model_args, warm
 GENERATE = r"""
 import sys
 import numpy as np
-from lorapipe.msckpt import CheckpointWriter
+from lorapipe.formats.msckpt import CheckpointWriter
 path, layers, hidden, inter, vocab = sys.argv[1], *map(int, sys.argv[2:])
 rng = np.random.default_rng(0)
 shapes = {"model.tok_embeddings.embedding_weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
@@ -44,11 +44,11 @@ with CheckpointWriter(path) as w:
 print(max(int(np.prod(s)) * 4 for s in shapes.values()))
 """
 
-OURS_FILTER = "import sys; from lorapipe.checkpoints import filter_checkpoint as f; f(sys.argv[1], sys.argv[2])"
-OURS_FOLD = "import sys; from lorapipe.checkpoints import fold_lora as f; f(sys.argv[1], sys.argv[2], 16, 8)"
+OURS_FILTER = "import sys; from lorapipe.weights.checkpoints import filter_checkpoint as f; f(sys.argv[1], sys.argv[2])"
+OURS_FOLD = "import sys; from lorapipe.weights.checkpoints import fold_lora as f; f(sys.argv[1], sys.argv[2], 16, 8)"
 NAIVE_FILTER = r"""
 import sys, mindspore as ms
-from lorapipe.checkpoints import is_model_parameter
+from lorapipe.weights.checkpoints import is_model_parameter
 params = ms.load_checkpoint(sys.argv[1])                                  # everything in memory
 ms.save_checkpoint([{"name": n, "data": p} for n, p in params.items() if is_model_parameter(n)], sys.argv[2])
 """

@@ -7,7 +7,7 @@ and all in this one run (page cache warmed first, so all read from memory):
   copy            - cp --reflink=never of pytorch_model.bin (in-kernel copy_file_range: no user-space pass)
   read+write      - read into a buffer and write it out, 16 MiB at a time: the floor for any converter
   naive           - torch.load everything, convert, mindspore.save_checkpoint (the recipe's way)
-  ours            - lorapipe.weights.convert_hf_to_mindspore (streaming, hand-written readers)
+  ours            - lorapipe.weights.convert.convert_hf_to_mindspore (streaming, hand-written readers)
   torch mmap      - torch.load(mmap=True, weights_only=True), then the same streaming writer
   ours (st)       - ours, from model.safetensors
   safe_open (st)  - safetensors.safe_open, then the same streaming writer
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 NAIVE = r"""
 import sys, numpy as np, torch, mindspore as ms
-from lorapipe.baichuan2 import hf_to_mindspore
+from lorapipe.model.baichuan2 import hf_to_mindspore
 state = torch.load(sys.argv[1], weights_only=True)          # everything in memory at once
 params = []
 for name, tensor in state.items():
@@ -57,11 +57,11 @@ from convert import make_checkpoint
 print(make_checkpoint(sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7]))
 """
 
-# The same streaming writer fed by the library readers (see lorapipe/hf_io.py for the comparison).
+# The same streaming writer fed by the library readers (see lorapipe/formats/hf_io.py for the comparison).
 LIBRARY_READER = r"""
 import sys
-from lorapipe.baichuan2 import hf_to_mindspore
-from lorapipe.msckpt import CheckpointWriter, bfloat16
+from lorapipe.model.baichuan2 import hf_to_mindspore
+from lorapipe.formats.msckpt import CheckpointWriter, bfloat16
 src, dst, reader = sys.argv[1:4]
 
 
@@ -130,7 +130,7 @@ def main():
     size = (src / "pytorch_model.bin").stat().st_size
     warm(src / "pytorch_model.bin")
     warm(src / "st" / "model.safetensors")
-    ours = "import sys; from lorapipe.weights import convert_hf_to_mindspore as c; c(sys.argv[1], sys.argv[2])"
+    ours = "import sys; from lorapipe.weights.convert import convert_hf_to_mindspore as c; c(sys.argv[1], sys.argv[2])"
     runs = {
         "copy": ["cp", "--reflink=never", str(src / "pytorch_model.bin"), str(args.workdir / "copy.bin")],
         "read+write": [py, "-c", READ_WRITE, str(src / "pytorch_model.bin"), str(args.workdir / "rw.bin")],

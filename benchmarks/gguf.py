@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: the GGUF export (lorapipe.gguf_export) at Baichuan2-7B widths, bf16 in, f16 (and q8_0) out,
+"""Benchmark: the GGUF export (lorapipe.exports.gguf) at Baichuan2-7B widths, bf16 in, f16 (and q8_0) out,
 against a plain read+write of the same bytes and against GGUFWriter.add_tensor, all in this one run.
 
 Generates a synthetic LoRA-folded MindSpore checkpoint of Baichuan2-7B's widths and vocabulary (hidden
@@ -36,10 +36,10 @@ GENERATE = r"""
 import json, sys
 import numpy as np
 from pathlib import Path
-from lorapipe.baichuan2 import network_shapes
+from lorapipe.model.baichuan2 import network_shapes
 from lorapipe.data import conversation_texts
-from lorapipe.msckpt import CheckpointWriter, bfloat16
-from lorapipe.tiny_base import hf_config, train_tokenizer
+from lorapipe.formats.msckpt import CheckpointWriter, bfloat16
+from lorapipe.weights.tiny_base import hf_config, train_tokenizer
 folder, layers, hidden, inter, vocab, heads = Path(sys.argv[1]), *map(int, sys.argv[2:7])
 base = folder / "base"
 base.mkdir(parents=True)
@@ -81,7 +81,7 @@ for out in outs:
 
 OURS = r"""
 import sys
-from lorapipe.gguf_export import export_gguf
+from lorapipe.exports.gguf import export_gguf
 export_gguf(sys.argv[1], sys.argv[2], sys.argv[3], "bench", tuple(sys.argv[4:]))
 """
 
@@ -92,9 +92,9 @@ import json, sys
 from pathlib import Path
 import numpy as np
 import gguf
-from lorapipe import gguf_export as g
-from lorapipe.interop import llama_tensors, normalize_rows
-from lorapipe.msckpt import iter_checkpoint
+from lorapipe.exports import gguf as g
+from lorapipe.exports.interop import llama_tensors, normalize_rows
+from lorapipe.formats.msckpt import iter_checkpoint
 ckpt, base, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 config = json.loads((base / "config.json").read_text())
 plan = g.tensor_plan(ckpt, config)

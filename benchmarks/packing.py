@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lorapipe.losslog import read_rank_log  # noqa: E402
+from lorapipe.train.losslog import read_rank_log  # noqa: E402
 
 
 def run_workflow(workdir, seq_length, packing, epochs, target):

@@ -4,7 +4,7 @@
 Builds the tiny default model (hidden 64, 2 layers, 4 heads, FFN 176, vocab 1000, 512 positions) in a
 work folder, then decodes the same prompt with
   recompute     - the MindSpore network, re-running the whole sequence for every token (no cache)
-  kv-cache      - lorapipe.decode.KVCacheDecoder (one position's forward per token), what predict uses
+  kv-cache      - lorapipe.model.decode.KVCacheDecoder (one position's forward per token), what predict uses
   transformers  - LlamaForCausalLM.generate (KV cache) on the same weights in HF format (W_pack split,
                   lm_head rows normalised)
 Every decoder runs greedy without stopping at eos, prefill included, best of --repeats. BLAS and torch
@@ -73,13 +73,13 @@ def main():
     args = p.parse_args()
     import json
 
-    from lorapipe.tokenizer import ChatTokenizer
-    from lorapipe.decode import KVCacheDecoder
-    from lorapipe.chat_template import chat_ids
-    from lorapipe.generate import generate, load_model, load_weights
-    from lorapipe.spec import llama_config
-    from lorapipe.tiny_base import build_tiny_base
-    from lorapipe.weights import convert_hf_to_mindspore
+    from lorapipe.model.tokenizer import ChatTokenizer
+    from lorapipe.model.decode import KVCacheDecoder
+    from lorapipe.model.chat_template import chat_ids
+    from lorapipe.infer.generate import generate, load_model, load_weights
+    from lorapipe.model.architecture import llama_config
+    from lorapipe.weights.tiny_base import build_tiny_base
+    from lorapipe.weights.convert import convert_hf_to_mindspore
 
     base, ckpt = args.workdir / "base", args.workdir / "base.ckpt"
     if not (base / "pytorch_model.bin").exists():

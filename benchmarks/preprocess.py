@@ -127,7 +127,7 @@ def compare(args):
     import mindspore.mindrecord  # noqa: F401  (imported before any method is timed)
 
     from lorapipe.data import preprocess_conversations
-    from lorapipe.tokenizer import ChatTokenizer
+    from lorapipe.model.tokenizer import ChatTokenizer
 
     sample = json.loads((REPO / "data/belle_sample.json").read_text(encoding="utf-8"))
     records = [dict(sample[i % len(sample)], id=f"bench_{i}") for i in range(args.conversations)]

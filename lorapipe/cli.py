@@ -31,7 +31,7 @@ str2bool.__name__ = "True/False"  # argparse names the type in its error message
 
 def add_generation_flags(group):
     """The generation settings as flags, with run_baichuan2_chat.py's names; a flag left out keeps the
-    YAML's value (lorapipe.generate.generation_settings)."""
+    YAML's value (lorapipe.infer.generate.generation_settings)."""
     group.add_argument("--max_new_tokens", type=int, default=None)
     group.add_argument("--do_sample", type=str2bool, default=None)
     group.add_argument("--top_k", type=int, default=None)

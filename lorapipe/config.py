@@ -21,8 +21,8 @@ import yaml
 
 from lorapipe.data import input_files, parse_sources
 from lorapipe.errors import ConfigError
-from lorapipe.spec import ALIBI
-from lorapipe.spec import position_embedding as from_hf_config
+from lorapipe.model.architecture import ALIBI
+from lorapipe.model.architecture import position_embedding as from_hf_config
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
@@ -106,7 +106,7 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
     if config["data"]["packing"] and train["use_flash_attention"]:
         # MindFormers' packed path is flash attention's eod mask compression, which needs seq_length >= 2048
         # (modules/transformer/transformer.py:824-825, reached from models/llama/llama.py:165); lorapipe's
-        # packed rows use its own mask cells (lorapipe.model.SegmentCausalMask), which flash attention skips.
+        # packed rows use its own mask cells (lorapipe.model.network.SegmentCausalMask), which flash attention skips.
         raise ConfigError(f"{source}: data.packing needs train.use_flash_attention: false (packed rows keep their "
                           f"conversations apart with lorapipe's attention mask, which flash attention does not "
                           f"read; MindFormers' own packed flash attention needs seq_length >= 2048)")
@@ -205,7 +205,7 @@ BASE_MODEL_FILES = ("config.json", "tokenizer.model")
 
 
 def position_embedding(config):
-    """"rope" or "alibi": the architecture of the run's base model (lorapipe.spec.position_embedding),
+    """"rope" or "alibi": the architecture of the run's base model (lorapipe.model.architecture.position_embedding),
     for planning (rule `all`: a Llama-format export needs RoPE) and for an early, clear error. The tiny
     model's comes from tiny_base (the config.json it will write); a user's from its config.json, which
     planning needs anyway (BASE_MODEL_FILES). Raises ConfigError for an impossible combination: an

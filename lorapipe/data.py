@@ -69,8 +69,8 @@ import numpy as np
 
 from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
-from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
-from lorapipe.tokenizer import ChatTokenizer
+from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.model.tokenizer import ChatTokenizer
 
 log = logging.getLogger("lorapipe")
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lorapipe.losslog import read_loss_tsv
+from lorapipe.train.losslog import read_loss_tsv
 
 
 def plot_loss(loss_tsv, png):

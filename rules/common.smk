@@ -11,7 +11,7 @@ from lorapipe.config import (
     existing_file,
     pick,
 )
-from lorapipe.spec import ALIBI
+from lorapipe.model.architecture import ALIBI
 
 RESULTS = config["results"]
 SCRIPTS = f"{workflow.basedir}/scripts"
@@ -129,7 +129,7 @@ HF_LLAMA = f"{RESULTS}/hf_llama"
 HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
 PEFT_ADAPTER = f"{RESULTS}/peft_adapter"
 PEFT_ADAPTER_W_PACK = f"{RESULTS}/peft_adapter_w_pack"
-# GGUF for llama.cpp (llama-cli, llama-server, Ollama, LM Studio): lorapipe/gguf_export.py.
+# GGUF for llama.cpp (llama-cli, llama-server, Ollama, LM Studio): lorapipe/exports/gguf.py.
 GGUF_DIR = f"{RESULTS}/gguf"
 GGUF_FILES = [
     f"{GGUF_DIR}/{config['base_model']['name']}-{t}.gguf" for t in ("f16", "q8_0")

@@ -1,6 +1,6 @@
 # Interop exports: the finetuned and the base model as plain HF Llama directories (transformers, vLLM),
-# the trained LoRA adapter as PEFT folders (lorapipe/interop.py), and GGUF for llama.cpp
-# (lorapipe/gguf_export.py). Their paths are in common.smk.
+# the trained LoRA adapter as PEFT folders (lorapipe/exports/interop.py), and GGUF for llama.cpp
+# (lorapipe/exports/gguf.py). Their paths are in common.smk.
 
 
 rule export_llama:

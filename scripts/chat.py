@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from lorapipe import cli
-from lorapipe.chat_template import chat_ids
-from lorapipe.tokenizer import ChatTokenizer
-from lorapipe.generate import (
+from lorapipe.model.chat_template import chat_ids
+from lorapipe.model.tokenizer import ChatTokenizer
+from lorapipe.infer.generate import (
     TextStreamer,
     build_decoder,
     complete_checkpoint,

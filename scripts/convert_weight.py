@@ -3,7 +3,7 @@
 streaming one tensor at a time."""
 
 from lorapipe import cli
-from lorapipe.weights import DTYPES, convert_hf_to_mindspore
+from lorapipe.weights.convert import DTYPES, convert_hf_to_mindspore
 
 
 def main():

@@ -3,8 +3,8 @@
 MindRecord, masked as in training: only assistant tokens and end-of-turn markers count."""
 
 from lorapipe import cli
-from lorapipe.evaluate import evaluate
-from lorapipe.generate import complete_checkpoint, read_adapter, read_mindformers_yaml
+from lorapipe.infer.evaluate import evaluate
+from lorapipe.infer.generate import complete_checkpoint, read_adapter, read_mindformers_yaml
 
 
 def main():

@@ -5,7 +5,7 @@ permuted for ggml's rotary layout, lm_head rows normalised), the SentencePiece v
 and the Baichuan2 chat template. An ALiBi model (Baichuan2-13B) is refused."""
 
 from lorapipe import cli
-from lorapipe.gguf_export import TYPES, export_gguf
+from lorapipe.exports.gguf import TYPES, export_gguf
 
 
 def main():

@@ -3,7 +3,7 @@
 model.safetensors, pytorch_model.bin, config.json, tokenizer.model."""
 
 from lorapipe import cli
-from lorapipe.weights import export_hf
+from lorapipe.weights.convert import export_hf
 
 
 def main():

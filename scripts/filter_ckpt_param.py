@@ -3,7 +3,7 @@
 streaming: every rank_<r>/*.ckpt of --src_ckpt_dir -> --dst_ckpt_dir/rank_<r>/."""
 
 from lorapipe import cli
-from lorapipe.checkpoints import filter_checkpoint_dir
+from lorapipe.weights.checkpoints import filter_checkpoint_dir
 
 
 def main():

@@ -5,7 +5,7 @@ checkpoint_network/, loss.tsv, adapter_config.json and the rank logs. Resumes an
 import json
 
 from lorapipe import cli
-from lorapipe.finetune import reproducibility, run_finetune
+from lorapipe.train.finetune import reproducibility, run_finetune
 
 
 def main():

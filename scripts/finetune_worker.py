@@ -5,7 +5,7 @@ rank by scripts/finetune.py (under msrun, or the rank-table launcher); imports M
 import argparse
 import os
 
-from lorapipe.launch import attach_to_launcher, worker_status
+from lorapipe.train.launch import attach_to_launcher, worker_status
 
 
 def main():
@@ -20,7 +20,7 @@ def main():
                         "of the parallel layout on the hardware)")
     args = p.parse_args()
     with worker_status(int(os.environ.get("RANK_ID", "0"))):
-        from lorapipe.trainer import finetune
+        from lorapipe.train.trainer import finetune
 
         finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume,
                  only_save_strategy=args.only_save_strategy)

@@ -3,7 +3,7 @@
 the run that trained them (its adapter_config.json) -> a checkpoint the plain Baichuan2 model loads."""
 
 from lorapipe import cli
-from lorapipe.checkpoints import fold_lora
+from lorapipe.weights.checkpoints import fold_lora
 
 
 def main():

@@ -4,7 +4,7 @@
 import json
 
 from lorapipe import cli
-from lorapipe.tiny_base import build_tiny_base
+from lorapipe.weights.tiny_base import build_tiny_base
 
 
 def main():

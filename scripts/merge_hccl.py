@@ -5,7 +5,7 @@ import json
 
 from lorapipe import cli
 from lorapipe.outputs import atomic_outputs
-from lorapipe.ranktable import load_rank_table, merge_rank_tables
+from lorapipe.train.ranktable import load_rank_table, merge_rank_tables
 
 
 def main():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.preflight import report, run_preflight, write_report
+from lorapipe.train.preflight import report, run_preflight, write_report
 
 
 def main():

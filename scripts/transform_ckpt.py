@@ -6,7 +6,7 @@ every rank holds the same tensors and take rank 0's. Writes <dst_ckpt_dir>/rank_
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.checkpoints import merge_data_parallel, rank_checkpoints, transform_with_strategy
+from lorapipe.weights.checkpoints import merge_data_parallel, rank_checkpoints, transform_with_strategy
 
 
 def main():

@@ -50,7 +50,7 @@ def render(cfg, hf_config, tokenizer, base_ckpt_dir="ckpt", train_data="data/bel
            **overrides):
     """The finetune YAML lorapipe renders for a config dict (lorapipe.config.load_config's), as mf_config
     would; `overrides` replace render arguments (seq_length, parallel, device_target, ...)."""
-    from lorapipe.mindformers_yaml import render_mindformers_config
+    from lorapipe.train.mindformers_yaml import render_mindformers_config
 
     par = cfg["parallel"]
     settings = dict(seq_length=cfg["data"]["seq_length"], lora=cfg["lora"], train=cfg["train"],
@@ -77,7 +77,7 @@ TINY_DIMS = dict(seed=0, hidden_size=32, num_hidden_layers=2, num_attention_head
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
     """A tiny HF Baichuan2 model directory, built once per test session."""
-    from lorapipe.tiny_base import build_tiny_base
+    from lorapipe.weights.tiny_base import build_tiny_base
 
     return build_tiny_base(SAMPLE_DATA, tmp_path_factory.mktemp("tiny_base") / "base", **TINY_DIMS)
 
@@ -87,8 +87,8 @@ def write_base_with_random_lora(base_dir, folder, rank, seed):
     adapters drawn from normal(0, 0.1) by a generator seeded with `seed`."""
     import numpy as np
 
-    from lorapipe.msckpt import iter_checkpoint, write_checkpoint
-    from lorapipe.weights import convert_hf_to_mindspore
+    from lorapipe.formats.msckpt import iter_checkpoint, write_checkpoint
+    from lorapipe.weights.convert import convert_hf_to_mindspore
 
     base = convert_hf_to_mindspore(base_dir, folder / "ckpt" / "base.ckpt")
     rng = np.random.default_rng(seed)

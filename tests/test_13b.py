@@ -17,8 +17,8 @@ from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
 from lorapipe.errors import ConfigError
 from lorapipe.config import load_config, position_embedding
 from lorapipe.errors import InputError
-from lorapipe.spec import alibi_slopes, llama_config
-from lorapipe.spec import position_embedding as from_hf_config
+from lorapipe.model.architecture import alibi_slopes, llama_config
+from lorapipe.model.architecture import position_embedding as from_hf_config
 
 # 13B-shaped: 5 heads (like 13B's 40, not a power of two: the slopes interleave), FFN 2.75 x the width
 # (13B: 2.675; 110 also splits over the 5 model-parallel devices of the strategy test).
@@ -28,7 +28,7 @@ TINY_13B = dict(seed=1, hidden_size=40, num_hidden_layers=2, num_attention_heads
 
 @pytest.fixture(scope="module")
 def base_13b(tmp_path_factory):
-    from lorapipe.tiny_base import build_tiny_base
+    from lorapipe.weights.tiny_base import build_tiny_base
 
     return build_tiny_base(SAMPLE_DATA, tmp_path_factory.mktemp("tiny_13b") / "base", **TINY_13B)
 
@@ -36,8 +36,8 @@ def base_13b(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_13b(base_13b, tmp_path_factory):
     """(network, model_config, converted checkpoint) of the tiny ALiBi model, seq_length 256."""
-    from lorapipe.generate import load_model
-    from lorapipe.weights import convert_hf_to_mindspore
+    from lorapipe.infer.generate import load_model
+    from lorapipe.weights.convert import convert_hf_to_mindspore
 
     hf_config = json.loads((base_13b / "config.json").read_text())
     ckpt = convert_hf_to_mindspore(base_13b, tmp_path_factory.mktemp("ckpt") / "rank_0" / "tiny_13b.ckpt")
@@ -147,8 +147,8 @@ def baichuan2_13b_forward(state, config, ids):
 
 
 def test_logits_match_an_independent_pytorch_alibi_forward(base_13b, model_13b):
-    from lorapipe.generate import load_model
-    from lorapipe.model import Baichuan13BV2ForCausalLM, logits
+    from lorapipe.infer.generate import load_model
+    from lorapipe.model.network import Baichuan13BV2ForCausalLM, logits
 
     net, _, ckpt = model_13b
     assert isinstance(net, Baichuan13BV2ForCausalLM)
@@ -168,11 +168,11 @@ def test_logits_match_an_independent_pytorch_alibi_forward(base_13b, model_13b):
 def test_kv_cache_decoder_matches_the_alibi_network(base_13b, model_13b):
     """Position by position, pad ids included (masked as keys, with their bias, as the network does), and
     greedy tokens equal to the full-recompute loop's for 128 new tokens."""
-    from lorapipe.tokenizer import ChatTokenizer
-    from lorapipe.decode import KVCacheDecoder
-    from lorapipe.chat_template import chat_ids
-    from lorapipe.generate import generate, load_weights
-    from lorapipe.model import logits
+    from lorapipe.model.tokenizer import ChatTokenizer
+    from lorapipe.model.decode import KVCacheDecoder
+    from lorapipe.model.chat_template import chat_ids
+    from lorapipe.infer.generate import generate, load_weights
+    from lorapipe.model.network import logits
 
     net, model_config, ckpt = model_13b
     tok = ChatTokenizer(base_13b / "tokenizer.model")
@@ -190,7 +190,7 @@ def test_kv_cache_decoder_matches_the_alibi_network(base_13b, model_13b):
 
 
 def test_conversion_and_export_keep_the_13b_layout(base_13b, model_13b, tmp_path):
-    from lorapipe.weights import export_hf
+    from lorapipe.weights.convert import export_hf
 
     out = export_hf(model_13b[2], base_13b, tmp_path / "hf")
     source = torch.load(base_13b / "pytorch_model.bin", weights_only=True)
@@ -203,7 +203,7 @@ STRATEGIES = textwrap.dedent("""
     # The 13B network as MindFormers builds it from a semi-auto parallel YAML (dp 2, mp 5: the tiny model's
     # 5 heads split over 5 devices): the strategies of the ALiBi ops and of what touches a parameter.
     import sys
-    from lorapipe.preflight import build_network, strategy_of, unsharded_ops
+    from lorapipe.train.preflight import build_network, strategy_of, unsharded_ops
     net, _ = build_network(sys.argv[1])
     print(unsharded_ops(net))
     for cell, attr in (("model.casual_mask", "mul_slopes"), ("model.casual_mask", "add_bias"),
@@ -214,7 +214,7 @@ STRATEGIES = textwrap.dedent("""
 
 
 def test_shard_strategies_follow_parallel_config(base_13b, tmp_path):
-    from lorapipe.mindformers_yaml import write_mindformers_config
+    from lorapipe.train.mindformers_yaml import write_mindformers_config
 
     cfg = load_config(REPO / "config" / "baichuan2_13b_910b.yaml")
     rendered = render(cfg, json.loads((base_13b / "config.json").read_text()), base_13b / "tokenizer.model",

@@ -16,7 +16,7 @@ from lorapipe.data import (DROPPABLE, KINDS, SCHEMA, Conversation, MindRecordWri
                            TokenizedConversations, assemble_rows, draws_samples, input_files, is_heldout,
                            preprocess_conversations)
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.tokenizer import ChatTokenizer
+from lorapipe.model.tokenizer import ChatTokenizer
 from recipe_r10 import recipe_rows
 
 M = -100  # masked label

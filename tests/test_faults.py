@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO
 from lorapipe.errors import InputError, StepError
-from lorapipe.weights import convert_hf_to_mindspore
+from lorapipe.weights.convert import convert_hf_to_mindspore
 
 CONVERT = REPO / "scripts" / "convert_weight.py"
 
@@ -49,8 +49,8 @@ def small_filesystem(tmp_path):
 
 
 def test_a_checkpoint_bigger_than_the_free_space_is_refused_before_writing(tmp_path, small_filesystem):
-    from lorapipe.baichuan2 import hf_shapes
-    from lorapipe.hf_io import SafetensorsWriter
+    from lorapipe.model.baichuan2 import hf_shapes
+    from lorapipe.formats.hf_io import SafetensorsWriter
 
     config = {"hidden_size": 256, "intermediate_size": 688, "vocab_size": 4000, "num_hidden_layers": 1,
               "num_attention_heads": 4, "rms_norm_eps": 1e-6}
@@ -68,7 +68,7 @@ def test_a_checkpoint_bigger_than_the_free_space_is_refused_before_writing(tmp_p
 
 
 def test_a_second_launcher_for_the_same_training_state_is_refused(tmp_path):
-    from lorapipe.finetune import state_lock
+    from lorapipe.train.finetune import state_lock
 
     state = tmp_path / "state"
     with state_lock(state):
@@ -112,7 +112,7 @@ def test_a_safetensors_header_that_lies_about_offsets(tmp_path):
         lie(lied)
         text = json.dumps(lied, separators=(",", ":")).encode().ljust(header_len)
         (tmp_path / "lie.safetensors").write_bytes(raw[:8] + text + raw[8 + header_len:])
-        from lorapipe.hf_io import tensor_refs
+        from lorapipe.formats.hf_io import tensor_refs
 
         with pytest.raises(InputError, match=message):
             tensor_refs(tmp_path / "lie.safetensors")

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
 import conftest
-from lorapipe.launch import (LaunchError, _process_of, launch, log_tail, read_process_records, record_process,
+from lorapipe.train.launch import (LaunchError, _process_of, launch, log_tail, read_process_records, record_process,
                              stop_earlier_launch)
 
 HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176,
@@ -62,7 +62,7 @@ def test_render_real_recipe(tiny_base_dir):
 
 WORKER = textwrap.dedent("""
     import os, sys, time
-    import lorapipe.launch as launch
+    import lorapipe.train.launch as launch
     if sys.argv[1] == "immortal":  # a rank whose death with its parent failed: what stop_earlier_launch is for
         launch._watch_parent = lambda pid: None
     launch.attach_to_launcher()
@@ -107,7 +107,7 @@ def test_a_failing_rank_stops_the_others_quickly(tmp_path, launcher, mode):
 
 
 def test_multi_node_command_runs_one_msrun_per_node():
-    from lorapipe.launch import srun_msrun_command
+    from lorapipe.train.launch import srun_msrun_command
 
     cmd = srun_msrun_command(["run.py", "--config", "a b.yaml"], 8, 2, "node-a", 29500, "/shared/logs")
     assert cmd[:9] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
@@ -157,7 +157,7 @@ def test_a_rank_that_crashes_after_it_reported_done_does_not_fail_the_training(t
 
 LAUNCHER = textwrap.dedent("""
     import sys
-    from lorapipe.launch import launch
+    from lorapipe.train.launch import launch
     worker, mode, logs, launcher = sys.argv[1:]
     launch([worker, mode], 2, logs, launcher=launcher, rank_table=logs + "/t.json")
 """)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from lorapipe.chat_template import chat_ids
-from lorapipe.tokenizer import ChatTokenizer
+from lorapipe.model.chat_template import chat_ids
+from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.errors import InputError
-from lorapipe.generate import next_token
+from lorapipe.infer.generate import next_token
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def test_next_token_sampling_rules():
 def tiny_model(tiny_base_dir, tmp_path_factory):
     import json
 
-    from lorapipe.generate import load_model
-    from lorapipe.spec import llama_config
-    from lorapipe.weights import convert_hf_to_mindspore
+    from lorapipe.infer.generate import load_model
+    from lorapipe.model.architecture import llama_config
+    from lorapipe.weights.convert import convert_hf_to_mindspore
 
     ckpt = convert_hf_to_mindspore(tiny_base_dir, tmp_path_factory.mktemp("gen") / "base.ckpt")
     # seq_length 256: room for a prompt and 128 new tokens (rotary tables follow seq_length)
@@ -59,8 +59,8 @@ def tiny_model(tiny_base_dir, tmp_path_factory):
 
 
 def test_greedy_generation_is_deterministic_and_greedy(tiny_model, tok):
-    from lorapipe.generate import generate
-    from lorapipe.model import logits
+    from lorapipe.infer.generate import generate
+    from lorapipe.model.network import logits
 
     net = tiny_model[0]
     prompt = chat_ids(tok, "What is the capital of France?")
@@ -77,9 +77,9 @@ NO_EOS = -1  # the tiny model is random: compare long answers without stopping a
 
 def test_kv_cache_decoder_matches_the_network(tiny_model, tok):
     """The host decoder's logits equal the MindSpore network's, position by position."""
-    from lorapipe.decode import KVCacheDecoder
-    from lorapipe.generate import load_weights
-    from lorapipe.model import logits
+    from lorapipe.model.decode import KVCacheDecoder
+    from lorapipe.infer.generate import load_weights
+    from lorapipe.model.network import logits
 
     net, model_config, ckpt = tiny_model
     decoder = KVCacheDecoder(load_weights(model_config, ckpt), model_config)
@@ -93,9 +93,9 @@ def test_kv_cache_decoder_matches_the_network(tiny_model, tok):
 def test_incremental_greedy_equals_the_full_recompute_loop(tiny_model, tok, question):
     """128 new tokens: each is the argmax of the MindSpore network's logits over everything before it,
     which is what the full-recompute loop computes (checked literally on the first 16 tokens)."""
-    from lorapipe.decode import KVCacheDecoder
-    from lorapipe.generate import generate, load_weights
-    from lorapipe.model import logits
+    from lorapipe.model.decode import KVCacheDecoder
+    from lorapipe.infer.generate import generate, load_weights
+    from lorapipe.model.network import logits
 
     net, model_config, ckpt = tiny_model
     prompt = chat_ids(tok, question)
@@ -108,8 +108,8 @@ def test_incremental_greedy_equals_the_full_recompute_loop(tiny_model, tok, ques
 
 
 def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
-    from lorapipe.generate import load_weights
-    from lorapipe.msckpt import iter_checkpoint, write_checkpoint
+    from lorapipe.infer.generate import load_weights
+    from lorapipe.formats.msckpt import iter_checkpoint, write_checkpoint
 
     _, model_config, ckpt = tiny_model
     base = dict(iter_checkpoint(ckpt))
@@ -134,8 +134,8 @@ def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tm
     from conftest import SAMPLE_DATA
 
     from lorapipe.data import preprocess_conversations
-    from lorapipe.evaluate import heldout_loss
-    from lorapipe.model import logits
+    from lorapipe.infer.evaluate import heldout_loss
+    from lorapipe.model.network import logits
 
     net = tiny_model[0]
     rec = tmp_path / "e.mindrecord"
@@ -173,7 +173,7 @@ def test_chat_cli(tiny_model, tiny_base_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("assistant> ") == 2 and "(conversation reset)" in proc.stdout
     # the same incremental path as predict: its first answer is the decoder's greedy answer, streamed
-    from lorapipe.generate import build_decoder, generate
+    from lorapipe.infer.generate import build_decoder, generate
 
     tok = ChatTokenizer(tiny_base_dir / "tokenizer.model")
     first = generate(build_decoder(model_config, ckpt), chat_ids(tok, "Hello"), tok.eos, max_new_tokens=4,
@@ -193,7 +193,7 @@ def test_the_recipes_predict_command(tiny_model, tiny_base_dir, tmp_path):
 
     import yaml
 
-    from lorapipe.mindformers_yaml import render_predict_config
+    from lorapipe.train.mindformers_yaml import render_predict_config
 
     _, _, ckpt = tiny_model
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())
@@ -224,8 +224,8 @@ def test_the_recipes_predict_command(tiny_model, tiny_base_dir, tmp_path):
 
 
 def test_a_system_prompt_joins_the_first_user_turn(tok):
-    """The chat template's rule (lorapipe.chat_template), as training does with a record's system prompt."""
-    from lorapipe.chat_template import SYSTEM_SEPARATOR
+    """The chat template's rule (lorapipe.model.chat_template), as training does with a record's system prompt."""
+    from lorapipe.model.chat_template import SYSTEM_SEPARATOR
 
     assert chat_ids(tok, "2+2?", system="Be brief.") == chat_ids(tok, f"Be brief.{SYSTEM_SEPARATOR}2+2?")
     assert chat_ids(tok, "2+2?", [("Hi", "Hello!")], system="Be brief.") == \

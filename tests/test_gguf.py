@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_base_with_random_lora
-from lorapipe import gguf_export, interop
-from lorapipe.checkpoints import fold_lora
+from lorapipe.exports import gguf as gguf_export, interop
+from lorapipe.weights.checkpoints import fold_lora
 from lorapipe.errors import InputError
 
 gguf = pytest.importorskip("gguf")
@@ -271,7 +271,7 @@ def test_cli_writes_the_files_and_a_manifest_with_their_digests(run, tiny_base_d
 def test_mindspore_still_imports_after_an_export(tiny_base_dir):
     """The export reads tokenizer.model without protobuf's generated modules: MindSpore's own (old)
     checkpoint_pb2 must still import in the same process afterwards."""
-    code = ("import sys; from lorapipe.gguf_export import vocabulary; vocabulary(sys.argv[1], 600); "
+    code = ("import sys; from lorapipe.exports.gguf import vocabulary; vocabulary(sys.argv[1], 600); "
             "import mindspore.train.serialization")
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_base_dir / "tokenizer.model")], capture_output=True,
                           text=True)
@@ -296,8 +296,8 @@ def test_the_rule_plans_both_files_and_refuses_an_alibi_model(tmp_path):
 
 def test_the_ollama_modelfile_names_the_f16_file_and_the_chat_template(run):
     """Written beside the f16 GGUF. The Go template is the chat template in Ollama's syntax: not run here
-    (no Ollama, no Go), but built from the same pieces as the Jinja one (lorapipe.chat_template)."""
-    from lorapipe.chat_template import OLLAMA_TEMPLATE
+    (no Ollama, no Go), but built from the same pieces as the Jinja one (lorapipe.model.chat_template)."""
+    from lorapipe.model.chat_template import OLLAMA_TEMPLATE
 
     text = (run.paths["f16"].parent / "Modelfile").read_text()
     assert f"\nFROM ./{run.paths['f16'].name}\n" in text

@@ -123,7 +123,7 @@ def baichuan2_like_tokenizer(path):
     """A sentencepiece model where <reserved_106>/<reserved_107> are ids 195/196, as in Baichuan2's."""
     from conftest import SAMPLE_DATA
     from lorapipe.data import conversation_texts
-    from lorapipe.tiny_base import train_tokenizer
+    from lorapipe.weights.tiny_base import train_tokenizer
 
     symbols = [f"<filler_{i}>" for i in range(192)] + ["<reserved_106>", "<reserved_107>"]
     model = train_tokenizer(conversation_texts(SAMPLE_DATA), 1000, user_defined_symbols=symbols)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, write_base_with_random_lora
-from lorapipe import interop
-from lorapipe.checkpoints import fold_lora
+from lorapipe.exports import interop
+from lorapipe.weights.checkpoints import fold_lora
 from lorapipe.errors import InputError
-from lorapipe.msckpt import iter_checkpoint
+from lorapipe.formats.msckpt import iter_checkpoint
 
 RANK, ALPHA = 4, 16
 QUESTIONS = ["Hello!", "What is the capital of France?", "写一首关于秋天的诗", "Tell me about </s> and <s>."]
@@ -43,7 +43,7 @@ def run(tiny_base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tiny_base_dir):
-    from lorapipe.tokenizer import ChatTokenizer
+    from lorapipe.model.tokenizer import ChatTokenizer
 
     return ChatTokenizer(tiny_base_dir / "tokenizer.model")
 
@@ -55,14 +55,14 @@ def hf_model(path):
 
 
 def ms_model(run, ckpt, adapter=None):
-    from lorapipe.generate import load_model
-    from lorapipe.spec import llama_config
+    from lorapipe.infer.generate import load_model
+    from lorapipe.model.architecture import llama_config
 
     return load_model(llama_config(run.hf_config, 64), ckpt, adapter)
 
 
 def prompts(tok):
-    from lorapipe.chat_template import chat_ids
+    from lorapipe.model.chat_template import chat_ids
 
     return [chat_ids(tok, q) for q in QUESTIONS] + [chat_ids(tok, QUESTIONS[1], HISTORY)]
 
@@ -77,7 +77,7 @@ def max_diff(a, b):
 
 
 def test_llama_export_gives_lorapipes_logits(run, tok):
-    from lorapipe.model import logits
+    from lorapipe.model.network import logits
 
     for hf_dir, ckpt in (("hf_llama", run.folded), ("hf_llama_base", run.base)):
         config = json.loads((run.dir / hf_dir / "config.json").read_text())
@@ -92,7 +92,7 @@ def test_llama_export_gives_lorapipes_logits(run, tok):
 
 
 def test_llama_greedy_generate_equals_lorapipes_predict_tokens(run, tok):
-    from lorapipe.generate import generate
+    from lorapipe.infer.generate import generate
 
     hf, net = hf_model(run.dir / "hf_llama"), ms_model(run, run.folded)
     total = 0
@@ -110,7 +110,7 @@ def test_llama_greedy_generate_equals_lorapipes_predict_tokens(run, tok):
 def test_tokenizer_loads_offline_and_its_chat_template_gives_chat_ids(run, tok):
     from transformers import AutoTokenizer
 
-    from lorapipe.chat_template import chat_ids
+    from lorapipe.model.chat_template import chat_ids
 
     for use_fast in (True, False):
         hf_tok = AutoTokenizer.from_pretrained(run.dir / "hf_llama", use_fast=use_fast, local_files_only=True)
@@ -215,8 +215,8 @@ def test_import_a_peft_trained_adapter_on_every_linear(run, tok, tmp_path):
     predict and evaluate load) computes what PEFT computes."""
     from peft import LoraConfig, get_peft_model
 
-    from lorapipe.lora import read_adapter_config
-    from lorapipe.model import logits
+    from lorapipe.model.lora import read_adapter_config
+    from lorapipe.model.network import logits
 
     torch.manual_seed(0)
     model = get_peft_model(hf_model(run.dir / "hf_llama_base"), LoraConfig(

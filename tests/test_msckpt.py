@@ -4,7 +4,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from lorapipe.msckpt import (CheckpointFormatError, CheckpointWriter, bfloat16, checkpoint_index,
+from lorapipe.formats.msckpt import (CheckpointFormatError, CheckpointWriter, bfloat16, checkpoint_index,
                              iter_checkpoint, write_checkpoint)
 
 
@@ -85,7 +85,7 @@ def test_streaming_reads_and_writes_hash_every_byte(tmp_path):
     import os
 
     from lorapipe import digests
-    from lorapipe.msckpt import CheckpointWriter, iter_checkpoint
+    from lorapipe.formats.msckpt import CheckpointWriter, iter_checkpoint
 
     path = tmp_path / "x.ckpt"
     with CheckpointWriter(path, chunk_bytes=1 << 20) as writer:  # chunked records, big and small tensors

@@ -1,5 +1,5 @@
 """Packed rows (data.packing): several conversations in one row, kept apart by segment ids. The network's
-block-diagonal causal mask (lorapipe.model.SegmentCausalMask) must give every conversation the logits and
+block-diagonal causal mask (lorapipe.model.network.SegmentCausalMask) must give every conversation the logits and
 per-token loss it has alone, for RoPE (Baichuan2-7B) and for ALiBi (Baichuan2-13B), and a conversation
 must never see another's tokens."""
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_DATA
-from lorapipe.spec import llama_config
-from lorapipe.spec import position_embedding as from_hf_config
+from lorapipe.model.architecture import llama_config
+from lorapipe.model.architecture import position_embedding as from_hf_config
 
 SEQ = 64
 LENGTHS = (13, 21, 9)  # three conversations, then padding
@@ -18,8 +18,8 @@ LENGTHS = (13, 21, 9)  # three conversations, then padding
 
 def models(base_dir, tmp_path):
     """(plain network, packed network) of one base model, the same weights."""
-    from lorapipe.generate import load_model
-    from lorapipe.weights import convert_hf_to_mindspore
+    from lorapipe.infer.generate import load_model
+    from lorapipe.weights.convert import convert_hf_to_mindspore
 
     hf_config = json.loads((base_dir / "config.json").read_text())
     ckpt = convert_hf_to_mindspore(base_dir, tmp_path / "rank_0" / "base.ckpt")
@@ -29,7 +29,7 @@ def models(base_dir, tmp_path):
 
 @pytest.fixture(scope="module", params=["rope", "alibi"])
 def networks(request, tiny_base_dir, tmp_path_factory):
-    from lorapipe.tiny_base import build_tiny_base
+    from lorapipe.weights.tiny_base import build_tiny_base
 
     if request.param == "rope":
         base = tiny_base_dir
@@ -59,7 +59,7 @@ def token_losses(logits, ids):
 
 
 def test_each_conversation_of_a_packed_row_computes_what_it_computes_alone(networks):
-    from lorapipe.model import logits
+    from lorapipe.model.network import logits
 
     plain, packed = networks
     rng = np.random.default_rng(0)
@@ -86,7 +86,7 @@ def test_each_conversation_of_a_packed_row_computes_what_it_computes_alone(netwo
 def test_an_unpacked_row_is_one_segment(networks):
     """Held-out rows stay unpacked and carry no segment ids: the packed network reads them as one
     conversation, with MindFormers' own mask's result on every token that is not padding."""
-    from lorapipe.model import logits
+    from lorapipe.model.network import logits
 
     plain, packed = networks
     ids = np.zeros(SEQ, np.int32)
@@ -170,7 +170,7 @@ def test_packing_and_flash_attention_are_refused_together(tmp_path):
 
 def test_the_rendered_yaml_reads_the_segment_ids_only_when_packing(tiny_base_dir):
     from conftest import default_config
-    from lorapipe.mindformers_yaml import render_mindformers_config
+    from lorapipe.train.mindformers_yaml import render_mindformers_config
 
     cfg = default_config()
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())

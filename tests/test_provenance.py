@@ -9,7 +9,7 @@ from conftest import REPO, SAMPLE_DATA
 from lorapipe.digests import sha256_file
 from lorapipe.errors import InputError
 from lorapipe.provenance import Run, trace, verify
-from lorapipe.tiny_base import FILES, build_tiny_base
+from lorapipe.weights.tiny_base import FILES, build_tiny_base
 
 DIMS = dict(seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, vocab_size=600, init_std=0.02)

@@ -13,8 +13,8 @@ import numpy as np
 from mindspore.train import node_strategy_pb2
 
 from conftest import REPO
-from lorapipe.msckpt import iter_checkpoint
-from lorapipe.weights import convert_hf_to_mindspore
+from lorapipe.formats.msckpt import iter_checkpoint
+from lorapipe.weights.convert import convert_hf_to_mindspore
 
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 

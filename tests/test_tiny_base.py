@@ -5,7 +5,7 @@ import sentencepiece as spm
 import torch
 
 from conftest import SAMPLE_DATA, TINY_DIMS as DIMS
-from lorapipe.tiny_base import FILES, build_tiny_base
+from lorapipe.weights.tiny_base import FILES, build_tiny_base
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from conftest import REPO
 from lorapipe.errors import InputError
-from lorapipe.msckpt import iter_checkpoint
-from lorapipe.weights import convert_hf_to_mindspore
+from lorapipe.formats.msckpt import iter_checkpoint
+from lorapipe.weights.convert import convert_hf_to_mindspore
 
 
 def hf_state(base):
@@ -21,7 +21,7 @@ def hf_state(base):
 
 
 def expected_ms(state, h):
-    """The mapping written out by hand, independently of lorapipe.weights."""
+    """The mapping written out by hand, independently of lorapipe.weights.convert."""
     out = {"model.tok_embeddings.embedding_weight": state["model.embed_tokens.weight"],
            "model.norm_out.weight": state["model.norm.weight"], "lm_head.weight": state["lm_head.weight"]}
     layers = {k.split(".")[2] for k in state if k.startswith("model.layers.")}
@@ -85,8 +85,8 @@ def test_logits_match_an_independent_reference_forward(tiny_base_dir, converted)
     import mindspore as ms
     import transformers
 
-    from lorapipe.model import build_model, logits
-    from lorapipe.spec import llama_config
+    from lorapipe.model.network import build_model, logits
+    from lorapipe.model.architecture import llama_config
 
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())
     net = build_model(llama_config(hf_config, seq_length=32))
@@ -173,7 +173,7 @@ def test_cli_reports_one_clear_error(tiny_base_dir, tmp_path):
 def test_hf_to_ckpt_to_hf_is_bit_exact(tiny_base_dir, converted, tmp_path):
     from safetensors.torch import load_file
 
-    from lorapipe.weights import export_hf
+    from lorapipe.weights.convert import export_hf
 
     out = export_hf(converted, tiny_base_dir, tmp_path / "hf")
     source = hf_state(tiny_base_dir)
@@ -188,8 +188,8 @@ def test_hf_to_ckpt_to_hf_is_bit_exact(tiny_base_dir, converted, tmp_path):
 
 
 def test_export_refuses_unfolded_lora(tiny_base_dir, converted, tmp_path):
-    from lorapipe.msckpt import write_checkpoint
-    from lorapipe.weights import export_hf
+    from lorapipe.formats.msckpt import write_checkpoint
+    from lorapipe.weights.convert import export_hf
 
     lora = tmp_path / "lora.ckpt"
     extra = [("model.layers.0.attention.wq.mindpet_delta_lora_a", np.zeros((8, 32), np.float32))]

@@ -72,7 +72,7 @@ def test_end_to_end_tiny_default(built):
                  "export_llama", "export_llama_base", "export_peft", "export_gguf"):
         assert (tmp_path / f"results/tiny/logs/{rule}.log").exists(), rule
         assert (tmp_path / f"results/tiny/benchmarks/{rule}.tsv").exists(), rule
-    from lorapipe.msckpt import iter_checkpoint
+    from lorapipe.formats.msckpt import iter_checkpoint
 
     base_weights = dict(iter_checkpoint(tmp_path / "results/tiny/ckpt/rank_0/baichuan2_tiny.ckpt"))
     for rank in (0, 1):  # only LoRA trained: every base tensor as it was, 12 LoRA matrices
@@ -149,8 +149,8 @@ def test_the_tiny_default_gives_the_recorded_bytes(built):
     ("parallel.launcher", "rank_table", {"rank_table"} | AFTER_FINETUNE),
 ])
 def test_a_config_edit_reruns_exactly_what_it_affects(built, key, value, reruns):
-    workdir, _ = built
-    cfg = default_config()
+    workdir, configfile = built
+    cfg = yaml.safe_load(configfile.read_text())
     section, name = key.split(".")
     cfg[section][name] = value
     if key == "parallel.launcher":  # the rank table needs this node's device IPs
@@ -405,8 +405,8 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
     import signal
     import time
 
-    from lorapipe.losslog import read_loss_tsv, read_rank_log
-    from lorapipe.msckpt import iter_checkpoint
+    from lorapipe.train.losslog import read_loss_tsv, read_rank_log
+    from lorapipe.formats.msckpt import iter_checkpoint
 
     first, _ = built
     workdir = tmp_path / "run"

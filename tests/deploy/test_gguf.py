@@ -54,7 +54,7 @@ def run(tmp_path_factory):
     config = write_config(workdir / "deploy_config.yaml", default_config())
     snakemake(workdir, "--cores", "2", "export_gguf", "export_llama", "predict_config", configfile=config)
     results = workdir / "results" / "tiny"
-    from lorapipe.gguf_export import export_gguf
+    from lorapipe.exports.gguf import export_gguf
 
     ckpt, base = results / "merged_lora/rank_0/merged_lora.ckpt", results / "tiny_base"
     f32 = export_gguf(ckpt, base, tmp_path_factory.mktemp("f32"), NAME, ("f32",))["f32"]
@@ -70,7 +70,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(run):
-    from lorapipe.tokenizer import ChatTokenizer
+    from lorapipe.model.tokenizer import ChatTokenizer
 
     return ChatTokenizer(run.base / "tokenizer.model")
 
@@ -78,14 +78,14 @@ def tok(run):
 @pytest.fixture(scope="module")
 def predict_decoder(run):
     """What predict decodes with on the host (the KV-cache decoder of the predict YAML's network)."""
-    from lorapipe.generate import build_decoder, read_mindformers_yaml
+    from lorapipe.infer.generate import build_decoder, read_mindformers_yaml
 
     rendered = read_mindformers_yaml(run.results / "predict" / "run_baichuan2.yaml")
     return build_decoder(rendered["model"]["model_config"], run.ckpt)
 
 
 def predict_prompts(tok):
-    from lorapipe.chat_template import chat_ids
+    from lorapipe.model.chat_template import chat_ids
 
     prompts = default_config()["predict"]["prompts"]
     return [chat_ids(tok, p) for p in prompts] + [chat_ids(tok, q) for q in QUESTIONS] + \
@@ -94,7 +94,7 @@ def predict_prompts(tok):
 
 def lorapipe_greedy(decoder, tok, ids, eos=None):
     """predict's greedy tokens (temperature 0, no repetition penalty); eos -1: 32 tokens, eos or not."""
-    from lorapipe.generate import generate
+    from lorapipe.infer.generate import generate
 
     return generate(decoder, ids, tok.eos if eos is None else eos, max_new_tokens=MAX_NEW, do_sample=False,
                     repetition_penalty=1.0)
@@ -134,9 +134,9 @@ def test_logits_agree(run, tok, predict_decoder):
     import torch
     import transformers
 
-    from lorapipe.generate import load_model
-    from lorapipe.model import logits
-    from lorapipe.spec import llama_config
+    from lorapipe.infer.generate import load_model
+    from lorapipe.model.network import logits
+    from lorapipe.model.architecture import llama_config
 
     net = load_model(llama_config(run.hf_config, 64), run.ckpt)
     hf = transformers.AutoModelForCausalLM.from_pretrained(run.results / "hf_llama", local_files_only=True).eval()
@@ -205,7 +205,7 @@ def test_chat_completion_formats_as_predict(run, tok, predict_decoder):
     """create_chat_completion with the GGUF's own template: lorapipe's prompt ids, and predict's answer."""
     import jinja2
 
-    from lorapipe.chat_template import chat_ids
+    from lorapipe.model.chat_template import chat_ids
 
     llm = run.models["f32"]
     assert llm.chat_format == "chat_template.default"
@@ -241,7 +241,7 @@ def test_why_the_turn_markers_are_control_tokens(run, tok, tmp_path, monkeypatch
     file would give the template's markers as a dozen character pieces."""
     import gguf
 
-    from lorapipe import gguf_export
+    from lorapipe.exports import gguf as gguf_export
 
     vocabulary = gguf_export.vocabulary
 

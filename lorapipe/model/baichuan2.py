@@ -1,8 +1,8 @@
 """Baichuan2's checkpoint layout: the HF <-> MindSpore name map and the shapes a config.json implies,
 and the names of the formats it is exported to (plain Llama, PEFT).
 
-The one place that knows the names (torchtune's convert_weights.py). No file I/O here: lorapipe.hf_io
-reads and writes HF files, lorapipe.weights runs the two conversions.
+The one place that knows the names (torchtune's convert_weights.py). No file I/O here: lorapipe.formats.hf_io
+reads and writes HF files, lorapipe.weights.convert runs the two conversions.
 
 HF -> MindSpore (W_pack split into three row blocks [0:H], [H:2H], [2H:3H]):
     model.embed_tokens.weight                   -> model.tok_embeddings.embedding_weight
@@ -39,7 +39,7 @@ LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")  # (layer, the rest): in 
 # Baichuan2-7B's RoPE base: fixed in its modeling code (the MindFormers YAML's theta, Llama's rope_theta).
 ROPE_THETA = 10000.0
 
-# Llama, as plain HF LlamaForCausalLM and PEFT name it (lorapipe.interop's exports).
+# Llama, as plain HF LlamaForCausalLM and PEFT name it (lorapipe.exports.interop's exports).
 # A cell of a decoder layer in MindFormers' Llama -> the module PEFT adapts, named as in HF Llama.
 # Baichuan2 names them the same, except that q, k, v are one module, self_attn.W_pack.
 LLAMA_MODULES = {
@@ -72,7 +72,7 @@ def hf_shapes(config):
 
 def network_shapes(model_config):
     """{MindSpore parameter name: shape} of the Baichuan2 network a MindFormers model_config (a rendered
-    YAML's, lorapipe.spec.llama_config) describes: what a complete checkpoint for it holds."""
+    YAML's, lorapipe.model.architecture.llama_config) describes: what a complete checkpoint for it holds."""
     h, i, v = model_config["hidden_size"], model_config["intermediate_size"], model_config["vocab_size"]
     shapes = {"model.tok_embeddings.embedding_weight": (v, h), "model.norm_out.weight": (h,),
               "lm_head.weight": (v, h)}

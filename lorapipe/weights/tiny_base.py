@@ -5,7 +5,7 @@ It stands in for the 15 GB `baichuan-inc/Baichuan2-7B-Chat` download: the same f
 (config.json, pytorch_model.bin with `model.layers.{i}.self_attn.W_pack.weight`, `lm_head.weight`, ...,
 tokenizer.model), at small dimensions, generated deterministically from a seed. Baichuan2-13B has the
 same files and names; a tiny ALiBi model says so in config.json ("position_embedding": "ALIBI"), since
-its width is not 13B's 5120 (lorapipe.spec.position_embedding). The sentencepiece
+its width is not 13B's 5120 (lorapipe.model.architecture.position_embedding). The sentencepiece
 tokenizer is trained on the sample conversations with Baichuan2's special pieces: unk 0, bos 1, eos 2,
 and `<reserved_106>` / `<reserved_107>` (the user and assistant markers) as single symbols.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from lorapipe.baichuan2 import hf_shapes
+from lorapipe.model.baichuan2 import hf_shapes
 from lorapipe.data import conversation_texts, input_files
 from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
-from lorapipe.spec import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
+from lorapipe.model.architecture import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
 
 FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
          "tokenizer.model")

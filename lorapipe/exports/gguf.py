@@ -29,7 +29,7 @@ llama.cpp adds a BOS to SPM vocabularies by default). The turn markers `<reserve
 are CONTROL tokens: llama.cpp matches them in text only when asked to parse special tokens, which chat
 formatting does (the rendered template is tokenised with parse_special), while plain text tokenised
 without it keeps a typed marker as characters, as lorapipe.data does. `tokenizer.chat_template` is
-lorapipe.chat_template's, the layout of its chat_ids.
+lorapipe.model.chat_template's, the layout of its chat_ids.
 
 Streaming: the plan (every tensor's name, shape and type) comes from the checkpoint's index, then each
 tensor is read once, converted in row chunks and appended to every output file through
@@ -42,16 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf
-from lorapipe.chat_template import CHAT_TEMPLATE, OLLAMA_TEMPLATE
+from lorapipe.model.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf
+from lorapipe.model.chat_template import CHAT_TEMPLATE, OLLAMA_TEMPLATE
 from lorapipe.digests import HashingFile
 from lorapipe.errors import InputError
-from lorapipe.hf_io import read_json
-from lorapipe.interop import check_rope, llama_tensors, normalize_rows
-from lorapipe.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.formats.hf_io import read_json
+from lorapipe.exports.interop import check_rope, llama_tensors, normalize_rows
+from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
 
 log = logging.getLogger("lorapipe")
 

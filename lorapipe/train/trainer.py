@@ -11,8 +11,8 @@ Importing it imports MindSpore and MindFormers and registers, besides the Baichu
 import os
 import time
 
-import lorapipe.model  # noqa: F401  registers Baichuan2ForCausalLM
-from lorapipe.losslog import RANK_LOG_HEADER, rank_log_row
+import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
+from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
 import mindformers.core.callback.callback as mf_callback
 import mindformers.trainer.utils as mf_trainer_utils
 import mindformers.utils.load_checkpoint_utils as mf_load_utils

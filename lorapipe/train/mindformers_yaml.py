@@ -5,9 +5,9 @@ processor section both share, and the PEFT-style adapter_config.json of a run. N
 
 import yaml
 
-from lorapipe.tokenizer import ChatTokenizer
+from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs
-from lorapipe.spec import LORA_A, LORA_B, llama_config, model_arch
+from lorapipe.model.architecture import LORA_A, LORA_B, llama_config, model_arch
 
 # The finetune's checkpoints are <model name>_lora*.ckpt (CheckpointMonitor's prefix).
 LORA_SUFFIX = "_lora"
@@ -31,7 +31,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     cpu = device_target == "CPU"
     kind, arch = model_arch(hf_config, position_embedding)
     opt, lr = train["optimizer"], train["lr_schedule"]
-    if cpu:  # CPU: MindFormers' wrapper uses Ascend-only overflow ops (lorapipe.trainer)
+    if cpu:  # CPU: MindFormers' wrapper uses Ascend-only overflow ops (lorapipe.train.trainer)
         wrapper = {"type": "CpuTrainOneStepCell", "use_clip_grad": True, "max_grad_norm": 1.0}
     else:
         scale = ({"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 65536, "scale_factor": 2,
@@ -63,7 +63,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     return {
         "seed": train["seed"],
         "run_mode": "finetune",
-        "output_dir": "./output",  # set per run by lorapipe.trainer.finetune
+        "output_dir": "./output",  # set per run by lorapipe.train.trainer.finetune
         # The folder that directly holds the complete base checkpoint. MindFormers counts it as complete
         # (trainer/utils.py:546-558 check_path_include_total_ckpt) and loads it into every rank before
         # any parallel compile (utils.py:466-469); the compile then slices each parameter to its layout
@@ -128,7 +128,7 @@ def render_predict_config(hf_config, *, tokenizer, name, generation, device_targ
     """The recipe's predict YAML (run_baichuan2_7b_910b.yaml, section "MindSpore推理"): incremental
     decoding (use_past), fp32 weights as the recipe recommends for accuracy, the generation settings
     in model_config, one device. The sequence length is the model's (prompt and answer together), not
-    the training rows'. For an ALiBi model use_past means lorapipe's host decoder (lorapipe.generate
+    the training rows'. For an ALiBi model use_past means lorapipe's host decoder (lorapipe.infer.generate
     build_decoder): MindFormers 1.9's incremental path is RoPE-only."""
     seq_length = hf_config.get("model_max_length", hf_config["max_position_embeddings"])
     kind, arch = model_arch(hf_config, position_embedding)
@@ -161,7 +161,7 @@ def write_mindformers_config(path, rendered, run=None, inputs=()):
 
 def adapter_config(rendered, base_model):
     """PEFT-style adapter_config.json of a run, from the YAML it trained with: what a loader needs to
-    apply or fold the adapter (see lorapipe.lora.read_adapter_config)."""
+    apply or fold the adapter (see lorapipe.model.lora.read_adapter_config)."""
     model_config = rendered["model"]["model_config"]
     pet = model_config["pet_config"]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),

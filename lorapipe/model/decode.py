@@ -2,7 +2,7 @@
 
 MindFormers 1.9 decodes incrementally only through its paged-attention path (use_past:
 models/llama/llama_transformer.py:316-333), whose kernels (ApplyRotaryPosEmb, ReshapeAndCache,
-PagedAttention) have no CPU implementation in MindSpore 2.9; on Ascend, lorapipe.generate uses it.
+PagedAttention) have no CPU implementation in MindSpore 2.9; on Ascend, lorapipe.infer.generate uses it.
 On the host, this module runs the same network in numpy float32 from the same parameters, so that a
 new token costs one position's forward. It follows MindFormers' CPU forward op for op, which the tests
 check against the MindSpore model (logits, and greedy tokens against the full-recompute loop):
@@ -13,9 +13,9 @@ check against the MindSpore model (logits, and greedy tokens against the full-re
     token is the pad id are masked even when the model generated them
     (modules/transformer/transformer.py:866-912, LowerTriangularMaskWithDynamic)
   * SwiGLU feed-forward w2(silu(w1 x) * w3 x); NormHead: logits = x @ normalize_rows(lm_head).T
-  * ALiBi (Baichuan2-13B, lorapipe.model.Baichuan13BV2ForCausalLM): no rotary; the scores get
+  * ALiBi (Baichuan2-13B, lorapipe.model.network.Baichuan13BV2ForCausalLM): no rotary; the scores get
     slope_h * (k - q) for keys k <= q on top of the same mask, pad keys included, as the network's
-    mask cell adds it (slopes from lorapipe.spec.alibi_slopes, float32 as the network's)
+    mask cell adds it (slopes from lorapipe.model.architecture.alibi_slopes, float32 as the network's)
 Measured in benchmarks/predict.py. The weights are held as fp32 (28 GB for a 7B model): a host decode is
 for small models and checks; the 7B recipe predicts on Ascend.
 """
@@ -24,14 +24,14 @@ import math
 
 import numpy as np
 
-from lorapipe.spec import alibi_slopes, is_alibi
+from lorapipe.model.architecture import alibi_slopes, is_alibi
 
 MASKED = np.float32(-10000.0)
 
 
 class KVCacheDecoder:
     """The network's forward for new positions after the cached ones. `weights` holds the parameters
-    by MindSpore name (lorapipe.generate.load_weights); `model_config` a rendered YAML's model_config."""
+    by MindSpore name (lorapipe.infer.generate.load_weights); `model_config` a rendered YAML's model_config."""
 
     def __init__(self, weights, model_config):
         c = model_config

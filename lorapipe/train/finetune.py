@@ -1,9 +1,9 @@
 """The finetune stage: resume (or start) the training of a rendered MindFormers YAML, launch the ranks,
 collect the outputs.
 
-This module never imports MindSpore: the ranks do (lorapipe.trainer, through the worker script the
-finetune rule passes in). The YAML comes from lorapipe.mindformers_yaml, the loss logs' formats from
-lorapipe.losslog.
+This module never imports MindSpore: the ranks do (lorapipe.train.trainer, through the worker script the
+finetune rule passes in). The YAML comes from lorapipe.train.mindformers_yaml, the loss logs' formats from
+lorapipe.train.losslog.
 
 Resume: Snakemake deletes a rule's directory outputs before the job runs, so training state lives in
 `<state_root>/<key>/`, which Snakemake does not know about. The key is a hash of the rendered YAML
@@ -28,12 +28,12 @@ import yaml
 
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import StepError
-from lorapipe.launch import cancel_slurm, launch
-from lorapipe.losslog import read_rank_log, write_loss_tsv
-from lorapipe.mindformers_yaml import LORA_SUFFIX, adapter_config
-from lorapipe.msckpt import iter_checkpoint
+from lorapipe.train.launch import cancel_slurm, launch
+from lorapipe.train.losslog import read_rank_log, write_loss_tsv
+from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config
+from lorapipe.formats.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
-from lorapipe.preflight import check_devices_here
+from lorapipe.train.preflight import check_devices_here
 from lorapipe.progress import Progress
 from lorapipe.provenance import find_manifest
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from lorapipe.data import IGNORE_TOKEN_ID, PAD_ID
 from lorapipe.errors import InputError
-from lorapipe.generate import load_model
+from lorapipe.infer.generate import load_model
 from lorapipe.outputs import atomic_outputs
 
 log = logging.getLogger("lorapipe")
@@ -20,7 +20,7 @@ def heldout_loss(net, mindrecord, batch_size=8):
     input_ids[:t+1], counted where labels[t+1] != -100 and input_ids[t] is not padding."""
     import mindspore.dataset as ds
 
-    from lorapipe.model import logits  # imports MindSpore
+    from lorapipe.model.network import logits  # imports MindSpore
 
     rows = list(ds.MindDataset(str(mindrecord), shuffle=False).create_dict_iterator(output_numpy=True))
     if not rows:

@@ -26,7 +26,7 @@ import numpy as np
 
 from lorapipe.digests import HashingFile, HashingReader
 from lorapipe.errors import InputError
-from lorapipe.msckpt import bfloat16
+from lorapipe.formats.msckpt import bfloat16
 
 @dataclass
 class TensorRef:

@@ -9,8 +9,8 @@ finished adapter.
 import numpy as np
 
 from lorapipe.errors import InputError
-from lorapipe.hf_io import read_json
-from lorapipe.spec import LORA_A, LORA_B
+from lorapipe.formats.hf_io import read_json
+from lorapipe.model.architecture import LORA_A, LORA_B
 
 
 def read_adapter_config(path):

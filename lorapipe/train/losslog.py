@@ -1,5 +1,5 @@
-"""The loss logs of a finetune: each rank's per-step TSV (written by lorapipe.trainer's TsvLossMonitor
-inside the rank) and the run's loss.tsv (written by lorapipe.finetune when it collects the outputs).
+"""The loss logs of a finetune: each rank's per-step TSV (written by lorapipe.train.trainer's TsvLossMonitor
+inside the rank) and the run's loss.tsv (written by lorapipe.train.finetune when it collects the outputs).
 
 rank log:  step  total  epoch  loss  lr  global_norm  seconds   (one row per step; a resume repeats rows)
 loss.tsv:  step  loss  lr  tokens_per_s                         (rank 0's rows, the last of each step)

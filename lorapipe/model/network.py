@@ -40,7 +40,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from mindformers.tools.utils import is_pynative  # noqa: E402
 
 from lorapipe.errors import InputError  # noqa: E402
-from lorapipe.spec import ALIBI_MODEL_CLASS, MODEL_CLASS, alibi_slopes, is_alibi  # noqa: E402,F401
+from lorapipe.model.architecture import ALIBI_MODEL_CLASS, MODEL_CLASS, alibi_slopes, is_alibi  # noqa: E402,F401
 
 
 class NormHead(nn.Cell):
@@ -212,7 +212,7 @@ class CausalMaskWithAlibi(nn.Cell):
     [batch, heads, seq, seq]. Per row that is HF's slope_h * k up to a constant, which the softmax
     ignores; k - q keeps the values near the diagonal small, so an fp16 mask keeps their precision
     (r1.0's build_alibi_tensor_v2 used k - q for the same reason). Pad keys get the bias on top of
-    -10000, as they would in any additive-mask implementation: lorapipe.decode does the same."""
+    -10000, as they would in any additive-mask implementation: lorapipe.model.decode does the same."""
 
     def __init__(self, seq_length, num_heads, compute_dtype=mstype.float32, pad_token_id=0, causal=None):
         super().__init__()
@@ -268,7 +268,7 @@ class Baichuan13BV2ForCausalLM(Baichuan2ForCausalLM):
         # Incremental decoding (use_past) runs MindFormers' InferAttention and paged attention, whose
         # LLaMA path is RoPE-only (llama_transformer.py:317-333, 494-496); flash attention takes ALiBi as a
         # separate input, not the additive mask this network builds. lorapipe decodes the 13B on the host
-        # (lorapipe.decode) and trains it without flash attention, as r1.0's recipe does.
+        # (lorapipe.model.decode) and trains it without flash attention, as r1.0's recipe does.
         for flag in ("use_past", "use_flash_attention"):
             if getattr(config, flag, False):
                 raise InputError(f"{ALIBI_MODEL_CLASS}: {flag} is not supported with ALiBi in lorapipe (model_config."

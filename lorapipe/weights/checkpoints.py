@@ -1,6 +1,6 @@
 """Training checkpoints -> one deployable model: filter, merge, fold LoRA.
 
-All of it streams through lorapipe.msckpt: a 7B checkpoint with Adam state is ~90 GB, so nothing here
+All of it streams through lorapipe.formats.msckpt: a 7B checkpoint with Adam state is ~90 GB, so nothing here
 ever holds a whole checkpoint in memory (merging with strategy files excepted: that is MindSpore's
 transform_checkpoints, which needs the shards of each tensor together).
 """
@@ -14,11 +14,11 @@ import numpy as np
 
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import InputError
-from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
-from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
+from lorapipe.formats.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.spec import LORA_A, LORA_B
+from lorapipe.model.architecture import LORA_A, LORA_B
 
 log = logging.getLogger("lorapipe")
 

@@ -1,6 +1,6 @@
 """The two conversions of Baichuan2 weights, streamed one tensor at a time: HF -> MindSpore (the
 recipe's convert_weight.py) and MindSpore -> HF (export). Names and shapes come from
-lorapipe.baichuan2, file formats from lorapipe.hf_io and lorapipe.msckpt.
+lorapipe.model.baichuan2, file formats from lorapipe.formats.hf_io and lorapipe.formats.msckpt.
 """
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import check_tensors, fused_record, hf_to_mindspore, mindspore_to_hf
-from lorapipe.hf_io import SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs, weight_files
-from lorapipe.msckpt import CheckpointWriter, bfloat16, checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.model.baichuan2 import check_tensors, fused_record, hf_to_mindspore, mindspore_to_hf
+from lorapipe.formats.hf_io import SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs, weight_files
+from lorapipe.formats.msckpt import CheckpointWriter, bfloat16, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 

@@ -2,11 +2,11 @@
 
 import math
 
-from lorapipe.baichuan2 import ROPE_THETA
+from lorapipe.model.baichuan2 import ROPE_THETA
 from lorapipe.errors import ConfigError, InputError
 
-MODEL_CLASS = "Baichuan2ForCausalLM"  # registered by lorapipe.model: Baichuan2-7B (RoPE)
-# Baichuan2-13B (ALiBi), registered by lorapipe.model under the name MindFormers r1.0's recipe YAML gives it
+MODEL_CLASS = "Baichuan2ForCausalLM"  # registered by lorapipe.model.network: Baichuan2-7B (RoPE)
+# Baichuan2-13B (ALiBi), registered by lorapipe.model.network under the name MindFormers r1.0's recipe YAML gives it
 # (research/baichuan2/run_baichuan2_13b_lora_910b.yaml, model.arch.type).
 ALIBI_MODEL_CLASS = "Baichuan13BV2ForCausalLM"
 
@@ -83,7 +83,7 @@ def alibi_slopes(num_heads):
 def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32",
                  position_embedding_type=ROPE, **overrides):
     """A MindFormers LlamaConfig (as a dict) for a Baichuan2 HF config.json, CPU-safe unless
-    `overrides` say otherwise. `position_embedding_type` "alibi" (lorapipe.spec.position_embedding)
+    `overrides` say otherwise. `position_embedding_type` "alibi" (lorapipe.model.architecture.position_embedding)
     marks the Baichuan2-13B network; RoPE configs do not carry the key."""
     config = dict(
         type="LlamaConfig",

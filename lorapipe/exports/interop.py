@@ -18,7 +18,7 @@ B @ A = [Bq Aq; Bk Ak; Bv Av]; writing lora_alpha 3 * alpha keeps the scale alph
 W_pack adapter of rank R is rank R on each of wq, wk, wv (all of A, B's row block); a block-diagonal one
 (as written here) comes back at rank R / 3 with the original tensors.
 
-Streams like lorapipe.weights: one model tensor (or one layer's q, k, v) in memory at a time. Adapters
+Streams like lorapipe.weights.convert: one model tensor (or one layer's q, k, v) in memory at a time. Adapters
 are small (rank x hidden per module) and are read whole.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import (
+from lorapipe.model.baichuan2 import (
     LAYER_NAME,
     LLAMA_MODULES,
     MINDSPORE_CELLS,
@@ -45,14 +45,14 @@ from lorapipe.baichuan2 import (
     fused_record,
     mindspore_to_hf,
 )
-from lorapipe.chat_template import CHAT_TEMPLATE
+from lorapipe.model.chat_template import CHAT_TEMPLATE
 from lorapipe.errors import InputError
-from lorapipe.hf_io import SafetensorsWriter, read_json, tensor_refs
-from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
-from lorapipe.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.formats.hf_io import SafetensorsWriter, read_json, tensor_refs
+from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
+from lorapipe.formats.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.spec import ALIBI, LORA_A, LORA_B, position_embedding
+from lorapipe.model.architecture import ALIBI, LORA_A, LORA_B, position_embedding
 
 log = logging.getLogger("lorapipe")
 
@@ -65,7 +65,7 @@ LLAMA_NEEDS_ROPE = "a Llama-format export needs rotary position embeddings and w
 
 def check_rope(config, where, override="auto", reason=LLAMA_NEEDS_ROPE):
     """Refuse an ALiBi model (Baichuan2-13B) for an export whose format has rotary position embeddings
-    only (`reason` says which). The architecture is lorapipe.spec.position_embedding's, of config.json and
+    only (`reason` says which). The architecture is lorapipe.model.architecture.position_embedding's, of config.json and
     `override` (base_model.position_embedding; the workflow passes the one it planned with, so that a job
     never decides otherwise)."""
     if position_embedding(config, override, where) != ALIBI:
@@ -119,7 +119,7 @@ def tokenizer_config(tokenizer_model, config):
       where the sentencepiece model has them as control pieces;
     - add_prefix_space as the model's own add_dummy_prefix (Baichuan2's: off), so the fast tokenizer
       converted from it matches."""
-    from lorapipe.tokenizer import ChatTokenizer
+    from lorapipe.model.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer(tokenizer_model)  # checks that the turn markers are there
     sp = tok.sp

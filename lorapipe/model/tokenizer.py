@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from lorapipe.errors import InputError
-from lorapipe.spec import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
 
 # The role markers are user-defined pieces: sentencepiece matches them anywhere in a text.
 ROLE_MARKER = re.compile(f"({re.escape(USER_PIECE)}|{re.escape(ASSISTANT_PIECE)})")

@@ -4,7 +4,7 @@ The chat template is the training layout (lorapipe.data): `<reserved_106>{questi
 earlier turns before it as `<reserved_106>q<reserved_107>a`, and the model answers until eos.
 On Ascend, decoding is MindFormers' own generate() with use_past, the recipe's path. On the host its
 kernels do not exist (paged attention, ApplyRotaryPosEmb, ArgMaxExt), so decoding is our own loop:
-lorapipe.decode's KV-cache forward, or, as the reference it is tested against, the MindSpore network
+lorapipe.model.decode's KV-cache forward, or, as the reference it is tested against, the MindSpore network
 re-run over the whole sequence; tokens are picked in numpy (greedy, or sampling with top-k, top-p,
 temperature and repetition penalty). Every checkpoint is loaded through load_weights, which checks it
 against the network and folds LoRA tensors with the trained run's scale.
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.baichuan2 import network_shapes
-from lorapipe.chat_template import chat_ids
-from lorapipe.checkpoints import rank_checkpoints
-from lorapipe.tokenizer import ChatTokenizer
-from lorapipe.decode import KVCacheDecoder
+from lorapipe.model.baichuan2 import network_shapes
+from lorapipe.model.chat_template import chat_ids
+from lorapipe.weights.checkpoints import rank_checkpoints
+from lorapipe.model.tokenizer import ChatTokenizer
+from lorapipe.model.decode import KVCacheDecoder
 from lorapipe.errors import InputError
-from lorapipe.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config
-from lorapipe.msckpt import checkpoint_index, iter_checkpoint
+from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config
+from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint
 from lorapipe.outputs import atomic_outputs
-from lorapipe.spec import is_alibi
+from lorapipe.model.architecture import is_alibi
 
 log = logging.getLogger("lorapipe")
 
@@ -92,7 +92,7 @@ def generate(model, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=No
     prompt and answer reach max_length tokens, or at the model's seq_length. `on_token(new_ids)` is
     called after every token.
 
-    `model` is a lorapipe.decode.KVCacheDecoder (a new token costs one position's forward), a
+    `model` is a lorapipe.model.decode.KVCacheDecoder (a new token costs one position's forward), a
     MindFormers network built with use_past (its own generate(), the Ascend path), or a plain network
     (every step re-runs the whole sequence: the reference the decoder is tested against)."""
     incremental = isinstance(model, KVCacheDecoder)
@@ -106,7 +106,7 @@ def generate(model, prompt_ids, eos_id, max_new_tokens=32, seed=0, max_length=No
         model.reset()
         step = model.forward  # the tokens it has not seen yet: the prompt first, then one at a time
     else:
-        from lorapipe.model import logits
+        from lorapipe.model.network import logits
 
         def step(_):
             return logits(model, np.array([ids], np.int32))[0, -1]
@@ -190,7 +190,7 @@ def load_weights(model_config, ckpt, adapter=None):
     describes (a rendered YAML's model_config), checked name by name and shape by shape.
 
     A checkpoint that holds LoRA tensors (merged_ckpt, as the recipe predicts from) is folded with
-    `adapter` (the trained run's settings, lorapipe.lora.read_adapter_config), which it then needs. A
+    `adapter` (the trained run's settings, lorapipe.model.lora.read_adapter_config), which it then needs. A
     tensor the model does not have, or a parameter the checkpoint lacks, is an error: nothing is dropped
     silently."""
     if not Path(ckpt).is_file():
@@ -234,7 +234,7 @@ def load_model(model_config, ckpt, adapter=None, use_past=False):
     MindFormers' incremental network (paged attention: Ascend kernels only)."""
     import mindspore as ms
 
-    from lorapipe.model import build_model
+    from lorapipe.model.network import build_model
 
     weights = load_weights(model_config, ckpt, adapter)
     net = build_model({k: v for k, v in model_config.items() if k not in ("pet_config", "checkpoint_name_or_path")

@@ -17,12 +17,12 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorapipe.tokenizer import ChatTokenizer
+from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.errors import StepError
-from lorapipe.msckpt import checkpoint_index
+from lorapipe.formats.msckpt import checkpoint_index
 from lorapipe.outputs import atomic_outputs, format_bytes
-from lorapipe.ranktable import load_rank_table, read_hccn_conf
-from lorapipe.spec import LORA_A, LORA_B, is_alibi
+from lorapipe.train.ranktable import load_rank_table, read_hccn_conf
+from lorapipe.model.architecture import LORA_A, LORA_B, is_alibi
 
 GB = 1 << 30
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -58,7 +58,7 @@ def build_network(rendered_yaml):
     from mindformers.models.build_model import build_network as mf_build_network
     from mindspore.nn.utils import no_init_parameters
 
-    import lorapipe.model  # noqa: F401  registers Baichuan2ForCausalLM
+    import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
 
     cfg = MindFormerConfig(os.path.abspath(rendered_yaml))
     par = cfg.parallel_config
@@ -331,7 +331,7 @@ def device_memory(model_config, rendered, params):
         "logits": b * s * v * (act_bytes + 4) / mp,  # the logits and their fp32 softmax
     }
     if is_alibi(model_config):
-        # lorapipe.model.CausalMaskWithAlibi: the fp32 distances [s, s], slopes x distances in fp32 and in the
+        # lorapipe.model.network.CausalMaskWithAlibi: the fp32 distances [s, s], slopes x distances in fp32 and in the
         # compute dtype [1, a/mp, s, s], and the mask plus bias [b, a/mp, s, s] that every layer reads.
         parts["ALiBi bias"] = s * s * 4 + a // mp * s * s * (4 + act_bytes + b * act_bytes)
     return parts

@@ -1,0 +1,1 @@
+"""The trained model in the formats other tools load: HF Llama, PEFT, GGUF."""

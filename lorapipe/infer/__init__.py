@@ -1,0 +1,1 @@
+"""The trained model in use: generation, predict and evaluation."""

@@ -1,0 +1,2 @@
+"""Baichuan2 itself: tensor names and shapes, the architecture, the MindSpore network, LoRA, the host decoder,
+the tokenizer and the chat template."""
