@@ -37,7 +37,7 @@ import json, sys
 import numpy as np
 from pathlib import Path
 from lorapipe.model.baichuan2 import network_shapes
-from lorapipe.data import conversation_texts
+from lorapipe.data.conversations import conversation_texts
 from lorapipe.formats.msckpt import CheckpointWriter, bfloat16
 from lorapipe.weights.tiny_base import hf_config, train_tokenizer
 folder, layers, hidden, inter, vocab, heads = Path(sys.argv[1]), *map(int, sys.argv[2:7])

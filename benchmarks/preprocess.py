@@ -5,7 +5,7 @@ On N conversations (default 24,000: the sample data repeated under new ids), seq
   recipe loop  - the recipe's belle_preprocess.py: its preprocess (tests/recipe_r10.py) encodes each
                  message of each sample on its own and builds the rows in Python lists, then one
                  FileWriter.write_raw_data call per sample
-  lorapipe     - lorapipe.data.preprocess_conversations on the same JSON file: read, check, tokenize,
+  lorapipe     - lorapipe.data.pipeline.preprocess_conversations on the same JSON file: read, check, tokenize,
                  assemble the rows, write the MindRecord and its stats
   floor        - what any preprocessing must do: tokenize every message and write the finished rows;
                  timed as the sum of
@@ -48,7 +48,7 @@ from common import measure_usage
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import recipe_r10  # noqa: E402  (r1.0's preprocess, the one copy: tests/recipe_r10.py)
-# MindSpore and lorapipe.data are imported where used: the scale runs measure the peak RSS of child
+# MindSpore and lorapipe.data.pipeline are imported where used: the scale runs measure the peak RSS of child
 # processes, which starts from this process's (benchmarks/common.py measure), so it stays small.
 
 
@@ -57,7 +57,7 @@ def recipe_loop(records, tok, seq_length, out):
     FileWriter.write_raw_data call per row."""
     from mindspore.mindrecord import FileWriter
 
-    from lorapipe.data import SCHEMA
+    from lorapipe.formats.mindrecord import SCHEMA
 
     writer = FileWriter(str(out), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "belle_baichuan2")
@@ -69,7 +69,7 @@ def recipe_loop(records, tok, seq_length, out):
 
 
 def write_rows(input_ids, labels, out, batch=4096):
-    from lorapipe.data import MindRecordWriter
+    from lorapipe.formats.mindrecord import MindRecordWriter
 
     writer = MindRecordWriter(out)
     for start in range(0, len(input_ids), batch):
@@ -80,7 +80,7 @@ def write_rows(input_ids, labels, out, batch=4096):
 def file_writer_rows(rows, out, batch=1000):
     from mindspore.mindrecord import FileWriter
 
-    from lorapipe.data import SCHEMA
+    from lorapipe.formats.mindrecord import SCHEMA
 
     writer = FileWriter(str(out), shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "belle_baichuan2")
@@ -126,7 +126,7 @@ def main():
 def compare(args):
     import mindspore.mindrecord  # noqa: F401  (imported before any method is timed)
 
-    from lorapipe.data import preprocess_conversations
+    from lorapipe.data.pipeline import preprocess_conversations
     from lorapipe.model.tokenizer import ChatTokenizer
 
     sample = json.loads((REPO / "data/belle_sample.json").read_text(encoding="utf-8"))

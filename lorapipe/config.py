@@ -19,7 +19,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from lorapipe.data import input_files, parse_sources
+from lorapipe.data.sources import input_files, parse_sources
 from lorapipe.errors import ConfigError
 from lorapipe.model.architecture import ALIBI
 from lorapipe.model.architecture import position_embedding as from_hf_config
@@ -233,7 +233,7 @@ def position_embedding(config):
 
 
 def data_files(train):
-    """The files data.train names (lorapipe.data.input_files), each one checked: a path that does not
+    """The files data.train names (lorapipe.data.sources.input_files), each one checked: a path that does not
     exist or is not a file, or a glob that matches nothing, is a ConfigError naming the key and the path.
     Snakemake alone plans nothing for a missing input whose outputs exist ("Nothing to be done"), and
     an empty glob is no input at all: either way the old data would stand for the new."""

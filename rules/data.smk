@@ -1,7 +1,7 @@
 # Data stage: chat data (BELLE, ShareGPT, Alpaca, OpenAI messages; JSON or JSON Lines) -> MindRecord
 # (train and held-out), with stats.
 
-from lorapipe.data import draws_samples
+from lorapipe.data.sources import draws_samples
 
 
 rule mindrecord:

@@ -9,7 +9,9 @@ section as JSON, which can also name several sources with formats and weights.""
 import json
 
 from lorapipe import cli
-from lorapipe.data import DROPPABLE, FORMATS, preprocess_conversations
+from lorapipe.data.pipeline import preprocess_conversations
+from lorapipe.data.sources import FORMATS
+from lorapipe.data.turns import DROPPABLE
 
 # The data settings, as the config's data section names them, and their defaults without --data.
 SETTINGS = {"format": "auto", "seq_length": 512, "heldout_fraction": 0.0, "split_seed": 0, "on_bad_record": "fail",

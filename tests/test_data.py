@@ -12,9 +12,12 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA
 from lorapipe.config import canonical, load_yaml, validate
-from lorapipe.data import (DROPPABLE, KINDS, SCHEMA, Conversation, MindRecordWriter,
-                           TokenizedConversations, assemble_rows, draws_samples, input_files, is_heldout,
-                           preprocess_conversations)
+from lorapipe.data.conversations import is_heldout
+from lorapipe.data.pipeline import preprocess_conversations
+from lorapipe.data.rows import TokenizedConversations, assemble_rows
+from lorapipe.data.sources import draws_samples, input_files
+from lorapipe.data.turns import DROPPABLE, KINDS, Conversation
+from lorapipe.formats.mindrecord import SCHEMA, MindRecordWriter
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.model.tokenizer import ChatTokenizer
 from recipe_r10 import recipe_rows
@@ -440,7 +443,7 @@ INVALID_JSON = ["[1 2]", "[1,]", "[", "[1,", '[{"a": }]', '[{"a" 1}]', '["abc', 
 def test_a_json_array_is_read_incrementally_as_json_reads_it(tmp_path, monkeypatch, chunk):
     """iter_records parses a JSON array a window at a time (READ_CHUNK bytes, json's own scanner): any
     window size gives json.loads's records, and for invalid JSON its message, line and column."""
-    import lorapipe.data as data
+    import lorapipe.data.readers as data
 
     monkeypatch.setattr(data, "READ_CHUNK", chunk)
     path = tmp_path / "x.json"
@@ -469,14 +472,14 @@ def test_a_json_array_is_read_incrementally_as_json_reads_it(tmp_path, monkeypat
 def test_json_lines_are_read_a_line_at_a_time(tmp_path):
     """JSON Lines (or several values in a `.json` file): a record per line; a line that is not JSON is a
     malformed record; U+2028 inside a string does not end a line."""
-    from lorapipe.data import _InvalidLine, iter_records
+    from lorapipe.data.readers import InvalidLine, iter_records
 
     for name in ("x.jsonl", "x.json"):
         path = tmp_path / name
         path.write_text('{"a": "x\u2028y"}\n\n  \n{"b":\n[1]\r\n', encoding="utf-8")
         records = list(iter_records(path))
         assert records[0] == {"a": "x\u2028y"} and records[2] == [1] and len(records) == 3
-        assert isinstance(records[1], _InvalidLine) and records[1].problem.startswith("line 4 is not JSON")
+        assert isinstance(records[1], InvalidLine) and records[1].problem.startswith("line 4 is not JSON")
     path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
     with pytest.raises(InputError, match=r"x\.json: line 2 \(byte 16\): bytes that are not UTF-8"):
         list(iter_records(path))
@@ -488,10 +491,10 @@ def test_memory_does_not_grow_with_the_records(tmp_path, tokenizer_file, monkeyp
     a held-out split, a weight of 2.5 (two whole readings and a sample), a JSON array and JSON Lines, packing."""
     import tracemalloc
 
-    import lorapipe.data as data
+    from lorapipe.data import pipeline, readers
 
-    monkeypatch.setattr(data, "ROWS_PER_CHUNK", 64)
-    monkeypatch.setattr(data, "READ_CHUNK", 4096)
+    monkeypatch.setattr(pipeline, "ROWS_PER_CHUNK", 64)
+    monkeypatch.setattr(readers, "READ_CHUNK", 4096)
 
     def peak(count):
         records = [dict(SAMPLE[i % len(SAMPLE)], id=f"m{i}") for i in range(count)]
@@ -618,7 +621,7 @@ def test_the_index_is_mindspores_for_any_page_layout(tmp_path):
     import mindspore.dataset as ds
     from mindspore.mindrecord import FileWriter
 
-    from lorapipe.data import write_index
+    from lorapipe.formats.mindrecord import write_index
 
     rng = np.random.default_rng(1)
     rows = [rng.integers(-100, 1000, (2, int(n)), dtype=np.int32) for n in rng.integers(1, 12, 3000)]

@@ -133,7 +133,7 @@ def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tm
     import mindspore.dataset as ds
     from conftest import SAMPLE_DATA
 
-    from lorapipe.data import preprocess_conversations
+    from lorapipe.data.pipeline import preprocess_conversations
     from lorapipe.infer.evaluate import heldout_loss
     from lorapipe.model.network import logits
 
@@ -154,7 +154,7 @@ def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tm
 def _one_row(rec, tmp_path):
     import mindspore.dataset as ds
 
-    from lorapipe.data import write_mindrecord
+    from lorapipe.formats.mindrecord import write_mindrecord
 
     row = next(ds.MindDataset(str(rec), shuffle=False).create_dict_iterator(output_numpy=True))
     write_mindrecord(tmp_path / "one.mindrecord", [(row["input_ids"], row["labels"], 0)])

@@ -122,7 +122,7 @@ def flatten(tree, prefix=""):
 def baichuan2_like_tokenizer(path):
     """A sentencepiece model where <reserved_106>/<reserved_107> are ids 195/196, as in Baichuan2's."""
     from conftest import SAMPLE_DATA
-    from lorapipe.data import conversation_texts
+    from lorapipe.data.conversations import conversation_texts
     from lorapipe.weights.tiny_base import train_tokenizer
 
     symbols = [f"<filler_{i}>" for i in range(192)] + ["<reserved_106>", "<reserved_107>"]

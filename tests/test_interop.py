@@ -121,7 +121,7 @@ def test_tokenizer_loads_offline_and_its_chat_template_gives_chat_ids(run, tok):
                 messages.append({"role": "user", "content": question})
                 got = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
                 assert list(got) == chat_ids(tok, question, history), (use_fast, question, history)
-        # A system prompt goes in front of the first user turn, as lorapipe.data puts a record's.
+        # A system prompt goes in front of the first user turn, as lorapipe.data.turns puts a record's.
         system = [{"role": "system", "content": "Be brief."}]
         got = hf_tok.apply_chat_template(system + [{"role": "user", "content": QUESTIONS[1]}], add_generation_prompt=True)
         assert list(got) == chat_ids(tok, "Be brief.\n" + QUESTIONS[1])

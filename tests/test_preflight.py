@@ -91,7 +91,7 @@ def test_checks_name_what_is_wrong(tmp_path, tiny_base_dir):
     small = {"vocab_size": 100, "user_token_id": 3, "assistant_token_id": 4}
     assert check_tokenizer(tiny_base_dir / "tokenizer.model", small).status == "fail"
 
-    from lorapipe.data import preprocess_conversations
+    from lorapipe.data.pipeline import preprocess_conversations
 
     preprocess_conversations(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "d.mindrecord", 16)
     rendered = {"runner_config": {"batch_size": 400, "epochs": 1, "sink_mode": False, "sink_size": 1},

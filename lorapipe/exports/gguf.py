@@ -28,7 +28,7 @@ added (`tokenizer.ggml.add_bos_token` false: lorapipe's prompts and training row
 llama.cpp adds a BOS to SPM vocabularies by default). The turn markers `<reserved_106>`/`<reserved_107>`
 are CONTROL tokens: llama.cpp matches them in text only when asked to parse special tokens, which chat
 formatting does (the rendered template is tokenised with parse_special), while plain text tokenised
-without it keeps a typed marker as characters, as lorapipe.data does. `tokenizer.chat_template` is
+without it keeps a typed marker as characters, as lorapipe.data.turns does. `tokenizer.chat_template` is
 lorapipe.model.chat_template's, the layout of its chat_ids.
 
 Streaming: the plan (every tensor's name, shape and type) comes from the checkpoint's index, then each

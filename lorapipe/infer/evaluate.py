@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from lorapipe.data import IGNORE_TOKEN_ID, PAD_ID
+from lorapipe.data.rows import IGNORE_TOKEN_ID, PAD_ID
 from lorapipe.errors import InputError
 from lorapipe.infer.generate import load_model
 from lorapipe.outputs import atomic_outputs

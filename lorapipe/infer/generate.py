@@ -1,6 +1,6 @@
 """Chat generation with the Baichuan2 model.
 
-The chat template is the training layout (lorapipe.data): `<reserved_106>{question}<reserved_107>`,
+The chat template is the training layout (lorapipe.data.rows): `<reserved_106>{question}<reserved_107>`,
 earlier turns before it as `<reserved_106>q<reserved_107>a`, and the model answers until eos.
 On Ascend, decoding is MindFormers' own generate() with use_past, the recipe's path. On the host its
 kernels do not exist (paged attention, ApplyRotaryPosEmb, ArgMaxExt), so decoding is our own loop:

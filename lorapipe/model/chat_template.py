@@ -1,9 +1,9 @@
 """Baichuan2's chat template, in one place, in every form lorapipe writes it.
 
-The layout (the training rows' too, lorapipe.data): `<reserved_106>question<reserved_107>answer` per
+The layout (the training rows' too, lorapipe.data.rows): `<reserved_106>question<reserved_107>answer` per
 turn, no separator between turns, and a prompt ends with the assistant marker, where the model answers
 until eos. Baichuan2's template has no system token: a leading system message is prepended to the first
-user turn followed by SYSTEM_SEPARATOR, as lorapipe.data does with a record's system prompt.
+user turn followed by SYSTEM_SEPARATOR, as lorapipe.data.turns does with a record's system prompt.
 
 * chat_ids: the prompt ids for lorapipe's own predict and chat (the markers by id, the texts encoded);
 * CHAT_TEMPLATE: the same as a Jinja template, for an HF tokenizer_config.json (interop) and a GGUF's

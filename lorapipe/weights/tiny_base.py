@@ -18,7 +18,8 @@ import sentencepiece as spm
 import torch
 
 from lorapipe.model.baichuan2 import hf_shapes
-from lorapipe.data import conversation_texts, input_files
+from lorapipe.data.conversations import conversation_texts
+from lorapipe.data.sources import input_files
 from lorapipe.errors import InputError
 from lorapipe.outputs import atomic_outputs
 from lorapipe.model.architecture import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
