@@ -93,7 +93,8 @@ from pathlib import Path
 import numpy as np
 import gguf
 from lorapipe.exports import gguf as g
-from lorapipe.exports.interop import llama_tensors, normalize_rows
+from lorapipe.formats.gguf import encode, storage_type
+from lorapipe.exports.llama import llama_tensors, normalize_rows
 from lorapipe.formats.msckpt import iter_checkpoint
 ckpt, base, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 config = json.loads((base / "config.json").read_text())
@@ -103,8 +104,8 @@ g.add_metadata(writer, config, base / "tokenizer.model", "f16", "bench")
 for (name, hf, shape), (_, array) in zip(plan, llama_tensors(iter_checkpoint(ckpt), ckpt)):
     if name.endswith(("attn_q.weight", "attn_k.weight")):
         array = g.permute_qk(array, config["num_attention_heads"])
-    q = g.storage_type(name, shape, "f16")
-    writer.add_tensor(name, g.encode(array, q, normalize_rows if hf == "lm_head.weight" else None).reshape(shape))
+    q = storage_type(name, shape, "f16")
+    writer.add_tensor(name, encode(array, q, normalize_rows if hf == "lm_head.weight" else None).reshape(shape))
 writer.write_header_to_file()
 writer.write_kv_data_to_file()
 writer.write_tensors_to_file()

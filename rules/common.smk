@@ -124,7 +124,7 @@ def rope_only(wildcards):
     return []
 
 
-# The interop exports (rules/export.smk): plain HF Llama directories and PEFT adapter folders.
+# The Llama and PEFT exports (rules/export.smk): plain HF Llama directories and PEFT adapter folders.
 HF_LLAMA = f"{RESULTS}/hf_llama"
 HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
 PEFT_ADAPTER = f"{RESULTS}/peft_adapter"

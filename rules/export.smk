@@ -1,5 +1,5 @@
 # Interop exports: the finetuned and the base model as plain HF Llama directories (transformers, vLLM),
-# the trained LoRA adapter as PEFT folders (lorapipe/exports/interop.py), and GGUF for llama.cpp
+# the trained LoRA adapter as PEFT folders (lorapipe/exports/llama.py, peft.py), and GGUF for llama.cpp
 # (lorapipe/exports/gguf.py). Their paths are in common.smk.
 
 

@@ -5,7 +5,7 @@ tokenizer.model, tokenizer_config.json (with the chat template). transformers, v
 convert_hf_to_gguf.py load it without remote code."""
 
 from lorapipe import cli
-from lorapipe.exports.interop import export_llama
+from lorapipe.exports.llama import export_llama
 
 
 def main():

@@ -4,7 +4,7 @@ adapter for the Llama export (q_proj/k_proj/v_proj), and optionally for Baichuan
 rank-3r adapter per layer: A stacked, B block diagonal)."""
 
 from lorapipe import cli
-from lorapipe.exports.interop import export_peft
+from lorapipe.exports.peft import export_peft
 
 
 def main():

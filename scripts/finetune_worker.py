@@ -5,7 +5,8 @@ rank by scripts/finetune.py (under msrun, or the rank-table launcher); imports M
 import argparse
 import os
 
-from lorapipe.train.launch import attach_to_launcher, worker_status
+from lorapipe.train.launch import worker_status
+from lorapipe.train.processes import attach_to_launcher
 
 
 def main():

@@ -12,7 +12,7 @@ Baichuan2's W_pack onto a base MindSpore checkpoint:
 import argparse
 
 from lorapipe import cli
-from lorapipe.exports.interop import import_peft
+from lorapipe.exports.peft import import_peft
 
 
 def main():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.train.preflight import report, run_preflight, write_report
+from lorapipe.train.preflight import format_checks, run_preflight, write_preflight_json
 
 
 def main():
@@ -29,8 +29,8 @@ def main():
                            args.rank_table or None, args.parallel["hccn_conf"],
                            hf_config=json.loads(Path(args.hf_config).read_text()),
                            allow_longer=args.allow_seq_length_over_max_positions)
-    cli.log.info("preflight:\n%s", report(checks))
-    write_report(checks, args.output, run=run,
+    cli.log.info("preflight:\n%s", format_checks(checks))
+    write_preflight_json(checks, args.output, run=run,
                  inputs=[args.config, args.base_ckpt, args.tokenizer, args.train_data, args.hf_config,
                          *([args.rank_table] if args.rank_table else [])])
 

@@ -203,7 +203,7 @@ STRATEGIES = textwrap.dedent("""
     # The 13B network as MindFormers builds it from a semi-auto parallel YAML (dp 2, mp 5: the tiny model's
     # 5 heads split over 5 devices): the strategies of the ALiBi ops and of what touches a parameter.
     import sys
-    from lorapipe.train.preflight import build_network, strategy_of, unsharded_ops
+    from lorapipe.train.network_checks import build_network, strategy_of, unsharded_ops
     net, _ = build_network(sys.argv[1])
     print(unsharded_ops(net))
     for cell, attr in (("model.casual_mask", "mul_slopes"), ("model.casual_mask", "add_bias"),

@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
 import conftest
-from lorapipe.train.launch import (LaunchError, _process_of, launch, log_tail, read_process_records, record_process,
-                             stop_earlier_launch)
+from lorapipe.train.launch import launch, log_tail
+from lorapipe.train.processes import LaunchError, process_of, read_process_records, record_process, stop_earlier_launch
 
 HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176,
              "vocab_size": 1000, "rms_norm_eps": 1e-6}
@@ -63,11 +63,12 @@ def test_render_real_recipe(tiny_base_dir):
 WORKER = textwrap.dedent("""
     import os, sys, time
     import lorapipe.train.launch as launch
+    import lorapipe.train.processes as processes
     if sys.argv[1] == "immortal":  # a rank whose death with its parent failed: what stop_earlier_launch is for
-        launch._watch_parent = lambda pid: None
-    launch.attach_to_launcher()
+        processes._watch_parent = lambda pid: None
+    processes.attach_to_launcher()
     if sys.argv[1] == "immortal":
-        launch._prctl(launch.PR_SET_PDEATHSIG, 0)
+        processes._prctl(processes.PR_SET_PDEATHSIG, 0)
     with launch.worker_status(int(os.environ["RANK_ID"])):
         if os.environ.get("MS_ROLE") != "MS_SCHED":
             print("rank", os.environ["RANK_ID"], "up", flush=True)
@@ -181,7 +182,7 @@ def start_launcher(tmp_path, launcher, mode):
 def survivors(tmp_path, logs):
     """Live processes the launch recorded (same pid and start time), and any other with this test's
     folder on its command line (msrun's `tail -f` of a worker log, for one)."""
-    found = {p.pid: p for r in read_process_records(logs) if (p := _process_of(r))}
+    found = {p.pid: p for r in read_process_records(logs) if (p := process_of(r))}
     for p in psutil.process_iter(["cmdline"]):
         if str(tmp_path) in " ".join(p.info["cmdline"] or []):
             found[p.pid] = p
@@ -215,7 +216,7 @@ def test_a_launch_stops_the_ranks_an_earlier_launch_left_running(tmp_path, launc
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(1)
-    left = [p for r in read_process_records(logs) if r["role"] == "rank" and (p := _process_of(r))]
+    left = [p for r in read_process_records(logs) if r["role"] == "rank" and (p := process_of(r))]
     assert len(left) == 2  # they outlived their launcher: the case the next launch must handle
     launch([str(tmp_path / "worker.py"), "ok"], 2, logs, launcher=launcher, rank_table=logs / "t.json",
            env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
@@ -227,10 +228,10 @@ def test_a_launch_stops_the_ranks_an_earlier_launch_left_running(tmp_path, launc
 def test_a_reused_pid_is_not_taken_for_a_process_of_an_earlier_launch(tmp_path):
     record_process(tmp_path, os.getpid(), "rank", 0)  # this test's own process, as if it were a rank
     (record,) = read_process_records(tmp_path)
-    assert _process_of(record).pid == os.getpid()
+    assert process_of(record).pid == os.getpid()
     record["started"] -= 60  # the rank that had this pid started a minute before this process
     (tmp_path / "processes" / f"{record['host']}-{os.getpid()}.json").write_text(json.dumps(record))
-    assert _process_of(record) is None
+    assert process_of(record) is None
     stop_earlier_launch(tmp_path)  # and it is left alone (else this test would not get past here)
 
 

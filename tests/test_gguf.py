@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_base_with_random_lora
-from lorapipe.exports import gguf as gguf_export, interop
+from lorapipe.exports import gguf as gguf_export, llama
+from lorapipe.model.baichuan2 import ROPE_THETA
+from lorapipe.model.chat_template import CHAT_TEMPLATE
 from lorapipe.weights.checkpoints import fold_lora
 from lorapipe.errors import InputError
 
@@ -33,7 +35,7 @@ def run(tiny_base_dir, tmp_path_factory):
     adapter_config.write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": ".*wq|.*wk|.*wv"}))
     folded = d / "merged_lora.ckpt"
     fold_lora(lora, folded, adapter_config)
-    interop.export_llama(folded, tiny_base_dir, d / "hf_llama")
+    llama.export_llama(folded, tiny_base_dir, d / "hf_llama")
     paths = gguf_export.export_gguf(folded, tiny_base_dir, d / "gguf", "tiny", TYPES)
     return SimpleNamespace(dir=d, base=base, lora=lora, folded=folded, paths=paths,
                            config=json.loads((tiny_base_dir / "config.json").read_text()))
@@ -87,7 +89,7 @@ def test_metadata_is_what_llama_cpp_reads(run, tiny_base_dir):
             "llama.attention.head_count": c["num_attention_heads"],
             "llama.attention.head_count_kv": c["num_attention_heads"],
             "llama.rope.dimension_count": c["hidden_size"] // c["num_attention_heads"],
-            "llama.rope.freq_base": interop.ROPE_THETA}
+            "llama.rope.freq_base": ROPE_THETA}
         assert m["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c["rms_norm_eps"])
         # The SentencePiece vocabulary, piece for piece, and how llama.cpp is to use it.
         assert m["tokenizer.ggml.model"] == "llama" and m["tokenizer.ggml.pre"] == "default"
@@ -106,7 +108,7 @@ def test_metadata_is_what_llama_cpp_reads(run, tiny_base_dir):
         # dummy prefix space (Baichuan2's tokenizer has add_dummy_prefix off).
         assert (m["tokenizer.ggml.add_bos_token"], m["tokenizer.ggml.add_eos_token"],
                 m["tokenizer.ggml.add_space_prefix"]) == (False, False, False)
-        assert m["tokenizer.chat_template"] == interop.CHAT_TEMPLATE
+        assert m["tokenizer.chat_template"] == CHAT_TEMPLATE
 
 
 def test_every_tensor_is_the_llama_exports(run):
@@ -138,7 +140,7 @@ def test_every_tensor_is_the_llama_exports(run):
     assert np.allclose(np.linalg.norm(want["output.weight"], axis=1), 1.0, atol=1e-6)
 
 
-def rope_rotate_half(x, pos, theta=interop.ROPE_THETA):
+def rope_rotate_half(x, pos, theta=ROPE_THETA):
     """HF Llama's (and lorapipe's) rotary embedding of one head's vector: halves (x[i], x[i + d/2])."""
     d = x.shape[-1]
     freq = pos * theta ** (-np.arange(0, d, 2) / d)
@@ -146,7 +148,7 @@ def rope_rotate_half(x, pos, theta=interop.ROPE_THETA):
     return np.concatenate([a * np.cos(freq) - b * np.sin(freq), b * np.cos(freq) + a * np.sin(freq)])
 
 
-def rope_adjacent_pairs(x, pos, theta=interop.ROPE_THETA):
+def rope_adjacent_pairs(x, pos, theta=ROPE_THETA):
     """ggml's LLAMA_ROPE_TYPE_NORM (llama.cpp's llama architecture): pairs (x[2i], x[2i + 1])."""
     d = x.shape[-1]
     freq = pos * theta ** (-np.arange(0, d, 2) / d)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_base_with_random_lora
-from lorapipe.exports import interop
+from lorapipe.exports import llama, peft
 from lorapipe.weights.checkpoints import fold_lora
 from lorapipe.errors import InputError
 from lorapipe.formats.msckpt import iter_checkpoint
@@ -33,9 +33,9 @@ def run(tiny_base_dir, tmp_path_factory):
                                           "target_modules": ".*wq|.*wk|.*wv"}))
     folded = d / "merged_lora.ckpt"
     fold_lora(lora, folded, adapter_config)
-    interop.export_llama(folded, tiny_base_dir, d / "hf_llama")
-    interop.export_llama(base, tiny_base_dir, d / "hf_llama_base")
-    interop.export_peft(lora, adapter_config, d / "peft_adapter", d / "hf_llama_base", w_pack_dir=d / "peft_w_pack",
+    llama.export_llama(folded, tiny_base_dir, d / "hf_llama")
+    llama.export_llama(base, tiny_base_dir, d / "hf_llama_base")
+    peft.export_peft(lora, adapter_config, d / "peft_adapter", d / "hf_llama_base", w_pack_dir=d / "peft_w_pack",
                         w_pack_base_model=tiny_base_dir)
     return SimpleNamespace(dir=d, base=base, lora=lora, adapter_config=adapter_config, folded=folded,
                            hf_config=json.loads((tiny_base_dir / "config.json").read_text()))
@@ -167,7 +167,7 @@ def test_w_pack_adapter_is_the_qkv_adapter_at_rank_3r(run):
 
     # PEFT applies it to modules named as Baichuan2's (Baichuan's own model code is not available
     # offline): merged, W_pack equals the Llama export's merged q, k, v.
-    llama_base, llama = (load_file(run.dir / d / "model.safetensors") for d in ("hf_llama_base", "hf_llama"))
+    llama_base, llama_folded = (load_file(run.dir / d / "model.safetensors") for d in ("hf_llama_base", "hf_llama"))
     net = torch.nn.Module()
     net.model = torch.nn.Module()
     net.model.layers = torch.nn.ModuleList()
@@ -185,7 +185,7 @@ def test_w_pack_adapter_is_the_qkv_adapter_at_rank_3r(run):
     assert not [k for k in result.missing_keys if "lora_" in k]
     merged = lora.merge_and_unload()
     for i in range(layers):
-        want = torch.cat([llama[f"model.layers.{i}.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+        want = torch.cat([llama_folded[f"model.layers.{i}.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
         assert max_diff(merged.model.layers[i].self_attn.W_pack.weight.detach(), want) < 1e-6
 
 
@@ -198,7 +198,7 @@ def assert_same_tensors(path, want_path):
 
 @pytest.mark.parametrize("adapter", ["peft_adapter", "peft_w_pack"])
 def test_export_import_round_trip_gives_the_same_tensors(run, tmp_path, adapter):
-    out = interop.import_peft(run.dir / adapter, run.base, tmp_path / "lora.ckpt", tmp_path / "adapter_config.json")
+    out = peft.import_peft(run.dir / adapter, run.base, tmp_path / "lora.ckpt", tmp_path / "adapter_config.json")
     assert_same_tensors(out, run.lora)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (RANK, ALPHA, ".*wq|.*wk|.*wv")
@@ -206,7 +206,7 @@ def test_export_import_round_trip_gives_the_same_tensors(run, tmp_path, adapter)
     fold_lora(out, tmp_path / "folded.ckpt", tmp_path / "adapter_config.json")
     assert_same_tensors(tmp_path / "folded.ckpt", run.folded)
     # Folded straight in.
-    interop.import_peft(run.dir / adapter, run.base, tmp_path / "folded_in.ckpt", fold_in=True)
+    peft.import_peft(run.dir / adapter, run.base, tmp_path / "folded_in.ckpt", fold_in=True)
     assert_same_tensors(tmp_path / "folded_in.ckpt", run.folded)
 
 
@@ -223,7 +223,7 @@ def test_import_a_peft_trained_adapter_on_every_linear(run, tok, tmp_path):
         r=2, lora_alpha=6, lora_dropout=0.0, init_lora_weights=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
     model.save_pretrained(tmp_path / "trained")
-    interop.import_peft(tmp_path / "trained", run.base, tmp_path / "lora.ckpt", tmp_path / "adapter_config.json")
+    peft.import_peft(tmp_path / "trained", run.base, tmp_path / "lora.ckpt", tmp_path / "adapter_config.json")
     net = ms_model(run, tmp_path / "lora.ckpt", read_adapter_config(tmp_path / "adapter_config.json"))
     for ids in prompts(tok)[:3]:
         assert max_diff(logits(net, np.array([ids], np.int32))[0], hf_logits(model, ids)) < 1e-4
@@ -237,20 +237,20 @@ def test_alibi_models_are_refused_clearly(run, tiny_base_dir, tmp_path):
     config = dict(run.hf_config, position_embedding="ALIBI")
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match=r'alibi/config.json: an ALiBi model \("position_embedding": "ALIBI"\)'):
-        interop.export_llama(run.base, base, tmp_path / "out")
+        llama.export_llama(run.base, base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="hidden_size 5120 .Baichuan2-13B."):
-        interop.check_rope({"hidden_size": 5120}, "config.json")
-    interop.check_rope({"hidden_size": 5120, "position_embedding": "ROPE"}, "config.json")
-    interop.check_rope(run.hf_config, "config.json")
+        llama.check_rope({"hidden_size": 5120}, "config.json")
+    llama.check_rope({"hidden_size": 5120, "position_embedding": "ROPE"}, "config.json")
+    llama.check_rope(run.hf_config, "config.json")
 
 
 def test_bad_inputs_are_named_and_leave_no_output(run, tiny_base_dir, tmp_path):
     with pytest.raises(InputError, match="'model.layers.0.attention.wq.mindpet_delta_lora_a' is not a Baichuan2 "
                                          "model weight"):
-        interop.export_llama(run.lora, tiny_base_dir, tmp_path / "llama")
+        llama.export_llama(run.lora, tiny_base_dir, tmp_path / "llama")
     with pytest.raises(InputError, match="no LoRA tensors .* needs the unfolded checkpoint"):
-        interop.export_peft(run.folded, run.adapter_config, tmp_path / "peft", "base")
+        peft.export_peft(run.folded, run.adapter_config, tmp_path / "peft", "base")
     # PEFT adapters lorapipe's model cannot take: lm_head, DoRA, a rank its config does not say.
     adapter = tmp_path / "adapter"
     shutil.copytree(run.dir / "peft_adapter", adapter)
@@ -264,16 +264,16 @@ def test_bad_inputs_are_named_and_leave_no_output(run, tiny_base_dir, tmp_path):
     ]:
         (adapter / "adapter_config.json").write_text(json.dumps(dict(config, **edit)))
         with pytest.raises(InputError, match=message):
-            interop.import_peft(adapter, run.base, tmp_path / "x.ckpt", tmp_path / "x.json")
+            peft.import_peft(adapter, run.base, tmp_path / "x.ckpt", tmp_path / "x.json")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     save_file({**tensors, "base_model.model.lm_head.lora_A.weight": np.zeros((4, 32), np.float32),
                "base_model.model.lm_head.lora_B.weight": np.zeros((600, 4), np.float32)},
               adapter / "adapter_model.safetensors")
     with pytest.raises(InputError, match="LoRA on 'lm_head': lorapipe's model has no such cell"):
-        interop.import_peft(adapter, run.base, tmp_path / "x.ckpt", tmp_path / "x.json")
+        peft.import_peft(adapter, run.base, tmp_path / "x.ckpt", tmp_path / "x.json")
     # A base that is not the adapter's: shapes named.
     with pytest.raises(InputError, match="already holds LoRA tensors"):
-        interop.import_peft(run.dir / "peft_adapter", run.lora, tmp_path / "x.ckpt", tmp_path / "x.json")
+        peft.import_peft(run.dir / "peft_adapter", run.lora, tmp_path / "x.ckpt", tmp_path / "x.json")
     assert not (tmp_path / "x.ckpt").exists() and not (tmp_path / "x.json").exists()
     assert not (tmp_path / "llama").exists() and not (tmp_path / "peft").exists()
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
-from lorapipe.train.preflight import check_checkpoint, check_data, check_rank_table, check_tokenizer
+from lorapipe.train.checks import check_data, check_rank_table, check_tokenizer
+from lorapipe.train.network_checks import check_checkpoint
 
 BAICHUAN2_7B_2_LAYERS = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 4096,
                          "num_hidden_layers": 2, "num_attention_heads": 32, "intermediate_size": 11008,
@@ -122,7 +123,7 @@ UNSHARDED_HEAD = textwrap.dedent("""
     # A NormHead whose L2Normalize has no strategy, as before: the check must name it.
     import sys, yaml
     import lorapipe.model.network as model
-    from lorapipe.train.preflight import build_network, unsharded_ops
+    from lorapipe.train.network_checks import build_network, unsharded_ops
     shard = model.NormHead.shard
     def without_l2(self, strategy):
         shard(self, strategy)
@@ -152,7 +153,7 @@ def test_the_memory_estimate_counts_the_alibi_bias_of_13b():
     """Baichuan2-13B's mask cell holds the distances ([s, s] fp32), an ALiBi bias per head ([1, heads/mp,
     s, s] in fp32, then in the compute dtype) and the mask plus bias ([batch, heads/mp, s, s]); the 7B
     network has none of it."""
-    from lorapipe.train.preflight import device_memory
+    from lorapipe.train.network_checks import device_memory
     from lorapipe.model.architecture import ALIBI, POSITION_EMBEDDING_KEY
 
     model_config = {"param_init_type": "float16", "compute_dtype": "float16", "seq_length": 512,
@@ -171,7 +172,7 @@ def test_the_parallel_layout_is_checked_against_the_network_before_it_is_built(t
     """Issue 27: model_parallel 3 with 4 heads and pipeline_stage 4 with 2 layers stopped preflight with a
     traceback from MindFormers; mp > 1 on CPU is not what lorapipe renders there."""
     from lorapipe.config import load_config
-    from lorapipe.train.preflight import check_layout
+    from lorapipe.train.checks import check_layout
 
     hf = json.loads((tiny_base_dir / "config.json").read_text())  # hidden 32, 4 heads, ffn 88, 2 layers, vocab 600
     tok = tiny_base_dir / "tokenizer.model"
@@ -196,7 +197,7 @@ def test_the_parallel_layout_is_checked_against_the_network_before_it_is_built(t
 def test_lora_targets_that_match_no_cell_are_refused_with_the_cells_there_are(tmp_path, tiny_base_dir):
     from lorapipe.config import load_config
     from lorapipe.train.mindformers_yaml import write_mindformers_config
-    from lorapipe.train.preflight import build_network_check, check_lora, network_parameters
+    from lorapipe.train.network_checks import build_network_check, check_lora, network_parameters
 
     cfg = load_config(REPO / "config" / "config.yaml")
     hf = json.loads((tiny_base_dir / "config.json").read_text())
@@ -218,7 +219,7 @@ def test_lora_targets_that_match_no_cell_are_refused_with_the_cells_there_are(tm
 
 
 def test_rows_longer_than_the_models_positions_are_refused_unless_allowed():
-    from lorapipe.train.preflight import check_positions
+    from lorapipe.train.checks import check_positions
 
     refused = check_positions({"seq_length": 600}, {"max_position_embeddings": 512}, allow_longer=False)
     assert refused.status == "fail" and refused.detail.startswith(
@@ -231,7 +232,7 @@ def test_rows_longer_than_the_models_positions_are_refused_unless_allowed():
 
 
 def test_odd_schedules_warn_and_the_rank_table_launcher_on_cpu_fails():
-    from lorapipe.train.preflight import check_devices, check_schedule
+    from lorapipe.train.checks import check_devices, check_schedule
 
     def rendered(warmup_ratio=0.05, learning_rate=3e-3, save=20):
         return {"lr_schedule": {"warmup_ratio": warmup_ratio, "learning_rate": learning_rate},

@@ -3,19 +3,19 @@ LM Studio): a complete MindSpore checkpoint (LoRA folded: merged_lora.ckpt) plus
 config.json and tokenizer.model -> `<name>-f16.gguf`, `<name>-q8_0.gguf` (and `-f32.gguf` on request).
 
 Architecture `llama`, not llama.cpp's own `baichuan`. Baichuan2-7B is a Llama with a fused W_pack and
-a NormHead (interop.export_llama), and llama.cpp's `baichuan` architecture decides RoPE or ALiBi from the
+a NormHead (exports.llama.export_llama), and llama.cpp's `baichuan` architecture decides RoPE or ALiBi from the
 layer count alone (src/models/baichuan.cpp: 32 layers RoPE, 40 ALiBi, any other count neither), and its
 converter (conversion/baichuan.py) writes lm_head as it is, without the NormHead. As `llama` the file
 computes what lorapipe's network computes at any depth, and the tiny default can prove it in llama.cpp.
 
-What llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel) would write for interop's Llama
+What llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel) would write for exports.llama's Llama
 directory, tensor by tensor:
 * names from gguf's tensor map for MODEL_ARCH.LLAMA (token_embd, blk.N.attn_q, ..., output);
 * q and k rows permuted for llama.cpp's rotary layout: HF rotates the two halves of a head
   (rotate-half), ggml's LLAMA_ROPE_TYPE_NORM rotates adjacent pairs, so each head's rows
   [x0..x(d/2-1), y0..y(d/2-1)] become [x0, y0, x1, y1, ...] (LlamaModel.permute: reshape
   (heads, 2, d/2, in), swap axes 1 and 2);
-* lm_head rows L2-normalised once (NormHead; exact for inference, see interop.normalize_rows);
+* lm_head rows L2-normalised once (NormHead; exact for inference, see llama.normalize_rows);
 * 1-D tensors (the RMSNorm weights) stay f32 in every file, as the converter keeps them;
 * q8_0 quantises every 2-D weight in blocks of 32 along a row; a tensor whose row length is not a
   multiple of 32 stays f16, as the converter falls back (gguf.QuantError). The tiny default's
@@ -42,42 +42,32 @@ from pathlib import Path
 
 import numpy as np
 
+from lorapipe.errors import InputError
+from lorapipe.exports.llama import check_rope, llama_tensors, normalize_rows
+from lorapipe.formats.gguf import TYPES, Stored, encode, gguf_package, storage_type, stored_nbytes, writer_class
+from lorapipe.formats.hf_io import read_json
+from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
 from lorapipe.model.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf
 from lorapipe.model.chat_template import CHAT_TEMPLATE, OLLAMA_TEMPLATE
-from lorapipe.digests import HashingFile
-from lorapipe.errors import InputError
-from lorapipe.formats.hf_io import read_json
-from lorapipe.exports.interop import check_rope, llama_tensors, normalize_rows
-from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
-from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
 
 log = logging.getLogger("lorapipe")
 
-TYPES = ("f32", "f16", "q8_0")  # the file types export_gguf writes, by their file-name suffix
+
 ARCH = "llama"
-# Rows converted at once: bounds the float32 temporaries of a large tensor (7B's embedding is 125696 rows).
-CHUNK_ELEMENTS = 1 << 24
 
 
-def _gguf():
-    import gguf  # envs/requirements.txt pins it; imported here so that lorapipe imports without it
-
-    return gguf
-
-
-# Why an ALiBi model has no GGUF (interop.check_rope says it with the model's reason).
+# Why an ALiBi model has no GGUF (llama.check_rope says it with the model's reason).
 NEEDS_ROPE = ("no GGUF export: llama.cpp's llama architecture has rotary position embeddings only, and its "
               "baichuan architecture picks RoPE or ALiBi from the layer count alone (32 layers RoPE, 40 ALiBi, "
               "any other count neither), so the file could not be proven to compute what this model computes")
 
 
-# -- tensors ---------------------------------------------------------------------------------------
-
 def gguf_name(hf_name, n_layers):
     """llama.cpp's name for an HF Llama tensor name (gguf's tensor map for MODEL_ARCH.LLAMA)."""
-    gguf = _gguf()
+    gguf = gguf_package()
     name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers).get_name(hf_name, try_suffixes=(".weight",))
     if name is None:
         raise InputError(f"tensor {hf_name!r}: llama.cpp's llama architecture has no tensor for it")
@@ -92,48 +82,6 @@ def permute_qk(weight, n_head):
         raise InputError(f"{rows} rows do not split into {n_head} heads of two rotary halves")
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
-
-def storage_type(name, shape, file_type):
-    """The GGML type a tensor is stored as in a file of `file_type` ("f32" | "f16" | "q8_0"), as
-    convert_hf_to_gguf.py chooses: 1-D and *_norm tensors f32; else the file's type, except that a row
-    length q8_0 cannot block (not a multiple of 32) falls back to f16."""
-    gguf = _gguf()
-    q = gguf.GGMLQuantizationType
-    if file_type == "f32" or len(shape) <= 1 or name.endswith("_norm.weight"):
-        return q.F32
-    if file_type == "f16":
-        return q.F16
-    if file_type == "q8_0":
-        block, _ = gguf.GGML_QUANT_SIZES[q.Q8_0]
-        return q.Q8_0 if shape[-1] % block == 0 else q.F16
-    raise ValueError(f"GGUF file type {file_type!r}: expected one of {', '.join(TYPES)}")
-
-
-def stored_nbytes(shape, qtype):
-    gguf = _gguf()
-    return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
-
-
-def encode(array, qtype, transform=None):
-    """The bytes `array` is stored as in GGML type `qtype` (an array of that dtype, or uint8 blocks for a
-    quantised type), converted through float32 in chunks of rows; `transform` applies to each float32
-    chunk first (it must work row by row: the NormHead)."""
-    gguf = _gguf()
-    q = gguf.GGMLQuantizationType
-    rows = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array.reshape(1, -1)
-    floats = {q.F32: np.float32, q.F16: np.float16}
-    out = np.empty(rows.shape, floats[qtype]) if qtype in floats else \
-        np.empty(gguf.quant_shape_to_byte_shape(rows.shape, qtype), np.uint8)
-    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step].astype(np.float32)
-        if transform is not None:
-            chunk = transform(chunk)
-        out[start:start + step] = gguf.quants.quantize(chunk, qtype)
-    return out
-
-
-# -- metadata --------------------------------------------------------------------------------------
 
 def _fields(data, where):
     """(field number, wire type, value) of a protobuf message's bytes: varints as ints, 32-bit values as
@@ -219,7 +167,7 @@ def vocabulary(tokenizer_model, vocab_size):
     """(tokens, scores, token types, special ids, add_space_prefix) of a sentencepiece model for a model
     of `vocab_size` rows: its pieces with their scores and types, padded with UNUSED `[PADi]` up to the
     model's vocab_size (convert_hf_to_gguf does the same); the turn markers become CONTROL."""
-    gguf = _gguf()
+    gguf = gguf_package()
     sp, pieces, normalizer = _sentencepiece_model(tokenizer_model)
     n = len(pieces)
     if n > vocab_size:
@@ -245,7 +193,7 @@ def vocabulary(tokenizer_model, vocab_size):
 def add_metadata(writer, config, tokenizer_model, file_type, name):
     """Every key/value of the file: the model's hyperparameters for llama.cpp's llama architecture and
     the tokenizer."""
-    gguf = _gguf()
+    gguf = gguf_package()
     h, heads = config["hidden_size"], config["num_attention_heads"]
     writer.add_name(name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -279,53 +227,6 @@ def add_metadata(writer, config, tokenizer_model, file_type, name):
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-# -- writing ---------------------------------------------------------------------------------------
-
-class _HashedOutput:
-    """The file GGUFWriter writes to: every byte passes through a HashingFile, so the manifest need not
-    read the file again."""
-
-    def __init__(self, path):
-        self._file, self._written = HashingFile(path), 0
-
-    def write(self, data):
-        view = memoryview(data).cast("B")
-        self._file.write(view)
-        self._written += len(view)
-        return len(view)
-
-    def tell(self):
-        return self._written
-
-    def flush(self):
-        pass
-
-    def close(self):
-        self._file.close()
-
-
-class _Stored(np.ndarray):
-    """A tensor's stored bytes as write_tensor_data takes them. It writes with `tensor.tofile(fout)`, and
-    numpy's tofile goes to the file descriptor, past the hash: this array writes through fout.write."""
-
-    def tofile(self, fout, *args, **kwargs):
-        fout.write(np.ascontiguousarray(self.view(np.ndarray)).reshape(-1).view(np.uint8))
-
-
-def _writer_class():
-    gguf = _gguf()
-
-    class Writer(gguf.GGUFWriter):
-        """GGUFWriter writing one file through _HashedOutput (the package opens a plain file)."""
-
-        def open_output_file(self, path=None):
-            if self.state is gguf.WriterState.NO_FILE:
-                self.fout = [_HashedOutput(self.path)]
-                self.state = gguf.WriterState.EMPTY
-
-    return Writer
-
-
 def tensor_plan(ckpt, config):
     """[(GGUF name, HF Llama name, shape)] of a checkpoint in file order, checked as export_hf checks it:
     every tensor config.json implies, the right shapes, no LoRA tensors left."""
@@ -351,7 +252,7 @@ def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), posit
     """A complete (LoRA-folded) MindSpore Baichuan2-7B checkpoint -> `<out_dir>/<name>-<type>.gguf` for each
     of `file_types`, in one pass over the checkpoint, and an Ollama `Modelfile` for the f16 file (if
     written). Returns {type: path} and logs, for q8_0, the tensors that stay f16. `position_embedding` is
-    base_model.position_embedding (interop.check_rope)."""
+    base_model.position_embedding (llama.check_rope)."""
     base_dir = Path(base_dir)
     unknown = [t for t in file_types if t not in TYPES]
     if unknown or not file_types:
@@ -373,7 +274,7 @@ def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), posit
                         hashed_inline=[ckpt], need_bytes=sum(sizes.values())) as temps:
         if "f16" in paths:
             temps[-1].write_text(modelfile(paths["f16"]), encoding="utf-8")
-        Writer = _writer_class()
+        Writer = writer_class()
         writers, done = {}, 0
         try:
             for t, temp in zip(file_types, temps):
@@ -393,7 +294,7 @@ def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), posit
                     array = permute_qk(array, n_head)
                 transform = normalize_rows if hf == "lm_head.weight" else None
                 for t in file_types:
-                    writers[t].write_tensor_data(encode(array, types[t][i], transform).view(_Stored))
+                    writers[t].write_tensor_data(encode(array, types[t][i], transform).view(Stored))
                 progress.update(i + 1)
                 done = i + 1
             if done != len(plan):

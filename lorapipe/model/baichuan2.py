@@ -39,7 +39,7 @@ LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")  # (layer, the rest): in 
 # Baichuan2-7B's RoPE base: fixed in its modeling code (the MindFormers YAML's theta, Llama's rope_theta).
 ROPE_THETA = 10000.0
 
-# Llama, as plain HF LlamaForCausalLM and PEFT name it (lorapipe.exports.interop's exports).
+# Llama, as plain HF LlamaForCausalLM and PEFT name it (lorapipe.exports.llama and peft).
 # A cell of a decoder layer in MindFormers' Llama -> the module PEFT adapts, named as in HF Llama.
 # Baichuan2 names them the same, except that q, k, v are one module, self_attn.W_pack.
 LLAMA_MODULES = {

@@ -6,7 +6,7 @@ until eos. Baichuan2's template has no system token: a leading system message is
 user turn followed by SYSTEM_SEPARATOR, as lorapipe.data.turns does with a record's system prompt.
 
 * chat_ids: the prompt ids for lorapipe's own predict and chat (the markers by id, the texts encoded);
-* CHAT_TEMPLATE: the same as a Jinja template, for an HF tokenizer_config.json (interop) and a GGUF's
+* CHAT_TEMPLATE: the same as a Jinja template, for an HF tokenizer_config.json (exports.llama) and a GGUF's
   tokenizer.chat_template (gguf_export);
 * OLLAMA_TEMPLATE: the same as a Go template, for an Ollama Modelfile (gguf_export).
 """
