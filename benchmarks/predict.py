@@ -73,13 +73,13 @@ def main():
     args = p.parse_args()
     import json
 
-    from lorapipe.model.tokenizer import ChatTokenizer
-    from lorapipe.model.decode import KVCacheDecoder
-    from lorapipe.model.chat_template import chat_ids
     from lorapipe.infer.generate import generate, load_model, load_weights
     from lorapipe.model.architecture import llama_config
-    from lorapipe.weights.tiny_base import build_tiny_base
+    from lorapipe.model.chat_template import chat_ids
+    from lorapipe.model.decode import KVCacheDecoder
+    from lorapipe.model.tokenizer import ChatTokenizer
     from lorapipe.weights.convert import convert_hf_to_mindspore
+    from lorapipe.weights.tiny_base import build_tiny_base
 
     base, ckpt = args.workdir / "base", args.workdir / "base.ckpt"
     if not (base / "pytorch_model.bin").exists():

@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import measure_usage
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import recipe_r10  # noqa: E402  (r1.0's preprocess, the one copy: tests/recipe_r10.py)
+
 # MindSpore and lorapipe.data.pipeline are imported where used: the scale runs measure the peak RSS of child
 # processes, which starts from this process's (benchmarks/common.py measure), so it stays small.
 

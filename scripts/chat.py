@@ -10,8 +10,6 @@ import argparse
 import sys
 
 from lorapipe import cli
-from lorapipe.model.chat_template import chat_ids
-from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.infer.generate import (
     TextStreamer,
     build_decoder,
@@ -23,6 +21,8 @@ from lorapipe.infer.generate import (
     tokenizer_file,
     use_device,
 )
+from lorapipe.model.chat_template import chat_ids
+from lorapipe.model.tokenizer import ChatTokenizer
 
 
 def main():

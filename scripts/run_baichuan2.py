@@ -15,8 +15,15 @@ Training runs through the workflow (`snakemake finetune`), evaluation through sc
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.infer.generate import (complete_checkpoint, generation_settings, predict, read_adapter, read_mindformers_yaml,
-                               tokenizer_file, use_device)
+from lorapipe.infer.generate import (
+    complete_checkpoint,
+    generation_settings,
+    predict,
+    read_adapter,
+    read_mindformers_yaml,
+    tokenizer_file,
+    use_device,
+)
 
 RECIPE_IGNORED = ("task", "train_dataset", "eval_dataset", "resume", "remote_save_url", "src_strategy")
 

@@ -14,9 +14,8 @@ import torch
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
-from lorapipe.errors import ConfigError
 from lorapipe.config import load_config, position_embedding
-from lorapipe.errors import InputError
+from lorapipe.errors import ConfigError, InputError
 from lorapipe.model.architecture import alibi_slopes, llama_config
 from lorapipe.model.architecture import position_embedding as from_hf_config
 
@@ -168,11 +167,11 @@ def test_logits_match_an_independent_pytorch_alibi_forward(base_13b, model_13b):
 def test_kv_cache_decoder_matches_the_alibi_network(base_13b, model_13b):
     """Position by position, pad ids included (masked as keys, with their bias, as the network does), and
     greedy tokens equal to the full-recompute loop's for 128 new tokens."""
-    from lorapipe.model.tokenizer import ChatTokenizer
-    from lorapipe.model.decode import KVCacheDecoder
-    from lorapipe.model.chat_template import chat_ids
     from lorapipe.infer.generate import generate, load_weights
+    from lorapipe.model.chat_template import chat_ids
+    from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.network import logits
+    from lorapipe.model.tokenizer import ChatTokenizer
 
     net, model_config, ckpt = model_13b
     tok = ChatTokenizer(base_13b / "tokenizer.model")

@@ -6,10 +6,16 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from lorapipe.weights.checkpoints import (filter_checkpoint, filter_checkpoint_dir, fold_lora, is_model_parameter,
-                                  merge_data_parallel, rank_checkpoints)
 from lorapipe.errors import InputError
 from lorapipe.formats.msckpt import iter_checkpoint, write_checkpoint
+from lorapipe.weights.checkpoints import (
+    filter_checkpoint,
+    filter_checkpoint_dir,
+    fold_lora,
+    is_model_parameter,
+    merge_data_parallel,
+    rank_checkpoints,
+)
 from lorapipe.weights.convert import convert_hf_to_mindspore
 
 LORA_RANK, LORA_ALPHA = 4, 16.0
@@ -101,8 +107,8 @@ def test_filter_dir_merge_and_bad_ranks(base_ckpt, tmp_path):
 def test_folded_model_equals_base_plus_adapter(tiny_base_dir, base_ckpt, tmp_path):
     from mindformers.pet import LoraConfig, LoraModel
 
-    from lorapipe.model.network import build_model, logits
     from lorapipe.model.architecture import llama_config
+    from lorapipe.model.network import build_model, logits
 
     base = dict(iter_checkpoint(base_ckpt))
     lora = lora_tensors(base)

@@ -3,8 +3,8 @@ import copy
 import pytest
 
 from conftest import REPO, default_config, snakemake, write_config
-from lorapipe.errors import ConfigError
 from lorapipe.config import check_base_model_dir, load_config, load_yaml, validate
+from lorapipe.errors import ConfigError
 
 
 def test_shipped_configs_are_valid():

@@ -17,8 +17,8 @@ from lorapipe.data.pipeline import preprocess_conversations
 from lorapipe.data.rows import TokenizedConversations, assemble_rows
 from lorapipe.data.sources import draws_samples, input_files
 from lorapipe.data.turns import DROPPABLE, KINDS, Conversation
-from lorapipe.formats.mindrecord import SCHEMA, MindRecordWriter
 from lorapipe.errors import ConfigError, InputError
+from lorapipe.formats.mindrecord import SCHEMA, MindRecordWriter
 from lorapipe.model.tokenizer import ChatTokenizer
 from recipe_r10 import recipe_rows
 

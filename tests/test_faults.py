@@ -49,8 +49,8 @@ def small_filesystem(tmp_path):
 
 
 def test_a_checkpoint_bigger_than_the_free_space_is_refused_before_writing(tmp_path, small_filesystem):
-    from lorapipe.model.baichuan2 import hf_shapes
     from lorapipe.formats.hf_io import SafetensorsWriter
+    from lorapipe.model.baichuan2 import hf_shapes
 
     config = {"hidden_size": 256, "intermediate_size": 688, "vocab_size": 4000, "num_hidden_layers": 1,
               "num_attention_heads": 4, "rms_norm_eps": 1e-6}

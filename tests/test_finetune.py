@@ -12,9 +12,9 @@ import types
 import psutil
 import pytest
 
+import conftest
 from conftest import REPO, default_config, write_config
 from lorapipe.config import load_config
-import conftest
 from lorapipe.train.launch import launch, log_tail
 from lorapipe.train.processes import LaunchError, process_of, read_process_records, record_process, stop_earlier_launch
 

@@ -5,12 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
 
-from lorapipe.model.chat_template import chat_ids
-from lorapipe.model.tokenizer import ChatTokenizer
+from conftest import REPO
 from lorapipe.errors import InputError
 from lorapipe.infer.generate import next_token
+from lorapipe.model.chat_template import chat_ids
+from lorapipe.model.tokenizer import ChatTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ NO_EOS = -1  # the tiny model is random: compare long answers without stopping a
 
 def test_kv_cache_decoder_matches_the_network(tiny_model, tok):
     """The host decoder's logits equal the MindSpore network's, position by position."""
-    from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.infer.generate import load_weights
+    from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.network import logits
 
     net, model_config, ckpt = tiny_model
@@ -93,8 +93,8 @@ def test_kv_cache_decoder_matches_the_network(tiny_model, tok):
 def test_incremental_greedy_equals_the_full_recompute_loop(tiny_model, tok, question):
     """128 new tokens: each is the argmax of the MindSpore network's logits over everything before it,
     which is what the full-recompute loop computes (checked literally on the first 16 tokens)."""
-    from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.infer.generate import generate, load_weights
+    from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.network import logits
 
     net, model_config, ckpt = tiny_model
@@ -108,8 +108,8 @@ def test_incremental_greedy_equals_the_full_recompute_loop(tiny_model, tok, ques
 
 
 def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
-    from lorapipe.infer.generate import load_weights
     from lorapipe.formats.msckpt import iter_checkpoint, write_checkpoint
+    from lorapipe.infer.generate import load_weights
 
     _, model_config, ckpt = tiny_model
     base = dict(iter_checkpoint(ckpt))
@@ -131,8 +131,8 @@ def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
 
 def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tmp_path):
     import mindspore.dataset as ds
-    from conftest import SAMPLE_DATA
 
+    from conftest import SAMPLE_DATA
     from lorapipe.data.pipeline import preprocess_conversations
     from lorapipe.infer.evaluate import heldout_loss
     from lorapipe.model.network import logits

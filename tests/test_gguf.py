@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_base_with_random_lora
-from lorapipe.exports import gguf as gguf_export, llama
+from lorapipe.errors import InputError
+from lorapipe.exports import gguf as gguf_export
+from lorapipe.exports import llama
 from lorapipe.model.baichuan2 import ROPE_THETA
 from lorapipe.model.chat_template import CHAT_TEMPLATE
 from lorapipe.weights.checkpoints import fold_lora
-from lorapipe.errors import InputError
 
 gguf = pytest.importorskip("gguf")
 

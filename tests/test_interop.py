@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, write_base_with_random_lora
-from lorapipe.exports import llama, peft
-from lorapipe.weights.checkpoints import fold_lora
 from lorapipe.errors import InputError
+from lorapipe.exports import llama, peft
 from lorapipe.formats.msckpt import iter_checkpoint
+from lorapipe.weights.checkpoints import fold_lora
 
 RANK, ALPHA = 4, 16
 QUESTIONS = ["Hello!", "What is the capital of France?", "写一首关于秋天的诗", "Tell me about </s> and <s>."]

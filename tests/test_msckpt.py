@@ -4,8 +4,14 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from lorapipe.formats.msckpt import (CheckpointFormatError, CheckpointWriter, bfloat16, checkpoint_index,
-                             iter_checkpoint, write_checkpoint)
+from lorapipe.formats.msckpt import (
+    CheckpointFormatError,
+    CheckpointWriter,
+    bfloat16,
+    checkpoint_index,
+    iter_checkpoint,
+    write_checkpoint,
+)
 
 
 def same_bits(a, b):

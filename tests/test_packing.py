@@ -112,8 +112,9 @@ def test_packed_rows_are_the_unpacked_rows_packed_in_order(tmp_path, tiny_base_d
     The held-out MindRecord is the unpacked one, byte for byte."""
     import random
 
-    from lorapipe.data.pipeline import preprocess_conversations
     from test_data import random_belle
+
+    from lorapipe.data.pipeline import preprocess_conversations
 
     records = random_belle(random.Random(seq_length), 3000, system=True)
     (tmp_path / "r.json").write_text(json.dumps(records, ensure_ascii=False))

@@ -27,8 +27,8 @@ BAICHUAN2_13B_2_LAYERS = dict(BAICHUAN2_7B_2_LAYERS, hidden_size=5120, num_atten
 def write_7b_shaped_base(folder, tokenizer, config=BAICHUAN2_7B_2_LAYERS):
     """An HF Baichuan2 directory at true 7B (or `config`'s) widths with 2 layers, fp16 (2.1 GB for the 7B),
     streamed to disk."""
-    from lorapipe.model.baichuan2 import hf_shapes
     from lorapipe.formats.hf_io import SafetensorsWriter
+    from lorapipe.model.baichuan2 import hf_shapes
 
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
@@ -153,8 +153,8 @@ def test_the_memory_estimate_counts_the_alibi_bias_of_13b():
     """Baichuan2-13B's mask cell holds the distances ([s, s] fp32), an ALiBi bias per head ([1, heads/mp,
     s, s] in fp32, then in the compute dtype) and the mask plus bias ([batch, heads/mp, s, s]); the 7B
     network has none of it."""
-    from lorapipe.train.network_checks import device_memory
     from lorapipe.model.architecture import ALIBI, POSITION_EMBEDDING_KEY
+    from lorapipe.train.network_checks import device_memory
 
     model_config = {"param_init_type": "float16", "compute_dtype": "float16", "seq_length": 512,
                     "hidden_size": 5120, "num_heads": 40, "vocab_size": 125696, "num_layers": 40}

@@ -4,7 +4,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import SAMPLE_DATA, TINY_DIMS as DIMS
+from conftest import SAMPLE_DATA
+from conftest import TINY_DIMS as DIMS
 from lorapipe.weights.tiny_base import FILES, build_tiny_base
 
 

@@ -85,8 +85,8 @@ def test_logits_match_an_independent_reference_forward(tiny_base_dir, converted)
     import mindspore as ms
     import transformers
 
-    from lorapipe.model.network import build_model, logits
     from lorapipe.model.architecture import llama_config
+    from lorapipe.model.network import build_model, logits
 
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())
     net = build_model(llama_config(hf_config, seq_length=32))

@@ -405,8 +405,8 @@ def test_killed_anywhere_the_rerun_finishes_as_if_it_had_not_been(built, tmp_pat
     import signal
     import time
 
-    from lorapipe.train.losslog import read_loss_tsv, read_rank_log
     from lorapipe.formats.msckpt import iter_checkpoint
+    from lorapipe.train.losslog import read_loss_tsv, read_rank_log
 
     first, _ = built
     workdir = tmp_path / "run"

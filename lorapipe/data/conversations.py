@@ -9,6 +9,7 @@ from lorapipe.data.sources import input_files, parse_sources
 from lorapipe.data.turns import BadRecord, Conversation, to_turns
 from lorapipe.errors import InputError
 
+
 @dataclass
 class Drop:
     """A record left out: where it is, which of DROP_REASONS and the detail."""

@@ -28,6 +28,7 @@ from lorapipe.digests import HashingFile, HashingReader
 from lorapipe.errors import InputError
 from lorapipe.formats.msckpt import bfloat16
 
+
 @dataclass
 class TensorRef:
     """Where one tensor's bytes lie: `nbytes` at `offset` of `path`, as `dtype` with `shape`."""

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from lorapipe.errors import InputError
+from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint
+from lorapipe.model.architecture import is_alibi
 from lorapipe.model.baichuan2 import network_shapes
 from lorapipe.model.chat_template import chat_ids
-from lorapipe.weights.checkpoints import rank_checkpoints
-from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.model.decode import KVCacheDecoder
-from lorapipe.errors import InputError
 from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config
-from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint
+from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs
-from lorapipe.model.architecture import is_alibi
+from lorapipe.weights.checkpoints import rank_checkpoints
 
 log = logging.getLogger("lorapipe")
 

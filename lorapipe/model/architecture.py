@@ -2,8 +2,8 @@
 
 import math
 
-from lorapipe.model.baichuan2 import ROPE_THETA
 from lorapipe.errors import ConfigError, InputError
+from lorapipe.model.baichuan2 import ROPE_THETA
 
 MODEL_CLASS = "Baichuan2ForCausalLM"  # registered by lorapipe.model.network: Baichuan2-7B (RoPE)
 # Baichuan2-13B (ALiBi), registered by lorapipe.model.network under the name MindFormers r1.0's recipe YAML gives it

@@ -11,9 +11,9 @@ user turn followed by SYSTEM_SEPARATOR, as lorapipe.data.turns does with a recor
 * OLLAMA_TEMPLATE: the same as a Go template, for an Ollama Modelfile (gguf_export).
 """
 
-from lorapipe.model.tokenizer import ROLE_MARKER
 from lorapipe.errors import InputError
 from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.model.tokenizer import ROLE_MARKER
 
 SYSTEM_SEPARATOR = "\n"
 

@@ -25,13 +25,14 @@ import sys
 
 os.environ.setdefault("GLOG_v", "3")
 
-import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
 from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
 from mindspore.common import dtype as mstype  # noqa: E402
 from mindspore.common.initializer import Normal, initializer  # noqa: E402
 from mindspore.context import ParallelMode  # noqa: E402
 from mindspore.parallel._utils import _get_parallel_mode  # noqa: E402
+
 # MindFormers' logger writes to stdout, which scripts/run_baichuan2.py keeps for the answers.
 with contextlib.redirect_stdout(sys.stderr):
     from mindformers import LlamaConfig, LlamaForCausalLM  # noqa: E402

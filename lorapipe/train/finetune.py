@@ -28,15 +28,15 @@ import yaml
 
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import StepError
-from lorapipe.train.launch import launch
-from lorapipe.train.processes import cancel_slurm
-from lorapipe.train.losslog import read_rank_log, write_loss_tsv
-from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config
 from lorapipe.formats.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
-from lorapipe.train.checks import check_devices_here
 from lorapipe.progress import Progress
 from lorapipe.provenance import find_manifest
+from lorapipe.train.checks import check_devices_here
+from lorapipe.train.launch import launch
+from lorapipe.train.losslog import read_rank_log, write_loss_tsv
+from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config
+from lorapipe.train.processes import cancel_slurm
 
 log = logging.getLogger("lorapipe")
 

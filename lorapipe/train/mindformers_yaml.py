@@ -5,9 +5,9 @@ processor section both share, and the PEFT-style adapter_config.json of a run. N
 
 import yaml
 
+from lorapipe.model.architecture import LORA_A, LORA_B, llama_config, model_arch
 from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs
-from lorapipe.model.architecture import LORA_A, LORA_B, llama_config, model_arch
 
 # The finetune's checkpoints are <model name>_lora*.ckpt (CheckpointMonitor's prefix).
 LORA_SUFFIX = "_lora"

@@ -11,8 +11,6 @@ Importing it imports MindSpore and MindFormers and registers, besides the Baichu
 import os
 import time
 
-import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
-from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
 import mindformers.core.callback.callback as mf_callback
 import mindformers.trainer.utils as mf_trainer_utils
 import mindformers.utils.load_checkpoint_utils as mf_load_utils
@@ -24,6 +22,10 @@ from mindformers.tools.utils import get_real_rank
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
+
+import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
+from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
+
 
 def _cpu_barrier(group=None):  # noqa: ARG001 - same signature as mindspore's barrier
     """CPU has no Barrier kernel; an AllReduce of one value blocks until every rank has joined."""

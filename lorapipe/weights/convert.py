@@ -8,9 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.model.baichuan2 import check_tensors, fused_record, hf_to_mindspore, mindspore_to_hf
-from lorapipe.formats.hf_io import SafetensorsWriter, TorchZipWriter, find_config, read_in_file_order, tensor_refs, weight_files
+from lorapipe.formats.hf_io import (
+    SafetensorsWriter,
+    TorchZipWriter,
+    find_config,
+    read_in_file_order,
+    tensor_refs,
+    weight_files,
+)
 from lorapipe.formats.msckpt import CheckpointWriter, bfloat16, checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.model.baichuan2 import check_tensors, fused_record, hf_to_mindspore, mindspore_to_hf
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 

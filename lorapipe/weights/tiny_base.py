@@ -17,12 +17,12 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from lorapipe.model.baichuan2 import hf_shapes
 from lorapipe.data.conversations import conversation_texts
 from lorapipe.data.sources import input_files
 from lorapipe.errors import InputError
-from lorapipe.outputs import atomic_outputs
 from lorapipe.model.architecture import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
+from lorapipe.model.baichuan2 import hf_shapes
+from lorapipe.outputs import atomic_outputs
 
 FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
          "tokenizer.model")

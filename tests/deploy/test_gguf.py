@@ -135,8 +135,8 @@ def test_logits_agree(run, tok, predict_decoder):
     import transformers
 
     from lorapipe.infer.generate import load_model
-    from lorapipe.model.network import logits
     from lorapipe.model.architecture import llama_config
+    from lorapipe.model.network import logits
 
     net = load_model(llama_config(run.hf_config, 64), run.ckpt)
     hf = transformers.AutoModelForCausalLM.from_pretrained(run.results / "hf_llama", local_files_only=True).eval()
