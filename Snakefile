@@ -9,7 +9,7 @@
 from lorapipe.config import (
     check_base_model_dir,
     load_workflow_config,
-    position_embedding,
+    run_position_embedding,
 )
 
 # The config: config/config.yaml, or the file(s) given with --configfile INSTEAD of it (Snakemake's
@@ -27,8 +27,8 @@ if config["base_model"]["path"] != "tiny":
     check_base_model_dir(config["base_model"]["path"])
 # The architecture, decided once: RoPE (Baichuan2-7B) or ALiBi (Baichuan2-13B), from config.json (or the
 # tiny model's settings) and base_model.position_embedding. Every job that needs it gets this value; an
-# impossible combination stops here (lorapipe/config.py position_embedding).
-ARCH = position_embedding(config)
+# impossible combination stops here (lorapipe/config.py run_position_embedding).
+POSITION_EMBEDDING = run_position_embedding(config)
 
 
 envvars:

@@ -82,7 +82,7 @@ for out in outs:
 OURS = r"""
 import sys
 from lorapipe.exports.gguf import export_gguf
-export_gguf(sys.argv[1], sys.argv[2], sys.argv[3], "bench", tuple(sys.argv[4:]))
+export_gguf(sys.argv[1], sys.argv[2], sys.argv[3], "bench", "rope", tuple(sys.argv[4:]))
 """
 
 # The same conversion, but every converted array handed to GGUFWriter.add_tensor: the writer keeps them
@@ -94,18 +94,19 @@ import numpy as np
 import gguf
 from lorapipe.exports import gguf as g
 from lorapipe.formats.gguf import encode, storage_type
-from lorapipe.exports.llama import llama_tensors, normalize_rows
+from lorapipe.exports.llama import llama_tensors
+from lorapipe.model.baichuan2 import norm_head
 from lorapipe.formats.msckpt import iter_checkpoint
 ckpt, base, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 config = json.loads((base / "config.json").read_text())
 plan = g.tensor_plan(ckpt, config)
-writer = gguf.GGUFWriter(out / "bench-f16.gguf", g.ARCH)
+writer = gguf.GGUFWriter(out / "bench-f16.gguf", g.GGUF_ARCHITECTURE)
 g.add_metadata(writer, config, base / "tokenizer.model", "f16", "bench")
 for (name, hf, shape), (_, array) in zip(plan, llama_tensors(iter_checkpoint(ckpt), ckpt)):
     if name.endswith(("attn_q.weight", "attn_k.weight")):
         array = g.permute_qk(array, config["num_attention_heads"])
     q = storage_type(name, shape, "f16")
-    writer.add_tensor(name, encode(array, q, normalize_rows if hf == "lm_head.weight" else None).reshape(shape))
+    writer.add_tensor(name, encode(array, q, norm_head if hf == "lm_head.weight" else None).reshape(shape))
 writer.write_header_to_file()
 writer.write_kv_data_to_file()
 writer.write_tensors_to_file()

@@ -73,8 +73,9 @@ def main():
     args = p.parse_args()
     import json
 
-    from lorapipe.infer.generate import generate, load_model, load_weights
-    from lorapipe.model.architecture import llama_config
+    from lorapipe.infer.generate import generate
+    from lorapipe.infer.loader import load_model, load_weights
+    from lorapipe.model.architecture import mindformers_model_config
     from lorapipe.model.chat_template import chat_ids
     from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.tokenizer import ChatTokenizer
@@ -87,7 +88,7 @@ def main():
     if not ckpt.exists():
         convert_hf_to_mindspore(base, ckpt)
     hf_config = json.loads((base / "config.json").read_text())
-    model_config = llama_config(hf_config, 512)
+    model_config = mindformers_model_config(hf_config, 512)
     tok = ChatTokenizer(base / "tokenizer.model")
     prompt = chat_ids(tok, "What is the capital of France?")
     net = load_model(model_config, ckpt)

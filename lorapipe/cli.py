@@ -1,10 +1,12 @@
-"""What every scripts/ entry point shares: --rule/--log flags, logging, one-line errors."""
+"""What every scripts/ entry point shares: --log (which names the step), logging, one-line errors."""
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from lorapipe.errors import InputError, StepError  # noqa: F401 - scripts raise cli.InputError
+from lorapipe.model.architecture import ALIBI, ROPE
 from lorapipe.provenance import Run
 
 log = logging.getLogger("lorapipe")
@@ -12,8 +14,10 @@ log = logging.getLogger("lorapipe")
 
 def parser(description):
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--rule", default="manual", help="the Snakemake rule running this step (provenance)")
-    p.add_argument("--log", default=None, help="also write the step's log to this file")
+    p.add_argument("--log", default=None, help="also write the step's log to this file; a workflow step's log is "
+                                                "<results>/logs/<rule>.log, which names the step in its manifest")
+    p.add_argument("--rule", default=None, help="the step's name in its manifest (default: the --log file's name "
+                                                "without .log, else manual)")
     return p
 
 
@@ -40,6 +44,13 @@ def add_generation_flags(group):
     group.add_argument("--repetition_penalty", type=float, default=None)
 
 
+def add_position_embedding_flag(p):
+    """--position_embedding: the run's architecture as the workflow decided it (lorapipe.config
+    run_position_embedding); a job uses the value it is handed and never derives it again."""
+    p.add_argument("--position_embedding", choices=[ROPE, ALIBI], required=True,
+                   help="the run's architecture, as the workflow decided it (rope: Baichuan2-7B, alibi: 13B)")
+
+
 def setup_logging(log_path=None):
     """Log to stderr and, when given, to the rule's log file."""
     handlers = [logging.StreamHandler(sys.stderr)]
@@ -52,8 +63,9 @@ def setup_logging(log_path=None):
 def start(args, params, **run_kwargs):
     """Set up logging for a parsed command line and return the provenance Run of this step."""
     setup_logging(args.log)
-    log.info("%s: %s", args.rule, " ".join(f"{k}={v}" for k, v in params.items()))
-    return Run(args.rule, params, **run_kwargs)
+    rule = args.rule or (Path(args.log).stem if args.log else "manual")
+    log.info("%s: %s", rule, " ".join(f"{k}={v}" for k, v in params.items()))
+    return Run(rule, params, **run_kwargs)
 
 
 def main_guard(main):

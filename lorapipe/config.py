@@ -1,4 +1,6 @@
-"""Load and check a lorapipe config: strict YAML (no duplicate keys), JSON-Schema validation, and one
+"""Load and check a lorapipe config: strict YAML, JSON-Schema validation, one canonical form.
+
+Load and check a lorapipe config: strict YAML (no duplicate keys), JSON-Schema validation, and one
 canonical form.
 
 The recipe's hand-edited YAML once listed `checkpoint_name_or_path` twice and PyYAML silently kept the
@@ -11,6 +13,7 @@ nothing.
 """
 
 import glob
+import inspect
 import json
 import os
 import re
@@ -21,8 +24,7 @@ import yaml
 
 from lorapipe.data.sources import input_files, parse_sources
 from lorapipe.errors import ConfigError
-from lorapipe.model.architecture import ALIBI
-from lorapipe.model.architecture import position_embedding as from_hf_config
+from lorapipe.model.architecture import ROPE, position_embedding_of, unsupported_attention
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
@@ -103,13 +105,9 @@ def validate(config, source="config", schema_path=SCHEMA_PATH):
     if config["train"]["use_flash_attention"] and config["device_target"] != "Ascend":
         raise ConfigError(f"{source}: train.use_flash_attention needs device_target Ascend (FlashAttentionScore "
                           f"has no {config['device_target']} kernel)")
-    if config["data"]["packing"] and train["use_flash_attention"]:
-        # MindFormers' packed path is flash attention's eod mask compression, which needs seq_length >= 2048
-        # (modules/transformer/transformer.py:824-825, reached from models/llama/llama.py:165); lorapipe's
-        # packed rows use its own mask cells (lorapipe.model.network.SegmentCausalMask), which flash attention skips.
-        raise ConfigError(f"{source}: data.packing needs train.use_flash_attention: false (packed rows keep their "
-                          f"conversations apart with lorapipe's attention mask, which flash attention does not "
-                          f"read; MindFormers' own packed flash attention needs seq_length >= 2048)")
+    why = unsupported_attention(ROPE, config["data"]["packing"], train["use_flash_attention"])
+    if why:
+        raise ConfigError(f"{source}: data.packing needs train.use_flash_attention: false ({why})")
     if par["nodes"] > 1 and par["launcher"] != "msrun":
         raise ConfigError(f"{source}: parallel.nodes {par['nodes']} needs parallel.launcher msrun (the rank-table "
                           f"launcher starts one node)")
@@ -204,18 +202,18 @@ def load_config(path):
 BASE_MODEL_FILES = ("config.json", "tokenizer.model")
 
 
-def position_embedding(config):
-    """"rope" or "alibi": the architecture of the run's base model (lorapipe.model.architecture.position_embedding),
+def run_position_embedding(config):
+    """"rope" or "alibi": the architecture of the run's base model (lorapipe.model.architecture.position_embedding_of),
     for planning (rule `all`: a Llama-format export needs RoPE) and for an early, clear error. The tiny
-    model's comes from tiny_base (the config.json it will write); a user's from its config.json, which
+    model's comes from the config.json tiny_base will write (tiny_base.hf_config); a user's from its config.json, which
     planning needs anyway (BASE_MODEL_FILES). Raises ConfigError for an impossible combination: an
     override that contradicts config.json, or ALiBi with train.use_flash_attention."""
     base = config["base_model"]
     if base["path"] == "tiny":
+        from lorapipe.weights.tiny_base import hf_config as tiny_hf_config
+
         tiny = config["tiny_base"]
-        hf_config = {"hidden_size": tiny["hidden_size"]}
-        if "position_embedding" in tiny:
-            hf_config["position_embedding"] = tiny["position_embedding"].upper()
+        hf_config = tiny_hf_config(**{k: tiny[k] for k in inspect.signature(tiny_hf_config).parameters if k in tiny})
         where = "tiny_base.position_embedding"
     else:
         path = Path(base["path"]) / "config.json"
@@ -224,11 +222,10 @@ def position_embedding(config):
         except (OSError, ValueError) as e:
             raise ConfigError(f"base_model.path: cannot read {path}: {e}") from None
         where = str(path)
-    kind = from_hf_config(hf_config, base.get("position_embedding", "auto"), where)
-    if kind == ALIBI and config["train"]["use_flash_attention"]:
-        raise ConfigError(f"train.use_flash_attention: the base model is ALiBi ({where}); MindFormers' flash "
-                          f"attention takes ALiBi as a separate input that lorapipe's Baichuan2-13B network does "
-                          f"not build (the r1.0 13B recipe trains without it): set it to false")
+    kind = position_embedding_of(hf_config, base.get("position_embedding", "auto"), where)
+    why = unsupported_attention(kind, use_flash_attention=config["train"]["use_flash_attention"])
+    if why:
+        raise ConfigError(f"train.use_flash_attention: the base model is ALiBi ({where}); {why}: set it to false")
     return kind
 
 

@@ -16,7 +16,7 @@ rule filter_out:
     conda:
         "../envs/lorapipe.yaml"
     shell:
-        "python {input.script} --rule {rule} --log {log} --src_ckpt_dir {input.checkpoints} "
+        "python {input.script} --log {log} --src_ckpt_dir {input.checkpoints} "
         "--dst_ckpt_dir {output.checkpoints}"
 
 
@@ -40,7 +40,7 @@ rule merged_ckpt:
         strategy=lambda wildcards, input: strategy_flag(input.checkpoints),
         dst_dir=lambda wildcards, output: Path(output.ckpt).parents[1],
     shell:
-        "python {input.script} --rule {rule} --log {log} --src_ckpt_dir {input.checkpoints} "
+        "python {input.script} --log {log} --src_ckpt_dir {input.checkpoints} "
         "--dst_ckpt_dir {params.dst_dir} --prefix checkpoint_ --ranks {params.ranks} {params.strategy}"
 
 
@@ -61,7 +61,7 @@ rule fold_lora:
     conda:
         "../envs/lorapipe.yaml"
     shell:
-        "python {input.script} --rule {rule} --log {log} --src_ckpt {input.ckpt} "
+        "python {input.script} --log {log} --src_ckpt {input.ckpt} "
         "--adapter_config {input.adapter} --dst_ckpt {output.ckpt}"
 
 
@@ -88,5 +88,5 @@ rule export_hf:
         base=lambda wildcards, input: os.path.dirname(input.base),
         out_dir=lambda wildcards, output: os.path.dirname(output.safetensors),
     shell:
-        "python {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "python {input.script} --log {log} --mindspore_ckpt_path {input.ckpt} "
         "--base_model_dir {params.base} --out_dir {params.out_dir}"

@@ -3,7 +3,7 @@
 
 
 _HCCL_TOOLS = (
-    "python {input.script} --rule {rule} --device_num {params.device_num:q} "
+    "python {input.script} --rule rank_table --device_num {params.device_num:q} "
     "--visible_devices {params.visible_devices} --hccn_conf {input.hccn}"
 )
 # One node writes its table directly; several write one each under srun (each resolves its own IP),
@@ -15,7 +15,7 @@ RANK_TABLE_SHELL = (
     if config["parallel"]["nodes"] == 1
     else "srun --nodes={params.nodes} --ntasks={params.nodes} --ntasks-per-node=1 --overlap bash -c "
     f'"exec {_HCCL_TOOLS} --output {{output.table}}.node\\$SLURM_NODEID.json" > {{log}} 2>&1 && '
-    "python {input.merge} --rule {rule} --log {log} {params.node_tables} --output {output.table}"
+    "python {input.merge} --log {log} {params.node_tables} --output {output.table}"
 )
 
 

@@ -11,7 +11,7 @@ from lorapipe.config import (
     existing_file,
     pick,
 )
-from lorapipe.model.architecture import ALIBI
+from lorapipe.model.architecture import ALIBI, require_rope
 
 RESULTS = config["results"]
 SCRIPTS = f"{workflow.basedir}/scripts"
@@ -110,18 +110,11 @@ MERGED_LORA = f"{RESULTS}/merged_lora/rank_0/merged_lora.ckpt"
 HF_EXPORT = f"{RESULTS}/hf"
 
 
-def rope_only(wildcards):
-    """An extra input of the Llama-format exports (rules/export.smk): none for a RoPE base model. An
-    ALiBi one (Baichuan2-13B) has no Llama equivalent, so asking for those targets stops the plan with
-    the reason (rule `all` does not ask for them then)."""
-    if ARCH == ALIBI:
-        raise ValueError(
-            "the Llama-format exports (export_llama, export_llama_base, export_peft) and export_gguf: the "
-            "base model uses ALiBi (Baichuan2-13B); Llama has rotary position embeddings only, so a "
-            "Llama-format export (a PEFT adapter for it, a GGUF file of llama.cpp's llama architecture) "
-            "would compute something else. The Baichuan2 layout (export_hf) keeps ALiBi"
-        )
-    return []
+def rope_export(export):
+    """The params value of a RoPE-only export (ROPE_ONLY_EXPORTS): the run's architecture; for an ALiBi
+    base model the plan stops with the reason. require_rope is the one guard, and the job applies it
+    again to the value it is handed."""
+    return lambda wildcards: require_rope(POSITION_EMBEDDING, export)
 
 
 # The Llama and PEFT exports (rules/export.smk): plain HF Llama directories and PEFT adapter folders.
@@ -134,10 +127,10 @@ GGUF_DIR = f"{RESULTS}/gguf"
 GGUF_FILES = [
     f"{GGUF_DIR}/{config['base_model']['name']}-{t}.gguf" for t in ("f16", "q8_0")
 ]
-# Llama has no ALiBi: the Llama-format and GGUF exports are for RoPE models.
+# The RoPE-only exports that `all` builds (all of them for a RoPE base model, none for ALiBi).
 LLAMA_EXPORTS = (
     []
-    if ARCH == ALIBI
+    if POSITION_EMBEDDING == ALIBI
     else [
         f"{HF_LLAMA}/model.safetensors",
         f"{HF_LLAMA_BASE}/model.safetensors",
@@ -150,7 +143,6 @@ LLAMA_EXPORT_INPUTS = dict(
     base=base_file("config.json"),
     tokenizer=base_file("tokenizer.model"),
     script=f"{SCRIPTS}/export_llama.py",
-    rope=rope_only,
 )
 
 

@@ -42,7 +42,7 @@ rule mindrecord:
             config["train"]["seed"] if draws_samples(config["data"]["train"]) else 0
         ),
     shell:
-        "python {input.script} --rule {rule} --log {log} --data {params.data:q} "
+        "python {input.script} --log {log} --data {params.data:q} "
         "--sample_seed {params.sample_seed} --model_file {input.tokenizer} "
         "--output_file {output.train} --heldout_output_file {output.heldout} "
         "--stats_file {output.stats}"

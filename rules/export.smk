@@ -20,9 +20,9 @@ rule export_llama:
     params:
         base=lambda wildcards, input: os.path.dirname(input.base),
         out_dir=lambda wildcards, output: os.path.dirname(output.safetensors),
-        position_embedding=ARCH,
+        position_embedding=rope_export("export_llama"),
     shell:
-        "python {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "python {input.script} --log {log} --mindspore_ckpt_path {input.ckpt} "
         "--base_model_dir {params.base} --out_dir {params.out_dir} "
         "--position_embedding {params.position_embedding}"
 
@@ -46,7 +46,6 @@ rule export_peft:
         ckpt=MERGED_CKPT,
         adapter=ADAPTER_CONFIG,
         script=f"{SCRIPTS}/export_peft.py",
-        rope=rope_only,
     output:
         adapter=f"{PEFT_ADAPTER}/adapter_model.safetensors",
         config=f"{PEFT_ADAPTER}/adapter_config.json",
@@ -68,11 +67,12 @@ rule export_peft:
         w_pack_base=BASE_MODEL,
         out_dir=lambda wildcards, output: os.path.dirname(output.adapter),
         w_pack_dir=lambda wildcards, output: os.path.dirname(output.w_pack[0]),
+        position_embedding=rope_export("export_peft"),
     shell:
-        "python {input.script} --rule {rule} --log {log} --src_ckpt {input.ckpt} "
+        "python {input.script} --log {log} --src_ckpt {input.ckpt} "
         "--adapter_config {input.adapter} --out_dir {params.out_dir} "
         "--base_model_name_or_path {params.llama_base} --w_pack_out_dir {params.w_pack_dir} "
-        "--w_pack_base_model {params.w_pack_base}"
+        "--w_pack_base_model {params.w_pack_base} --position_embedding {params.position_embedding}"
 
 
 rule export_gguf:
@@ -83,7 +83,6 @@ rule export_gguf:
         base=base_file("config.json"),
         tokenizer=base_file("tokenizer.model"),
         script=f"{SCRIPTS}/export_gguf.py",
-        rope=rope_only,
     output:
         f16=GGUF_FILES[0],
         q8_0=GGUF_FILES[1],
@@ -99,8 +98,8 @@ rule export_gguf:
         base=lambda wildcards, input: os.path.dirname(input.base),
         out_dir=lambda wildcards, output: os.path.dirname(output.f16),
         name=config["base_model"]["name"],
-        position_embedding=ARCH,
+        position_embedding=rope_export("export_gguf"),
     shell:
-        "python {input.script} --rule {rule} --log {log} --mindspore_ckpt_path {input.ckpt} "
+        "python {input.script} --log {log} --mindspore_ckpt_path {input.ckpt} "
         "--base_model_dir {params.base} --out_dir {params.out_dir} --name {params.name} "
         "--type f16 --type q8_0 --position_embedding {params.position_embedding}"

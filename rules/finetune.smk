@@ -23,7 +23,7 @@ rule mf_config:
         settings=ConfigSection(
             device_target=config["device_target"],
             name=config["base_model"]["name"],
-            position_embedding=ARCH,
+            position_embedding=POSITION_EMBEDDING,
             seq_length=config["data"]["seq_length"],
             packing=config["data"]["packing"],
             lora=config["lora"],
@@ -39,7 +39,7 @@ rule mf_config:
             train_data=mindrecord("train"),
         ),
     shell:
-        "python {input.script} --rule {rule} --log {log} --run_mode {params.run_mode} "
+        "python {input.script} --log {log} --run_mode {params.run_mode} "
         "--hf_config {input.hf_config} --tokenizer {input.tokenizer} "
         "--settings {params.settings:q} --output {output.yaml}"
 
@@ -77,7 +77,7 @@ rule preflight:
             else ""
         ),
     shell:
-        "python {input.script} --rule {rule} --log {log} --config {input.config} "
+        "python {input.script} --log {log} --config {input.config} "
         "--base_ckpt {input.base_ckpt} --tokenizer {input.tokenizer} --train_data {input.train_data} "
         "--hf_config {input.hf_config} --parallel {params.parallel:q} --rank_table={params.rank_table} "
         "{params.allow_longer} --output {output.report}"
@@ -130,7 +130,7 @@ rule finetune:
         out_dir=lambda wildcards, output: os.path.dirname(output.loss),
         rank_table=lambda wildcards, input: input.get("rank_table", ""),
     shell:
-        "python {input.script} --rule {rule} --log {log} --config {input.config} "
+        "python {input.script} --log {log} --config {input.config} "
         "--worker {input.worker} --state_dir {params.state} --out_dir {params.out_dir} "
         "--device_target {params.device_target} --parallel {params.parallel:q} "
         "--rank_table={params.rank_table} --base_model {params.base_model:q} "

@@ -16,7 +16,7 @@ use rule mf_config as predict_config with:
         settings=ConfigSection(
             device_target=config["device_target"],
             name=config["base_model"]["name"],
-            position_embedding=ARCH,
+            position_embedding=POSITION_EMBEDDING,
             generation=pick(
                 config["predict"],
                 "max_new_tokens",
@@ -50,7 +50,7 @@ rule predict:
     params:
         prompts=config["predict"]["prompts"],
     shell:
-        "python {input.script} --rule {rule} --log {log} --config {input.config} --run_mode predict "
+        "python {input.script} --log {log} --config {input.config} --run_mode predict "
         "--use_parallel False --auto_trans_ckpt False --load_checkpoint {input.finetuned} "
         "--compare_checkpoint {input.base} --predict_data {params.prompts:q} "
         "--output {output.predictions}"
@@ -74,6 +74,6 @@ rule evaluate:
     conda:
         "../envs/lorapipe.yaml"
     shell:
-        "python {input.script} --rule {rule} --log {log} --config {input.config} "
+        "python {input.script} --log {log} --config {input.config} "
         "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} "
         "--eval_dataset {input.heldout} --output {output.metrics}"

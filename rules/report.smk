@@ -31,5 +31,5 @@ rule report:
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.loss),
     shell:
-        "python {input.script} --rule {rule} --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
+        "python {input.script} --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
         "--metrics {input.metrics} --predictions {input.predictions} --out_dir {params.out_dir}"

@@ -27,7 +27,7 @@ if TINY:
             tiny_base=config["tiny_base"],
             out_dir=lambda wildcards, output: os.path.dirname(output.config),
         shell:
-            "python {input.script} --rule {rule} --log {log} --data {input.data:q} "
+            "python {input.script} --log {log} --data {input.data:q} "
             "--out_dir {params.out_dir} --dims {params.tiny_base:q}"
 
 
@@ -50,5 +50,5 @@ rule ckpt:
         dtype=config["base_model"]["dtype"],
         source=lambda wildcards, input: os.path.dirname(input.config),
     shell:
-        "python {input.script} --rule {rule} --log {log} --torch_ckpt_path {params.source:q} "
+        "python {input.script} --log {log} --torch_ckpt_path {params.source:q} "
         "--mindspore_ckpt_path {output.ckpt} --dtype {params.dtype}"

@@ -10,17 +10,8 @@ import argparse
 import sys
 
 from lorapipe import cli
-from lorapipe.infer.generate import (
-    TextStreamer,
-    build_decoder,
-    complete_checkpoint,
-    generate,
-    generation_settings,
-    read_adapter,
-    read_mindformers_yaml,
-    tokenizer_file,
-    use_device,
-)
+from lorapipe.infer.generate import TextStreamer, generate, generation_settings
+from lorapipe.infer.loader import build_decoder, trained_model, use_device
 from lorapipe.model.chat_template import chat_ids
 from lorapipe.model.tokenizer import ChatTokenizer
 
@@ -38,14 +29,13 @@ def main():
     cli.add_generation_flags(p.add_argument_group("generation (default: the YAML's)"))
     args = p.parse_args()
 
-    rendered = read_mindformers_yaml(args.config)
-    model_config = rendered["model"]["model_config"]
-    generation = generation_settings(model_config, vars(args))
-    tok = ChatTokenizer(tokenizer_file(rendered, args.vocab_file, args.config))
+    model = trained_model(args.config, args.load_checkpoint, adapter_config=args.adapter_config,
+                          vocab_file=args.vocab_file)
+    generation = generation_settings(model.model_config, vars(args))
+    tok = ChatTokenizer(model.tokenizer)
     # the same incremental path as predict: the KV-cache decoder on the host, use_past on Ascend
-    net = build_decoder(model_config, complete_checkpoint(args.load_checkpoint),
-                        read_adapter(args.adapter_config, model_config, args.config), use_past=True,
-                        device_target=use_device(rendered))
+    net = build_decoder(model.model_config, model.checkpoints["finetuned"], model.adapter, use_past=True,
+                        device_target=use_device(model.rendered))
     history, turn = [], 0
     print("lorapipe chat: /reset forgets the conversation, /quit leaves.", flush=True)
     while True:

@@ -4,7 +4,7 @@ MindRecord, masked as in training: only assistant tokens and end-of-turn markers
 
 from lorapipe import cli
 from lorapipe.infer.evaluate import evaluate
-from lorapipe.infer.generate import complete_checkpoint, read_adapter, read_mindformers_yaml
+from lorapipe.infer.loader import trained_model
 
 
 def main():
@@ -17,15 +17,11 @@ def main():
     p.add_argument("--eval_dataset", required=True, help="held-out .mindrecord")
     p.add_argument("--output", required=True, help="metrics.json")
     args = p.parse_args()
-    # The training YAML's model, evaluated on the host in fp32 whatever dtype it trained in.
-    model_config = dict(read_mindformers_yaml(args.config)["model"]["model_config"], compute_dtype="float32",
-                        param_init_type="float32")
     run = cli.start(args, {})
-    models = {"finetuned": complete_checkpoint(args.load_checkpoint)}
-    if args.compare_checkpoint:
-        models["base"] = complete_checkpoint(args.compare_checkpoint)
-    evaluate(models, model_config, args.eval_dataset, args.output,
-             adapter=read_adapter(args.adapter_config, model_config, args.config), run=run)
+    # The training YAML's model, evaluated on the host in fp32 whatever dtype it trained in.
+    model = trained_model(args.config, args.load_checkpoint, args.compare_checkpoint, args.adapter_config,
+                          compute_dtype="float32", param_init_type="float32")
+    evaluate(model.checkpoints, model.model_config, args.eval_dataset, args.output, adapter=model.adapter, run=run)
 
 
 if __name__ == "__main__":

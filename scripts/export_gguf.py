@@ -16,13 +16,12 @@ def main():
     p.add_argument("--name", required=True, help="file names <name>-<type>.gguf, and general.name")
     p.add_argument("--type", dest="types", action="append", choices=TYPES,
                    help="a file type to write (repeat); default f16 and q8_0")
-    p.add_argument("--position_embedding", choices=["auto", "rope", "alibi"], default="auto",
-                   help="base_model.position_embedding (the workflow passes the architecture it planned with)")
+    cli.add_position_embedding_flag(p)
     args = p.parse_args()
     types = tuple(dict.fromkeys(args.types or ("f16", "q8_0")))
     run = cli.start(args, {"name": args.name, "types": list(types), "position_embedding": args.position_embedding})
-    export_gguf(args.mindspore_ckpt_path, args.base_model_dir, args.out_dir, args.name, types,
-                args.position_embedding, run=run)
+    export_gguf(args.mindspore_ckpt_path, args.base_model_dir, args.out_dir, args.name, args.position_embedding,
+                types, run=run)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ def main():
     p.add_argument("--mindspore_ckpt_path", required=True, help="complete checkpoint without LoRA tensors")
     p.add_argument("--base_model_dir", required=True, help="the HF base model: config.json and tokenizer.model")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--position_embedding", choices=["auto", "rope", "alibi"], default="auto",
-                   help="base_model.position_embedding (the workflow passes the architecture it planned with)")
+    cli.add_position_embedding_flag(p)
     args = p.parse_args()
     run = cli.start(args, {"position_embedding": args.position_embedding})
     export_llama(args.mindspore_ckpt_path, args.base_model_dir, args.out_dir, args.position_embedding, run=run)

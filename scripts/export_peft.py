@@ -16,10 +16,11 @@ def main():
                    help="what the adapter's config names as its base: the Llama export of the base model")
     p.add_argument("--w_pack_out_dir", default=None, help="also write the W_pack-layout adapter here")
     p.add_argument("--w_pack_base_model", default=None, help="its base: the Baichuan2 HF model")
+    cli.add_position_embedding_flag(p)
     args = p.parse_args()
     run = cli.start(args, {"base_model_name_or_path": args.base_model_name_or_path,
-                           "w_pack_base_model": args.w_pack_base_model})
-    export_peft(args.src_ckpt, args.adapter_config, args.out_dir, args.base_model_name_or_path,
+                           "w_pack_base_model": args.w_pack_base_model, "position_embedding": args.position_embedding})
+    export_peft(args.src_ckpt, args.adapter_config, args.out_dir, args.base_model_name_or_path, args.position_embedding,
                 w_pack_dir=args.w_pack_out_dir, w_pack_base_model=args.w_pack_base_model, run=run)
 
 

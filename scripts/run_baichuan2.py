@@ -15,15 +15,8 @@ Training runs through the workflow (`snakemake finetune`), evaluation through sc
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.infer.generate import (
-    complete_checkpoint,
-    generation_settings,
-    predict,
-    read_adapter,
-    read_mindformers_yaml,
-    tokenizer_file,
-    use_device,
-)
+from lorapipe.infer.generate import generation_settings, predict
+from lorapipe.infer.loader import trained_model, use_device
 
 RECIPE_IGNORED = ("task", "train_dataset", "eval_dataset", "resume", "remote_save_url", "src_strategy")
 
@@ -72,26 +65,19 @@ def parse_args():
 
 def main():
     _, args = parse_args()
-    rendered = read_mindformers_yaml(args.config)
-    model_config = dict(rendered["model"]["model_config"])
-    if args.seq_length:
-        model_config["seq_length"] = args.seq_length
-    generation = generation_settings(model_config, vars(args))
+    # One device: a complete checkpoint, or a folder holding rank_0/ with one, needs no transformation,
+    # so --auto_trans_ckpt True and False load the same weights here.
+    model = trained_model(args.config, args.load_checkpoint, args.compare_checkpoint, args.adapter_config,
+                          args.vocab_file, seq_length=args.seq_length)
+    generation = generation_settings(model.model_config, vars(args))
     generation.update(seed=args.seed, use_past=args.use_past, max_length=args.max_length)
-    vocab_file = tokenizer_file(rendered, args.vocab_file, args.config)
     run = cli.start(args, generation)
     prompts = []
     for item in args.predict_data:
         prompts += Path(item[1:]).read_text(encoding="utf-8").splitlines() if item.startswith("@") else [item]
-    # One device: a complete checkpoint, or a folder holding rank_0/ with one, needs no transformation,
-    # so --auto_trans_ckpt True and False load the same weights here.
-    models = {"finetuned": complete_checkpoint(args.load_checkpoint)}
-    if args.compare_checkpoint:
-        models["base"] = complete_checkpoint(args.compare_checkpoint)
-    adapter = read_adapter(args.adapter_config, model_config, args.config)
-    device_target = use_device(rendered, args.mode, args.device_id)
-    predict(models, vocab_file, model_config, [q for q in prompts if q.strip()], generation, args.output,
-            adapter=adapter, device_target=device_target, run=run)
+    device_target = use_device(model.rendered, args.mode, args.device_id)
+    predict(model.checkpoints, model.tokenizer, model.model_config, [q for q in prompts if q.strip()], generation,
+            args.output, adapter=model.adapter, device_target=device_target, run=run)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,13 @@ def render(cfg, hf_config, tokenizer, base_ckpt_dir="ckpt", train_data="data/bel
            **overrides):
     """The finetune YAML lorapipe renders for a config dict (lorapipe.config.load_config's), as mf_config
     would; `overrides` replace render arguments (seq_length, parallel, device_target, ...)."""
+    from lorapipe.model.architecture import position_embedding_of
     from lorapipe.train.mindformers_yaml import render_mindformers_config
 
     par = cfg["parallel"]
     settings = dict(seq_length=cfg["data"]["seq_length"], lora=cfg["lora"], train=cfg["train"],
-                    device_target=cfg["device_target"],
-                    position_embedding=cfg["base_model"].get("position_embedding", "auto"),
+                    device_target=cfg["device_target"],  # the architecture decided as the Snakefile decides it
+                    position_embedding=position_embedding_of(hf_config, cfg["base_model"].get("position_embedding", "auto")),
                     parallel={k: par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                   "max_device_memory")})
     return render_mindformers_config(hf_config, tokenizer=tokenizer, base_ckpt_dir=base_ckpt_dir,

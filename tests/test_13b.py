@@ -14,10 +14,9 @@ import torch
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
-from lorapipe.config import load_config, position_embedding
+from lorapipe.config import load_config, run_position_embedding
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.model.architecture import alibi_slopes, llama_config
-from lorapipe.model.architecture import position_embedding as from_hf_config
+from lorapipe.model.architecture import alibi_slopes, mindformers_model_config, position_embedding_of
 
 # 13B-shaped: 5 heads (like 13B's 40, not a power of two: the slopes interleave), FFN 2.75 x the width
 # (13B: 2.675; 110 also splits over the 5 model-parallel devices of the strategy test).
@@ -35,49 +34,49 @@ def base_13b(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_13b(base_13b, tmp_path_factory):
     """(network, model_config, converted checkpoint) of the tiny ALiBi model, seq_length 256."""
-    from lorapipe.infer.generate import load_model
+    from lorapipe.infer.loader import load_model
     from lorapipe.weights.convert import convert_hf_to_mindspore
 
     hf_config = json.loads((base_13b / "config.json").read_text())
     ckpt = convert_hf_to_mindspore(base_13b, tmp_path_factory.mktemp("ckpt") / "rank_0" / "tiny_13b.ckpt")
-    model_config = llama_config(hf_config, 256, position_embedding_type=from_hf_config(hf_config))
+    model_config = mindformers_model_config(hf_config, 256, position_embedding_type=position_embedding_of(hf_config))
     return load_model(model_config, ckpt), model_config, ckpt
 
 
 # -- choosing the architecture ------------------------------------------------------------------------
 
 def test_the_architecture_comes_from_config_json():
-    assert from_hf_config({"hidden_size": 4096}) == "rope"  # Baichuan2-7B
-    assert from_hf_config({"hidden_size": 5120}) == "alibi"  # Baichuan2-13B
-    assert from_hf_config({"hidden_size": 64, "position_embedding": "ALIBI"}) == "alibi"  # explicit wins
-    assert from_hf_config({"hidden_size": 5120, "position_embedding": "ROPE"}) == "rope"
-    assert from_hf_config({"hidden_size": 5120}, "rope") == "rope"  # the config key overrides the width rule
-    assert from_hf_config({"hidden_size": 64}, "alibi") == "alibi"
-    assert from_hf_config({"hidden_size": 64, "position_embedding": "alibi"}, "alibi") == "alibi"
+    assert position_embedding_of({"hidden_size": 4096}) == "rope"  # Baichuan2-7B
+    assert position_embedding_of({"hidden_size": 5120}) == "alibi"  # Baichuan2-13B
+    assert position_embedding_of({"hidden_size": 64, "position_embedding": "ALIBI"}) == "alibi"  # explicit wins
+    assert position_embedding_of({"hidden_size": 5120, "position_embedding": "ROPE"}) == "rope"
+    assert position_embedding_of({"hidden_size": 5120}, "rope") == "rope"  # the config key overrides the width rule
+    assert position_embedding_of({"hidden_size": 64}, "alibi") == "alibi"
+    assert position_embedding_of({"hidden_size": 64, "position_embedding": "alibi"}, "alibi") == "alibi"
     with pytest.raises(ConfigError, match='base_model.position_embedding rope contradicts m/config.json, which says '
                                           '"position_embedding": "ALIBI"'):
-        from_hf_config({"hidden_size": 64, "position_embedding": "ALIBI"}, "rope", "m/config.json")
+        position_embedding_of({"hidden_size": 64, "position_embedding": "ALIBI"}, "rope", "m/config.json")
     with pytest.raises(InputError, match='m/config.json: "position_embedding": \'NTK\': expected "ROPE" or "ALIBI"'):
-        from_hf_config({"position_embedding": "NTK"}, where="m/config.json")
+        position_embedding_of({"position_embedding": "NTK"}, where="m/config.json")
 
 
 def test_impossible_combinations_are_config_errors(tmp_path):
     cfg = load_config(REPO / "config" / "tiny_13b.yaml")
-    assert position_embedding(cfg) == "alibi"
+    assert run_position_embedding(cfg) == "alibi"
     cfg["base_model"]["position_embedding"] = "rope"
     with pytest.raises(ConfigError, match="contradicts tiny_base.position_embedding"):
-        position_embedding(cfg)
+        run_position_embedding(cfg)
     cfg["base_model"]["position_embedding"] = "auto"
     cfg["train"]["use_flash_attention"] = True
     with pytest.raises(ConfigError, match="train.use_flash_attention: the base model is ALiBi"):
-        position_embedding(cfg)
+        run_position_embedding(cfg)
     # a user's base model: its config.json decides
     real = load_config(REPO / "config" / "baichuan2_13b_910b.yaml")
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 5120}))
     real["base_model"]["path"] = str(tmp_path)
-    assert position_embedding(real) == "alibi"
+    assert run_position_embedding(real) == "alibi"
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 4096}))
-    assert position_embedding(real) == "rope"
+    assert run_position_embedding(real) == "rope"
     # and the workflow stops before planning, naming the key
     bad = yaml.safe_load((REPO / "config" / "tiny_13b.yaml").read_text())
     bad["base_model"]["position_embedding"] = "rope"
@@ -146,7 +145,7 @@ def baichuan2_13b_forward(state, config, ids):
 
 
 def test_logits_match_an_independent_pytorch_alibi_forward(base_13b, model_13b):
-    from lorapipe.infer.generate import load_model
+    from lorapipe.infer.loader import load_model
     from lorapipe.model.network import Baichuan13BV2ForCausalLM, logits
 
     net, _, ckpt = model_13b
@@ -160,14 +159,15 @@ def test_logits_match_an_independent_pytorch_alibi_forward(base_13b, model_13b):
     assert got.shape == want.shape == (2, 48, config["vocab_size"])
     assert np.abs(got - want).max() <= 1e-4
     # ALiBi matters: the same weights in the RoPE network give other logits
-    rope = load_model(llama_config(config, 256), ckpt)
+    rope = load_model(mindformers_model_config(config, 256), ckpt)
     assert np.abs(logits(rope, ids) - want).max() > 0.1
 
 
 def test_kv_cache_decoder_matches_the_alibi_network(base_13b, model_13b):
     """Position by position, pad ids included (masked as keys, with their bias, as the network does), and
     greedy tokens equal to the full-recompute loop's for 128 new tokens."""
-    from lorapipe.infer.generate import generate, load_weights
+    from lorapipe.infer.generate import generate
+    from lorapipe.infer.loader import load_weights
     from lorapipe.model.chat_template import chat_ids
     from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.network import logits
@@ -260,8 +260,8 @@ def test_tiny_13b_end_to_end(tmp_path):
     assert json.loads((results / "hf/config.json").read_text())["position_embedding"] == "ALIBI"
     assert not (results / "hf_llama").exists() and not (results / "peft_adapter").exists()
     refused = snakemake(tmp_path, "-n", "export_llama", configfile=configfile, check=False)
-    assert refused.returncode != 0 and "the Llama-format exports (export_llama, export_llama_base, export_peft) and "\
-        "export_gguf: the base model uses ALiBi" in refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "export_llama: the base model uses ALiBi (Baichuan2-13B); a plain "\
+        "LlamaForCausalLM has rotary position embeddings only" in refused.stdout + refused.stderr
     # chat, on the predict YAML: its first answer is the finetuned model's prediction for the same prompt
     proc = subprocess.run([sys.executable, str(REPO / "scripts/chat.py"), "--config",
                            "results/tiny_13b/predict/run_baichuan2.yaml", "--load_checkpoint",

@@ -107,7 +107,7 @@ def test_filter_dir_merge_and_bad_ranks(base_ckpt, tmp_path):
 def test_folded_model_equals_base_plus_adapter(tiny_base_dir, base_ckpt, tmp_path):
     from mindformers.pet import LoraConfig, LoraModel
 
-    from lorapipe.model.architecture import llama_config
+    from lorapipe.model.architecture import mindformers_model_config
     from lorapipe.model.network import build_model, logits
 
     base = dict(iter_checkpoint(base_ckpt))
@@ -131,10 +131,10 @@ def test_folded_model_equals_base_plus_adapter(tiny_base_dir, base_ckpt, tmp_pat
 
     # base + adapter, computed by MindFormers' own LoRA layers (dropout off)
     adapted = LoraModel(LoraConfig(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                   target_modules=".*wq|.*wk|.*wv"), build_model(llama_config(hf_config, 32)))
+                                   target_modules=".*wq|.*wk|.*wv"), build_model(mindformers_model_config(hf_config, 32)))
     adapted.set_train(False)
     load(adapted, {**base, **lora})
-    plain = build_model(llama_config(hf_config, 32))
+    plain = build_model(mindformers_model_config(hf_config, 32))
     load(plain, folded)
     want, got = adapted(ms.Tensor(ids))[0].asnumpy(), logits(plain, ids)
     assert np.abs(got - want).max() < 1e-5

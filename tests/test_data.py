@@ -701,7 +701,7 @@ def random_belle(rng, count, roles=("human", "gpt", "assistant"), system=False):
 
 
 def documented(record):
-    """The BELLE record whose r1.0 row is lorapipe's row of `record`, by the documented rules (README, "Which
+    """The BELLE record whose r1.0 row is lorapipe's row of `record`, by the documented rules (docs/data.md, "Which
     rule applies to which record"): a `user` turn is a user turn; system text (the `system` key, then each
     system turn; empty text adds nothing) is joined with "\n" in front of the next turn's text when that is
     a user turn, else is a user turn of its own; any other name is the assistant, as in r1.0."""
@@ -723,7 +723,7 @@ def documented(record):
 
 
 def kinds_of(record):
-    """The kinds of questionable record a BELLE record is (README), worked out on its own here."""
+    """The kinds of questionable record a BELLE record is (docs/data.md), worked out on its own here."""
     names = [m["from"] for m in record["conversations"]]
     turns = documented(record)["conversations"]
     user = [t["from"] == "human" for t in turns]

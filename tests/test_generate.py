@@ -48,13 +48,13 @@ def test_next_token_sampling_rules():
 def tiny_model(tiny_base_dir, tmp_path_factory):
     import json
 
-    from lorapipe.infer.generate import load_model
-    from lorapipe.model.architecture import llama_config
+    from lorapipe.infer.loader import load_model
+    from lorapipe.model.architecture import mindformers_model_config
     from lorapipe.weights.convert import convert_hf_to_mindspore
 
     ckpt = convert_hf_to_mindspore(tiny_base_dir, tmp_path_factory.mktemp("gen") / "base.ckpt")
     # seq_length 256: room for a prompt and 128 new tokens (rotary tables follow seq_length)
-    model_config = llama_config(json.loads((tiny_base_dir / "config.json").read_text()), 256)
+    model_config = mindformers_model_config(json.loads((tiny_base_dir / "config.json").read_text()), 256)
     return load_model(model_config, ckpt), model_config, ckpt
 
 
@@ -77,7 +77,7 @@ NO_EOS = -1  # the tiny model is random: compare long answers without stopping a
 
 def test_kv_cache_decoder_matches_the_network(tiny_model, tok):
     """The host decoder's logits equal the MindSpore network's, position by position."""
-    from lorapipe.infer.generate import load_weights
+    from lorapipe.infer.loader import load_weights
     from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.network import logits
 
@@ -93,7 +93,8 @@ def test_kv_cache_decoder_matches_the_network(tiny_model, tok):
 def test_incremental_greedy_equals_the_full_recompute_loop(tiny_model, tok, question):
     """128 new tokens: each is the argmax of the MindSpore network's logits over everything before it,
     which is what the full-recompute loop computes (checked literally on the first 16 tokens)."""
-    from lorapipe.infer.generate import generate, load_weights
+    from lorapipe.infer.generate import generate
+    from lorapipe.infer.loader import load_weights
     from lorapipe.model.decode import KVCacheDecoder
     from lorapipe.model.network import logits
 
@@ -109,7 +110,7 @@ def test_incremental_greedy_equals_the_full_recompute_loop(tiny_model, tok, ques
 
 def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
     from lorapipe.formats.msckpt import iter_checkpoint, write_checkpoint
-    from lorapipe.infer.generate import load_weights
+    from lorapipe.infer.loader import load_weights
 
     _, model_config, ckpt = tiny_model
     base = dict(iter_checkpoint(ckpt))
@@ -173,7 +174,8 @@ def test_chat_cli(tiny_model, tiny_base_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("assistant> ") == 2 and "(conversation reset)" in proc.stdout
     # the same incremental path as predict: its first answer is the decoder's greedy answer, streamed
-    from lorapipe.infer.generate import build_decoder, generate
+    from lorapipe.infer.generate import generate
+    from lorapipe.infer.loader import build_decoder
 
     tok = ChatTokenizer(tiny_base_dir / "tokenizer.model")
     first = generate(build_decoder(model_config, ckpt), chat_ids(tok, "Hello"), tok.eos, max_new_tokens=4,
@@ -200,7 +202,7 @@ def test_the_recipes_predict_command(tiny_model, tiny_base_dir, tmp_path):
     rendered = render_predict_config(hf_config, tokenizer=tiny_base_dir / "tokenizer.model", name="tiny",
                                      generation={"max_new_tokens": 8, "do_sample": False, "top_k": 5, "top_p": 0.85,
                                                  "temperature": 1.0, "repetition_penalty": 1.05},
-                                     device_target="CPU")
+                                     device_target="CPU", position_embedding="rope")
     (tmp_path / "predict.yaml").write_text(yaml.safe_dump(rendered))
     recipe = ["--config", tmp_path / "predict.yaml", "--run_mode", "predict", "--use_parallel", "False",
               "--load_checkpoint", ckpt, "--auto_trans_ckpt", "False"]

@@ -33,9 +33,9 @@ def run(tiny_base_dir, tmp_path_factory):
                                           "target_modules": ".*wq|.*wk|.*wv"}))
     folded = d / "merged_lora.ckpt"
     fold_lora(lora, folded, adapter_config)
-    llama.export_llama(folded, tiny_base_dir, d / "hf_llama")
-    llama.export_llama(base, tiny_base_dir, d / "hf_llama_base")
-    peft.export_peft(lora, adapter_config, d / "peft_adapter", d / "hf_llama_base", w_pack_dir=d / "peft_w_pack",
+    llama.export_llama(folded, tiny_base_dir, d / "hf_llama", "rope")
+    llama.export_llama(base, tiny_base_dir, d / "hf_llama_base", "rope")
+    peft.export_peft(lora, adapter_config, d / "peft_adapter", d / "hf_llama_base", "rope", w_pack_dir=d / "peft_w_pack",
                         w_pack_base_model=tiny_base_dir)
     return SimpleNamespace(dir=d, base=base, lora=lora, adapter_config=adapter_config, folded=folded,
                            hf_config=json.loads((tiny_base_dir / "config.json").read_text()))
@@ -55,10 +55,10 @@ def hf_model(path):
 
 
 def ms_model(run, ckpt, adapter=None):
-    from lorapipe.infer.generate import load_model
-    from lorapipe.model.architecture import llama_config
+    from lorapipe.infer.loader import load_model
+    from lorapipe.model.architecture import mindformers_model_config
 
-    return load_model(llama_config(run.hf_config, 64), ckpt, adapter)
+    return load_model(mindformers_model_config(run.hf_config, 64), ckpt, adapter)
 
 
 def prompts(tok):
@@ -232,25 +232,28 @@ def test_import_a_peft_trained_adapter_on_every_linear(run, tok, tmp_path):
 
 
 def test_alibi_models_are_refused_clearly(run, tiny_base_dir, tmp_path):
-    base = tmp_path / "alibi"
-    shutil.copytree(tiny_base_dir, base)
-    config = dict(run.hf_config, position_embedding="ALIBI")
-    (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=r'alibi/config.json: an ALiBi model \("position_embedding": "ALIBI"\)'):
-        llama.export_llama(run.base, base, tmp_path / "out")
+    """The RoPE-only exports take the architecture the workflow decided, and refuse ALiBi with the reason of
+    the one guard (require_rope), before they write anything."""
+    from lorapipe.errors import ConfigError
+    from lorapipe.model.architecture import ROPE_ONLY_EXPORTS, require_rope
+
+    with pytest.raises(ConfigError, match=r"export_llama: the base model uses ALiBi \(Baichuan2-13B\); a plain "
+                                          r"LlamaForCausalLM has rotary position embeddings only"):
+        llama.export_llama(run.base, tiny_base_dir, tmp_path / "out", "alibi")
+    with pytest.raises(ConfigError, match=r"export_peft: the base model uses ALiBi"):
+        peft.export_peft(run.lora, run.adapter_config, tmp_path / "out", "base", "alibi")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(InputError, match="hidden_size 5120 .Baichuan2-13B."):
-        llama.check_rope({"hidden_size": 5120}, "config.json")
-    llama.check_rope({"hidden_size": 5120, "position_embedding": "ROPE"}, "config.json")
-    llama.check_rope(run.hf_config, "config.json")
+    assert all(require_rope("rope", export) == "rope" for export in ROPE_ONLY_EXPORTS)
+    with pytest.raises(ValueError, match="expected rope or alibi"):
+        require_rope("auto", "export_llama")
 
 
 def test_bad_inputs_are_named_and_leave_no_output(run, tiny_base_dir, tmp_path):
     with pytest.raises(InputError, match="'model.layers.0.attention.wq.mindpet_delta_lora_a' is not a Baichuan2 "
                                          "model weight"):
-        llama.export_llama(run.lora, tiny_base_dir, tmp_path / "llama")
+        llama.export_llama(run.lora, tiny_base_dir, tmp_path / "llama", "rope")
     with pytest.raises(InputError, match="no LoRA tensors .* needs the unfolded checkpoint"):
-        peft.export_peft(run.folded, run.adapter_config, tmp_path / "peft", "base")
+        peft.export_peft(run.folded, run.adapter_config, tmp_path / "peft", "base", "rope")
     # PEFT adapters lorapipe's model cannot take: lm_head, DoRA, a rank its config does not say.
     adapter = tmp_path / "adapter"
     shutil.copytree(run.dir / "peft_adapter", adapter)

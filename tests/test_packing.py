@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_DATA
-from lorapipe.model.architecture import llama_config
-from lorapipe.model.architecture import position_embedding as from_hf_config
+from lorapipe.model.architecture import mindformers_model_config, position_embedding_of
 
 SEQ = 64
 LENGTHS = (13, 21, 9)  # three conversations, then padding
@@ -18,12 +17,12 @@ LENGTHS = (13, 21, 9)  # three conversations, then padding
 
 def models(base_dir, tmp_path):
     """(plain network, packed network) of one base model, the same weights."""
-    from lorapipe.infer.generate import load_model
+    from lorapipe.infer.loader import load_model
     from lorapipe.weights.convert import convert_hf_to_mindspore
 
     hf_config = json.loads((base_dir / "config.json").read_text())
     ckpt = convert_hf_to_mindspore(base_dir, tmp_path / "rank_0" / "base.ckpt")
-    plain = llama_config(hf_config, SEQ, position_embedding_type=from_hf_config(hf_config))
+    plain = mindformers_model_config(hf_config, SEQ, position_embedding_type=position_embedding_of(hf_config))
     return load_model(plain, ckpt), load_model(dict(plain, packing=True), ckpt)
 
 
@@ -177,7 +176,8 @@ def test_the_rendered_yaml_reads_the_segment_ids_only_when_packing(tiny_base_dir
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())
     par = {"data_parallel": 2, "model_parallel": 1, "pipeline_stage": 1, "max_device_memory": None}
     common = dict(tokenizer=tiny_base_dir / "tokenizer.model", base_ckpt_dir="ckpt", train_data="t.mindrecord",
-                  seq_length=64, name="tiny", lora=cfg["lora"], train=cfg["train"], parallel=par, device_target="CPU")
+                  seq_length=64, name="tiny", lora=cfg["lora"], train=cfg["train"], parallel=par, device_target="CPU",
+                  position_embedding="rope")
     plain, packed = (render_mindformers_config(hf_config, packing=p, **common) for p in (False, True))
     assert plain["train_dataset"]["input_columns"] == ["input_ids", "labels"]
     assert "packing" not in plain["model"]["model_config"]

@@ -85,11 +85,11 @@ def test_logits_match_an_independent_reference_forward(tiny_base_dir, converted)
     import mindspore as ms
     import transformers
 
-    from lorapipe.model.architecture import llama_config
+    from lorapipe.model.architecture import mindformers_model_config
     from lorapipe.model.network import build_model, logits
 
     hf_config = json.loads((tiny_base_dir / "config.json").read_text())
-    net = build_model(llama_config(hf_config, seq_length=32))
+    net = build_model(mindformers_model_config(hf_config, seq_length=32))
     params = {n: ms.Parameter(ms.Tensor(a), name=n) for n, a in iter_checkpoint(converted)}
     not_loaded, unused = ms.load_param_into_net(net, params)
     assert not not_loaded and not unused

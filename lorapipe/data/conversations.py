@@ -1,4 +1,6 @@
-"""The sources' records, in order, as Conversations: malformed records and the kinds data.drop names left
+"""The sources' records, in order, as Conversations, with what is dropped reported.
+
+The sources' records, in order, as Conversations: malformed records and the kinds data.drop names left
 out and reported, each conversation with its held-out split key."""
 
 import hashlib

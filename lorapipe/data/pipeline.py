@@ -1,4 +1,6 @@
-"""The mindrecord step: chat data -> the training and held-out MindRecords (+ `.db`) and the stats JSON, as
+"""The mindrecord step: chat data -> training and held-out MindRecords and the stats JSON.
+
+The mindrecord step: chat data -> the training and held-out MindRecords (+ `.db`) and the stats JSON, as
 MindFormers r1.0's belle_preprocess.py builds the rows, in bounded memory.
 
 Memory. Nothing per record outlives its batch: files are read a record at a time (JSON Lines a line at a

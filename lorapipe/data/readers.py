@@ -1,4 +1,6 @@
-"""Chat data files read one record at a time: JSON Lines a line at a time, a JSON array by json's own
+"""Chat data files read one record at a time, with one clear error for input that cannot be read.
+
+Chat data files read one record at a time: JSON Lines a line at a time, a JSON array by json's own
 scanner over a sliding window of READ_CHUNK bytes; one clear error naming the file and where."""
 
 import json

@@ -1,4 +1,6 @@
-"""The sources of data.train: files or globs, each with its layout and its weight (and the sample a
+"""The sources of data.train: files or globs, each with its layout and its weight.
+
+The sources of data.train: files or globs, each with its layout and its weight (and the sample a
 fractional weight draws)."""
 
 import glob

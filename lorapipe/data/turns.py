@@ -1,4 +1,6 @@
-"""The turn rules: a record of one of the four layouts -> its user and assistant turns, and the kinds of
+"""The turn rules: a record of one of the four layouts -> user and assistant turns, and its kinds.
+
+The turn rules: a record of one of the four layouts -> its user and assistant turns, and the kinds of
 questionable record it is.
 
 Input: JSON or JSON Lines files in one of four layouts (FORMATS), detected per file or named:
@@ -41,7 +43,7 @@ Kinds of record (docs/data.md, "Which rule applies to which record"):
 from dataclasses import dataclass
 
 from lorapipe.data.readers import InvalidLine
-from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
+from lorapipe.model.tokenizer import ASSISTANT_PIECE, USER_PIECE
 
 CONTROL_TEXTS = ("</s>", "<s>", "<unk>", USER_PIECE, ASSISTANT_PIECE)
 

@@ -1,4 +1,6 @@
-"""The finetuned model as GGUF files for llama.cpp (and what runs on it: llama-cli, llama-server, Ollama,
+"""The finetuned model as GGUF files for llama.cpp (llama-cli, llama-server, Ollama, LM Studio).
+
+The finetuned model as GGUF files for llama.cpp (and what runs on it: llama-cli, llama-server, Ollama,
 LM Studio): a complete MindSpore checkpoint (LoRA folded: merged_lora.ckpt) plus the base model's
 config.json and tokenizer.model -> `<name>-f16.gguf`, `<name>-q8_0.gguf` (and `-f32.gguf` on request).
 
@@ -15,7 +17,7 @@ directory, tensor by tensor:
   (rotate-half), ggml's LLAMA_ROPE_TYPE_NORM rotates adjacent pairs, so each head's rows
   [x0..x(d/2-1), y0..y(d/2-1)] become [x0, y0, x1, y1, ...] (LlamaModel.permute: reshape
   (heads, 2, d/2, in), swap axes 1 and 2);
-* lm_head rows L2-normalised once (NormHead; exact for inference, see llama.normalize_rows);
+* lm_head rows L2-normalised once (NormHead; exact for inference, see llama.norm_head);
 * 1-D tensors (the RMSNorm weights) stay f32 in every file, as the converter keeps them;
 * q8_0 quantises every 2-D weight in blocks of 32 along a row; a tensor whose row length is not a
   multiple of 32 stays f16, as the converter falls back (gguf.QuantError). The tiny default's
@@ -43,26 +45,21 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.errors import InputError
-from lorapipe.exports.llama import check_rope, llama_tensors, normalize_rows
+from lorapipe.exports.llama import llama_tensors
 from lorapipe.formats.gguf import TYPES, Stored, encode, gguf_package, storage_type, stored_nbytes, writer_class
 from lorapipe.formats.hf_io import read_json
 from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
-from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
-from lorapipe.model.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf
+from lorapipe.model.architecture import require_rope
+from lorapipe.model.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf, norm_head
 from lorapipe.model.chat_template import CHAT_TEMPLATE, OLLAMA_TEMPLATE
+from lorapipe.model.tokenizer import ASSISTANT_PIECE, USER_PIECE
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 
 log = logging.getLogger("lorapipe")
 
 
-ARCH = "llama"
-
-
-# Why an ALiBi model has no GGUF (llama.check_rope says it with the model's reason).
-NEEDS_ROPE = ("no GGUF export: llama.cpp's llama architecture has rotary position embeddings only, and its "
-              "baichuan architecture picks RoPE or ALiBi from the layer count alone (32 layers RoPE, 40 ALiBi, "
-              "any other count neither), so the file could not be proven to compute what this model computes")
+GGUF_ARCHITECTURE = "llama"  # llama.cpp's architecture name (the module docstring says why)
 
 
 def gguf_name(hf_name, n_layers):
@@ -248,17 +245,17 @@ def modelfile(gguf_file):
             f"PARAMETER stop {USER_PIECE}\n")
 
 
-def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), position_embedding="auto", run=None):
+def export_gguf(ckpt, base_dir, out_dir, name, position_embedding, file_types=("f16", "q8_0"), run=None):
     """A complete (LoRA-folded) MindSpore Baichuan2-7B checkpoint -> `<out_dir>/<name>-<type>.gguf` for each
     of `file_types`, in one pass over the checkpoint, and an Ollama `Modelfile` for the f16 file (if
-    written). Returns {type: path} and logs, for q8_0, the tensors that stay f16. `position_embedding` is
-    base_model.position_embedding (llama.check_rope)."""
+    written). Returns {type: path} and logs, for q8_0, the tensors that stay f16. `position_embedding` is the
+    run's architecture, as the workflow decided it: RoPE only (require_rope)."""
+    require_rope(position_embedding, "export_gguf")
     base_dir = Path(base_dir)
     unknown = [t for t in file_types if t not in TYPES]
     if unknown or not file_types:
         raise InputError(f"GGUF file types {list(file_types)}: expected some of {', '.join(TYPES)}")
     config = read_json(base_dir / "config.json")
-    check_rope(config, base_dir / "config.json", position_embedding, NEEDS_ROPE)
     tokenizer = base_dir / "tokenizer.model"
     plan = tensor_plan(ckpt, config)
     n_head = config["num_attention_heads"]
@@ -278,7 +275,7 @@ def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), posit
         writers, done = {}, 0
         try:
             for t, temp in zip(file_types, temps):
-                writer = writers[t] = Writer(temp, ARCH)
+                writer = writers[t] = Writer(temp, GGUF_ARCHITECTURE)
                 add_metadata(writer, config, tokenizer, t, name)
                 for (g, _, shape), q in zip(plan, types[t]):
                     writer.add_tensor_info(g, shape, np.dtype(np.float32), stored_nbytes(shape, q), raw_dtype=q)
@@ -292,7 +289,7 @@ def export_gguf(ckpt, base_dir, out_dir, name, file_types=("f16", "q8_0"), posit
                     raise InputError(f"{ckpt}: tensor {got!r} {array.shape} where its index said {hf!r} {shape}")
                 if g.endswith(("attn_q.weight", "attn_k.weight")):
                     array = permute_qk(array, n_head)
-                transform = normalize_rows if hf == "lm_head.weight" else None
+                transform = norm_head if hf == "lm_head.weight" else None
                 for t in file_types:
                     writers[t].write_tensor_data(encode(array, types[t][i], transform).view(Stored))
                 progress.update(i + 1)

@@ -1,4 +1,6 @@
-"""The finetuned (or the base) model as an HF directory of a plain `LlamaForCausalLM`: transformers, vLLM and
+"""The finetuned (or the base) model as an HF directory of a plain `LlamaForCausalLM`.
+
+The finetuned (or the base) model as an HF directory of a plain `LlamaForCausalLM`: transformers, vLLM and
 llama.cpp's convert_hf_to_gguf.py load it without remote code.
 
 A complete MindSpore checkpoint (LoRA folded, or the base) -> model.safetensors, config.json,
@@ -17,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.errors import InputError
 from lorapipe.formats.hf_io import SafetensorsWriter, read_json
 from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
-from lorapipe.model.architecture import ALIBI, position_embedding
+from lorapipe.model.architecture import require_rope
 from lorapipe.model.baichuan2 import (
+    EMBEDDING,
     LLAMA_MODULES,
     QKV_CELLS,
     ROPE_THETA,
@@ -29,6 +31,7 @@ from lorapipe.model.baichuan2 import (
     check_tensors,
     fused_record,
     mindspore_to_hf,
+    norm_head,
 )
 from lorapipe.model.chat_template import CHAT_TEMPLATE
 from lorapipe.outputs import atomic_outputs
@@ -37,25 +40,8 @@ from lorapipe.progress import Progress
 log = logging.getLogger("lorapipe")
 
 
-LLAMA_NEEDS_ROPE = "a Llama-format export needs rotary position embeddings and would compute something else"
-
-
-def check_rope(config, where, override="auto", reason=LLAMA_NEEDS_ROPE):
-    """Refuse an ALiBi model (Baichuan2-13B) for an export whose format has rotary position embeddings
-    only (`reason` says which). The architecture is lorapipe.model.architecture.position_embedding's, of config.json and
-    `override` (base_model.position_embedding; the workflow passes the one it planned with, so that a job
-    never decides otherwise)."""
-    if position_embedding(config, override, where) != ALIBI:
-        return
-    explicit = config.get("position_embedding")
-    why = f'"position_embedding": "{explicit}"' if explicit else \
-        'hidden_size 5120 (Baichuan2-13B) and no "position_embedding": "ROPE"'
-    raise InputError(f"{where}: an ALiBi model ({why}); {reason}. The Baichuan2 layout (export_hf) keeps ALiBi")
-
-
-def llama_config(config, dtype, where="config.json", override="auto"):
+def hf_llama_config(config, dtype):
     """config.json of the plain HF Llama that computes what a Baichuan2-7B config.json describes."""
-    check_rope(config, where, override)
     h, heads = config["hidden_size"], config["num_attention_heads"]
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -136,26 +122,18 @@ def llama_tensors(pairs, where="checkpoint"):
             yield name, x
 
 
-def normalize_rows(weight):
-    """NormHead applied once: rows of lm_head / their L2 norm, computed in fp32 (as the model does)."""
-    w = weight.astype(np.float32)
-    w /= np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), np.float32(1e-12))
-    return w.astype(weight.dtype)
-
-
-def export_llama(ckpt, base_dir, out_dir, position_embedding="auto", run=None):
+def export_llama(ckpt, base_dir, out_dir, position_embedding, run=None):
     """A complete (LoRA-folded, or base) MindSpore Baichuan2-7B checkpoint -> an HF Llama directory:
     model.safetensors, config.json, generation_config.json, tokenizer.model, tokenizer_config.json.
-    `position_embedding` is base_model.position_embedding (see check_rope)."""
+    `position_embedding` is the run's architecture, as the workflow decided it: RoPE only (require_rope)."""
+    require_rope(position_embedding, "export_llama")
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config = read_json(base_dir / "config.json")
-    check_rope(config, base_dir / "config.json", position_embedding)
     records = [(name, (numpy_dtype(t), shape)) for name, t, shape in checkpoint_index(ckpt)]
     # The checks of export_hf, on the Baichuan2 layout: every tensor, the right shapes, no LoRA left.
     check_tensors({n: (s, ckpt) for n, (_, s) in mindspore_to_hf(records, fused_record, ckpt)}, config, ckpt)
     plan = [(name, dtype, shape) for name, (dtype, shape) in llama_tensors(records, ckpt)]
-    side = {"config.json": llama_config(config, dict(records)["model.tok_embeddings.embedding_weight"][0],
-                                        base_dir / "config.json", position_embedding),
+    side = {"config.json": hf_llama_config(config, dict(records)[EMBEDDING][0]),
             "generation_config.json": _generation_config(base_dir, config),
             "tokenizer_config.json": tokenizer_config(base_dir / "tokenizer.model", config)}
     inputs = [ckpt, base_dir / "config.json", base_dir / "tokenizer.model"]
@@ -167,7 +145,7 @@ def export_llama(ckpt, base_dir, out_dir, position_embedding="auto", run=None):
         writer = SafetensorsWriter(temps[0], plan)
         try:
             for i, (name, array) in enumerate(llama_tensors(iter_checkpoint(ckpt, hashed=True), ckpt)):
-                writer.add(name, normalize_rows(array) if name == "lm_head.weight" else array)
+                writer.add(name, norm_head(array) if name == "lm_head.weight" else array)
                 progress.update(i + 1)
         finally:
             writer.close()

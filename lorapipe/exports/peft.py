@@ -19,7 +19,6 @@ time.
 
 import json
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -28,17 +27,19 @@ import numpy as np
 from lorapipe.errors import InputError
 from lorapipe.formats.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.formats.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint
-from lorapipe.model.architecture import LORA_A, LORA_B
+from lorapipe.model.architecture import require_rope
 from lorapipe.model.baichuan2 import (
     LAYER_NAME,
     LLAMA_MODULES,
+    LORA_A,
+    LORA_B,
     MINDSPORE_CELLS,
     PEFT_PREFIX,
     PEFT_TENSOR,
     QKV_CELLS,
     W_PACK_MODULE,
 )
-from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
+from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, lora_scale, read_adapter_config
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 
@@ -145,11 +146,13 @@ def _write_adapter(weights_path, config_path, modules, config):
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def export_peft(lora_ckpt, adapter_config, out_dir, base_model_name_or_path, w_pack_dir=None,
+def export_peft(lora_ckpt, adapter_config, out_dir, base_model_name_or_path, position_embedding, w_pack_dir=None,
                 w_pack_base_model=None, run=None):
     """The LoRA tensors of a MindSpore checkpoint (merged_ckpt) -> a PEFT adapter folder for the Llama
     layout (adapter_model.safetensors, adapter_config.json), and with `w_pack_dir` the same adapter for
-    Baichuan2's W_pack layout. Rank, alpha and dropout come from the trained run's adapter_config.json."""
+    Baichuan2's W_pack layout. Rank, alpha and dropout come from the trained run's adapter_config.json.
+    `position_embedding` is the run's architecture, as the workflow decided it: RoPE only (require_rope)."""
+    require_rope(position_embedding, "export_peft")
     trained = read_adapter_config(adapter_config)
     adapters = trained_adapters(lora_ckpt, trained["r"])
     layouts = [(Path(out_dir), llama_layout(adapters), base_model_name_or_path)]
@@ -209,7 +212,7 @@ def read_peft_adapter(adapter_dir):
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise InputError(f"{files[0]}: {module}.lora_A is {a.shape} and lora_B is {b.shape}; {config_path} "
                              f"says rank {r}")
-        modules[module] = (a, b, alpha / (math.sqrt(r) if config.get("use_rslora") else r))
+        modules[module] = (a, b, lora_scale(alpha, r, config.get("use_rslora")))
     return config, modules
 
 

@@ -1,4 +1,6 @@
-"""HF checkpoint files, read and written one tensor at a time: torch's zip format (pytorch_model.bin)
+"""HF checkpoint files read and written one tensor at a time: torch zip, safetensors, shards.
+
+HF checkpoint files, read and written one tensor at a time: torch's zip format (pytorch_model.bin)
 and safetensors, single files or sharded with an *.index.json.
 
 Both formats store each tensor as a contiguous run of raw bytes, so we parse the index (the pickle, or

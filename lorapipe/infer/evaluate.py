@@ -1,4 +1,6 @@
-"""Held-out evaluation: the loss and perplexity of each model on the held-out MindRecord, masked as in
+"""Held-out evaluation: each model's loss and perplexity on the held-out MindRecord.
+
+Held-out evaluation: the loss and perplexity of each model on the held-out MindRecord, masked as in
 training (only assistant tokens and end-of-turn markers count)."""
 
 import json
@@ -9,7 +11,7 @@ import numpy as np
 
 from lorapipe.data.rows import IGNORE_TOKEN_ID, PAD_ID
 from lorapipe.errors import InputError
-from lorapipe.infer.generate import load_model
+from lorapipe.infer.loader import load_model
 from lorapipe.outputs import atomic_outputs
 
 log = logging.getLogger("lorapipe")

@@ -1,4 +1,4 @@
-"""The Baichuan2 model as MindFormers sees it, without importing MindFormers (cheap to import)."""
+"""The Baichuan2 model as MindFormers sees it, without importing MindFormers: RoPE or ALiBi."""
 
 import math
 
@@ -21,17 +21,8 @@ ALIBI_HIDDEN_SIZE = 5120
 # choice); absent means RoPE, so a 7B YAML is unchanged.
 POSITION_EMBEDDING_KEY = "position_embedding_type"
 
-# The chat template's turn markers (looked up by piece in the tokenizer; 195/196 in Baichuan2's).
-USER_PIECE = "<reserved_106>"
-ASSISTANT_PIECE = "<reserved_107>"
 
-# MindFormers' LoRA (mindpet) parameters of an adapted cell `<cell>`: `<cell>.mindpet_delta_lora_a`
-# [rank, in] and `<cell>.mindpet_delta_lora_b` [out, rank], next to `<cell>.weight`.
-LORA_A = "mindpet_delta_lora_a"
-LORA_B = "mindpet_delta_lora_b"
-
-
-def position_embedding(hf_config, override="auto", where="config.json"):
+def position_embedding_of(hf_config, override="auto", where="config.json"):
     """"rope" or "alibi": the architecture a Baichuan2 config.json describes. An explicit
     "position_embedding" ("ROPE" | "ALIBI") wins; otherwise `override` (base_model.position_embedding:
     auto | rope | alibi) decides, and "auto" means ALiBi exactly when hidden_size is 5120 (Baichuan2-13B).
@@ -53,11 +44,55 @@ def position_embedding(hf_config, override="auto", where="config.json"):
     return kind
 
 
-def model_arch(hf_config, override="auto", where="config.json"):
-    """(position embedding, the registered model class) of a base model's config.json and the config's
-    base_model.position_embedding: what a rendered YAML's model_config and model.arch.type say."""
-    kind = position_embedding(hf_config, override, where)
-    return kind, ALIBI_MODEL_CLASS if kind == ALIBI else MODEL_CLASS
+def model_class(position_embedding):
+    """The registered model class of an architecture ("rope" | "alibi", decided once by
+    lorapipe.config.run_position_embedding): what a rendered YAML's model.arch.type says."""
+    classes = {ROPE: MODEL_CLASS, ALIBI: ALIBI_MODEL_CLASS}
+    if position_embedding not in classes:
+        raise ValueError(f"position_embedding {position_embedding!r}: expected {ROPE} or {ALIBI}")
+    return classes[position_embedding]
+
+
+# The exports whose formats have rotary position embeddings only, and why each cannot take an ALiBi model.
+_LLAMA = "a plain LlamaForCausalLM has rotary position embeddings only, so the export would compute something else"
+ROPE_ONLY_EXPORTS = {
+    "export_llama": _LLAMA,
+    "export_llama_base": _LLAMA,
+    "export_peft": "its adapters are for the Llama-format export (hf_llama_base) and for Baichuan2's W_pack layout "
+                   "beside it, and " + _LLAMA,
+    "export_gguf": "llama.cpp's llama architecture has rotary position embeddings only, and its baichuan "
+                   "architecture picks RoPE or ALiBi from the layer count alone (32 layers RoPE, 40 ALiBi, any other "
+                   "count neither), so the file could not be proven to compute what this model computes",
+}
+
+
+def require_rope(position_embedding, export):
+    """`position_embedding` if it is RoPE; for ALiBi (Baichuan2-13B) a ConfigError saying why `export` (a key
+    of ROPE_ONLY_EXPORTS) cannot be made. The one guard of the RoPE-only exports: the workflow calls it when
+    it plans one, and each export job calls it again with the value it was handed."""
+    model_class(position_embedding)  # rope or alibi
+    if position_embedding == ALIBI:
+        raise ConfigError(f"{export}: the base model uses ALiBi (Baichuan2-13B); {ROPE_ONLY_EXPORTS[export]}. The "
+                          f"Baichuan2 layout (export_hf) keeps ALiBi")
+    return position_embedding
+
+
+def unsupported_attention(position_embedding, packing=False, use_flash_attention=False, use_past=False):
+    """Why lorapipe's network cannot run this attention setting, or None: the one home of these refusals.
+    The config refuses them before planning (naming its keys), the network if a hand-written YAML asks."""
+    if packing and (use_flash_attention or use_past):
+        # MindFormers' packed path is flash attention's eod mask compression, which needs seq_length >= 2048
+        # (modules/transformer/transformer.py:824-825, reached from models/llama/llama.py:165).
+        return ("packed rows keep their conversations apart with lorapipe's own block-diagonal mask "
+                "(network.SegmentCausalMask), which flash attention and incremental decoding do not read; "
+                "MindFormers' own packed flash attention needs seq_length >= 2048")
+    if position_embedding == ALIBI and (use_flash_attention or use_past):
+        # Incremental decoding runs MindFormers' InferAttention and paged attention, whose LLaMA path is
+        # RoPE-only (llama_transformer.py:317-333, 494-496).
+        return ("MindFormers' flash attention takes ALiBi as a separate input that lorapipe's Baichuan2-13B network "
+                "does not build, and its incremental decoding is RoPE-only; the 13B trains without flash attention, "
+                "as r1.0's recipe does, and predict decodes it on the host")
+    return None
 
 
 def is_alibi(model_config):
@@ -80,11 +115,11 @@ def alibi_slopes(num_heads):
     return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][:num_heads - closest]
 
 
-def llama_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32",
+def mindformers_model_config(hf_config, seq_length, compute_dtype="float32", param_init_type="float32",
                  position_embedding_type=ROPE, **overrides):
     """A MindFormers LlamaConfig (as a dict) for a Baichuan2 HF config.json, CPU-safe unless
-    `overrides` say otherwise. `position_embedding_type` "alibi" (lorapipe.model.architecture.position_embedding)
-    marks the Baichuan2-13B network; RoPE configs do not carry the key."""
+    `overrides` say otherwise. `position_embedding_type` "alibi" marks the Baichuan2-13B network; RoPE configs do
+    not carry the key."""
     config = dict(
         type="LlamaConfig",
         batch_size=1,

@@ -1,4 +1,6 @@
-"""Baichuan2's checkpoint layout: the HF <-> MindSpore name map and the shapes a config.json implies,
+"""Baichuan2's tensor names and shapes: the HF <-> MindSpore map, the exports' names, the NormHead.
+
+Baichuan2's checkpoint layout: the HF <-> MindSpore name map and the shapes a config.json implies,
 and the names of the formats it is exported to (plain Llama, PEFT).
 
 The one place that knows the names (torchtune's convert_weights.py). No file I/O here: lorapipe.formats.hf_io
@@ -16,6 +18,8 @@ HF -> MindSpore (W_pack split into three row blocks [0:H], [H:2H], [2H:3H]):
 """
 
 import re
+
+import numpy as np
 
 from lorapipe.errors import InputError
 
@@ -35,6 +39,37 @@ _PER_LAYER = {
 W_PACK = "self_attn.W_pack.weight"
 QKV = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")  # (layer, the rest): in either naming
+
+# MindFormers' LoRA (mindpet) parameters of an adapted cell `<cell>`: `<cell>.mindpet_delta_lora_a`
+# [rank, in] and `<cell>.mindpet_delta_lora_b` [out, rank], next to `<cell>.weight`.
+LORA_A = "mindpet_delta_lora_a"
+LORA_B = "mindpet_delta_lora_b"
+
+# The MindSpore names read one by one outside the name maps (the host decoder, the exports).
+EMBEDDING, FINAL_NORM, LM_HEAD = (_TOP_LEVEL[n] for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                                         "lm_head.weight"))
+# A decoder layer's MindSpore parameters by their role in the forward (lorapipe.model.decode).
+LAYER_PARAMETERS = {"wq": QKV[0], "wk": QKV[1], "wv": QKV[2], **{
+    role: _PER_LAYER[hf] for role, hf in (("wo", "self_attn.o_proj.weight"), ("w1", "mlp.gate_proj.weight"),
+                                          ("w2", "mlp.down_proj.weight"), ("w3", "mlp.up_proj.weight"),
+                                          ("attention_norm", "input_layernorm.weight"),
+                                          ("ffn_norm", "post_attention_layernorm.weight"))}}
+
+
+def layer_weights(weights, layer):
+    """{role: array} of decoder layer `layer`'s parameters in `weights` {MindSpore name: array}."""
+    return {role: weights[f"model.layers.{layer}.{name}"] for role, name in LAYER_PARAMETERS.items()}
+
+
+def norm_head(weight):
+    """Baichuan2's NormHead applied once: lm_head's rows divided by their L2 norm, computed in float32 as
+    MindSpore's L2Normalize computes it (epsilon 1e-12 on the sum of squares), in `weight`'s dtype. The
+    network renormalises the frozen rows at every forward, so normalising them once gives the same logits:
+    exact for inference (not for training lm_head further)."""
+    w = weight.astype(np.float32)
+    w /= np.sqrt(np.maximum((w * w).sum(-1, keepdims=True), np.float32(1e-12)))
+    return w.astype(weight.dtype)
+
 
 # Baichuan2-7B's RoPE base: fixed in its modeling code (the MindFormers YAML's theta, Llama's rope_theta).
 ROPE_THETA = 10000.0
@@ -72,7 +107,7 @@ def hf_shapes(config):
 
 def network_shapes(model_config):
     """{MindSpore parameter name: shape} of the Baichuan2 network a MindFormers model_config (a rendered
-    YAML's, lorapipe.model.architecture.llama_config) describes: what a complete checkpoint for it holds."""
+    YAML's, lorapipe.model.architecture.mindformers_model_config) describes: what a complete checkpoint for it holds."""
     h, i, v = model_config["hidden_size"], model_config["intermediate_size"], model_config["vocab_size"]
     shapes = {"model.tok_embeddings.embedding_weight": (v, h), "model.norm_out.weight": (h,),
               "lm_head.weight": (v, h)}

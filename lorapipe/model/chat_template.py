@@ -12,8 +12,7 @@ user turn followed by SYSTEM_SEPARATOR, as lorapipe.data.turns does with a recor
 """
 
 from lorapipe.errors import InputError
-from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
-from lorapipe.model.tokenizer import ROLE_MARKER
+from lorapipe.model.tokenizer import ASSISTANT_PIECE, ROLE_MARKER, USER_PIECE
 
 SYSTEM_SEPARATOR = "\n"
 

@@ -12,7 +12,7 @@ check against the MindSpore model (logits, and greedy tokens against the full-re
   * the additive mask is -10000 * (1 - keep_k * [k <= q]) with keep_k = (token_k != pad id): keys whose
     token is the pad id are masked even when the model generated them
     (modules/transformer/transformer.py:866-912, LowerTriangularMaskWithDynamic)
-  * SwiGLU feed-forward w2(silu(w1 x) * w3 x); NormHead: logits = x @ normalize_rows(lm_head).T
+  * SwiGLU feed-forward w2(silu(w1 x) * w3 x); NormHead: logits = x @ norm_head(lm_head).T
   * ALiBi (Baichuan2-13B, lorapipe.model.network.Baichuan13BV2ForCausalLM): no rotary; the scores get
     slope_h * (k - q) for keys k <= q on top of the same mask, pad keys included, as the network's
     mask cell adds it (slopes from lorapipe.model.architecture.alibi_slopes, float32 as the network's)
@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from lorapipe.model.architecture import alibi_slopes, is_alibi
+from lorapipe.model.baichuan2 import EMBEDDING, FINAL_NORM, LM_HEAD, layer_weights, norm_head
 
 MASKED = np.float32(-10000.0)
 
@@ -45,21 +46,18 @@ class KVCacheDecoder:
         def f32(name):
             return np.asarray(weights[name], np.float32)
 
-        self.embed = f32("model.tok_embeddings.embedding_weight")
-        head = f32("lm_head.weight")
-        self.head_t = np.ascontiguousarray(
-            (head / np.sqrt(np.maximum((head * head).sum(-1, keepdims=True), np.float32(1e-12)))).T)
-        self.norm_out = f32("model.norm_out.weight")
+        self.embed = f32(EMBEDDING)
+        self.head_t = np.ascontiguousarray(norm_head(f32(LM_HEAD)).T)
+        self.norm_out = f32(FINAL_NORM)
         self.layers = []
         for i in range(self.layers_n):
-            p = f"model.layers.{i}."
+            w = {role: np.asarray(x, np.float32) for role, x in layer_weights(weights, i).items()}
             self.layers.append({  # fused and transposed once: x @ wqkv is q, k and v in one matmul
-                "wqkv": np.ascontiguousarray(np.concatenate([f32(p + f"attention.{w}.weight") for w in ("wq", "wk", "wv")]).T),
-                "wo": np.ascontiguousarray(f32(p + "attention.wo.weight").T),
-                "w13": np.ascontiguousarray(np.concatenate([f32(p + "feed_forward.w1.weight"),
-                                                            f32(p + "feed_forward.w3.weight")]).T),
-                "w2": np.ascontiguousarray(f32(p + "feed_forward.w2.weight").T),
-                "attention_norm": f32(p + "attention_norm.weight"), "ffn_norm": f32(p + "ffn_norm.weight")})
+                "wqkv": np.ascontiguousarray(np.concatenate([w["wq"], w["wk"], w["wv"]]).T),
+                "wo": np.ascontiguousarray(w["wo"].T),
+                "w13": np.ascontiguousarray(np.concatenate([w["w1"], w["w3"]]).T),
+                "w2": np.ascontiguousarray(w["w2"].T),
+                "attention_norm": w["attention_norm"], "ffn_norm": w["ffn_norm"]})
         self.alibi = is_alibi(c)
         self.slopes = np.array(alibi_slopes(self.heads), np.float32)[:, None, None] if self.alibi else None
         inv_freq = 1.0 / (np.float32(c.get("theta", 10000.0)) ** (

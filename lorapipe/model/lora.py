@@ -1,4 +1,6 @@
-"""LoRA adapters: the trained run's adapter_config.json, the adapter tensors of a checkpoint, and the
+"""LoRA adapters: adapter configs, the adapter tensors of a checkpoint, the scale, the fold.
+
+LoRA adapters: the trained run's adapter_config.json, the adapter tensors of a checkpoint, and the
 fold W' = W + (B @ A) * alpha / rank (PEFT's merge_and_unload, with its safe_merge check).
 
 The scale comes from the adapter_config.json the finetune wrote from the YAML it trained with, never
@@ -6,11 +8,18 @@ from the current workflow config: editing lora.alpha after training must not sil
 finished adapter.
 """
 
+import math
+
 import numpy as np
 
 from lorapipe.errors import InputError
 from lorapipe.formats.hf_io import read_json
-from lorapipe.model.architecture import LORA_A, LORA_B
+from lorapipe.model.baichuan2 import LORA_A, LORA_B
+
+
+def lora_scale(alpha, rank, rslora=False):
+    """The factor B @ A is multiplied by: alpha / rank (rsLoRA, a PEFT option: alpha / sqrt(rank))."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 def read_adapter_config(path):
@@ -22,7 +31,7 @@ def read_adapter_config(path):
     if not (isinstance(rank, int) and rank > 0 and isinstance(alpha, (int, float)) and alpha > 0):
         raise InputError(f"{path}: expected a LoRA adapter config with a positive integer 'r' and a "
                          f"positive 'lora_alpha', found r={rank!r}, lora_alpha={alpha!r}")
-    return dict(adapter, scaling=alpha / rank)
+    return dict(adapter, scaling=lora_scale(alpha, rank))
 
 
 def pet_config_adapter(pet_config, where):
@@ -30,7 +39,7 @@ def pet_config_adapter(pet_config, where):
     if not pet_config or pet_config.get("pet_type") != "lora":
         raise InputError(f"{where}: has no LoRA pet_config")
     rank, alpha = pet_config.get("lora_rank"), pet_config.get("lora_alpha")
-    return {"r": rank, "lora_alpha": alpha, "scaling": alpha / rank,
+    return {"r": rank, "lora_alpha": alpha, "scaling": lora_scale(alpha, rank),
             "target_modules": pet_config.get("target_modules")}
 
 

@@ -1,4 +1,6 @@
-"""The Baichuan2 models on MindFormers: LLaMA with a NormHead (7B), and with ALiBi instead of RoPE (13B),
+"""The Baichuan2 networks on MindFormers: 7B (RoPE, NormHead), 13B (ALiBi), packed rows.
+
+The Baichuan2 models on MindFormers: LLaMA with a NormHead (7B), and with ALiBi instead of RoPE (13B),
 registered with MindFormers.
 
 Baichuan2-7B is MindFormers' `LlamaForCausalLM` except for the output head: NormHead L2-normalizes the
@@ -41,11 +43,19 @@ with contextlib.redirect_stdout(sys.stderr):
     from mindformers.tools.utils import is_pynative  # noqa: E402
 
 from lorapipe.errors import InputError  # noqa: E402
-from lorapipe.model.architecture import ALIBI_MODEL_CLASS, MODEL_CLASS, alibi_slopes, is_alibi  # noqa: E402,F401
+from lorapipe.model.architecture import (  # noqa: E402
+    ALIBI,
+    ALIBI_MODEL_CLASS,
+    MODEL_CLASS,
+    ROPE,
+    alibi_slopes,
+    is_alibi,
+    unsupported_attention,
+)
 
 
 class NormHead(nn.Cell):
-    """logits = x @ normalize_rows(W).T, with W [vocab, hidden] stored un-normalized as `weight`."""
+    """logits = x @ norm_head(W).T, with W [vocab, hidden] stored un-normalized as `weight`."""
 
     def __init__(self, hidden_size, vocab_size, compute_dtype=mstype.float32,
                  param_init_type=mstype.float32, init_std=0.01):
@@ -101,10 +111,11 @@ class Baichuan2ForCausalLM(LlamaForCausalLM):
             self.lm_head.pipeline_stage = par.pipeline_stage - 1
         # Packed rows (data.packing): segment ids keep the conversations of a row apart (construct).
         self.packing = bool(getattr(config, "packing", False))
+        why = unsupported_attention(ROPE, self.packing, getattr(config, "use_flash_attention", False),
+                                    getattr(config, "use_past", False))
+        if why:
+            raise InputError(f"{MODEL_CLASS}: model_config.packing needs use_flash_attention and use_past False ({why})")
         if self.packing:
-            if getattr(config, "use_past", False) or getattr(config, "use_flash_attention", False):
-                raise InputError(f"{MODEL_CLASS}: packing builds its own block-diagonal mask: model_config.use_past "
-                                 f"and use_flash_attention must be False (training rows, additive mask)")
             self.model.casual_mask = SegmentCausalMask(config.seq_length, config.compute_dtype)
             if _get_parallel_mode() in (ParallelMode.AUTO_PARALLEL, ParallelMode.SEMI_AUTO_PARALLEL):
                 self.model.casual_mask.shard(par)
@@ -266,14 +277,10 @@ class Baichuan13BV2ForCausalLM(Baichuan2ForCausalLM):
     parallel_config (heads split by model_parallel, batch by data_parallel)."""
 
     def __init__(self, config: LlamaConfig = None):
-        # Incremental decoding (use_past) runs MindFormers' InferAttention and paged attention, whose
-        # LLaMA path is RoPE-only (llama_transformer.py:317-333, 494-496); flash attention takes ALiBi as a
-        # separate input, not the additive mask this network builds. lorapipe decodes the 13B on the host
-        # (lorapipe.model.decode) and trains it without flash attention, as r1.0's recipe does.
-        for flag in ("use_past", "use_flash_attention"):
-            if getattr(config, flag, False):
-                raise InputError(f"{ALIBI_MODEL_CLASS}: {flag} is not supported with ALiBi in lorapipe (model_config."
-                                 f"{flag}: False; predict decodes on the host)")
+        why = unsupported_attention(ALIBI, use_flash_attention=getattr(config, "use_flash_attention", False),
+                                    use_past=getattr(config, "use_past", False))
+        if why:
+            raise InputError(f"{ALIBI_MODEL_CLASS}: model_config.use_flash_attention and use_past must be False ({why})")
         super().__init__(config=config)
         model = self.model
         model.casual_mask = CausalMaskWithAlibi(config.seq_length, config.num_heads, config.compute_dtype,
@@ -292,7 +299,7 @@ class Baichuan13BV2ForCausalLM(Baichuan2ForCausalLM):
 
 def build_model(model_config, train=False):
     """Instantiate the registered Baichuan2 model (7B, or 13B for an ALiBi model_config) from a
-    llama_config() dict, for lorapipe's own forward passes on the host (predict, evaluate, tests);
+    mindformers_model_config() dict, for lorapipe's own forward passes on the host (predict, evaluate, tests);
     training builds through MindFormers."""
     # lorapipe's forward passes feed inputs of any length in PyNative mode; with ENFORCE_EAGER,
     # MindFormers slices its causal mask to the input's length (read when the cells are built:

@@ -1,4 +1,6 @@
-"""The Baichuan2 tokenizer as lorapipe uses it: a sentencepiece model plus the ids of the chat template's
+"""The Baichuan2 tokenizer as lorapipe uses it: sentencepiece plus the role markers' ids.
+
+The Baichuan2 tokenizer as lorapipe uses it: a sentencepiece model plus the ids of the chat template's
 role markers, looked up by piece. Data, prompts and the exports' tokenizers all go through it, so the
 text in a record or a prompt is encoded one way everywhere."""
 
@@ -7,7 +9,10 @@ import re
 from pathlib import Path
 
 from lorapipe.errors import InputError
-from lorapipe.model.architecture import ASSISTANT_PIECE, USER_PIECE
+
+# The chat template's turn markers (looked up by piece in the tokenizer; 195/196 in Baichuan2's).
+USER_PIECE = "<reserved_106>"
+ASSISTANT_PIECE = "<reserved_107>"
 
 # The role markers are user-defined pieces: sentencepiece matches them anywhere in a text.
 ROLE_MARKER = re.compile(f"({re.escape(USER_PIECE)}|{re.escape(ASSISTANT_PIECE)})")

@@ -1,4 +1,6 @@
-"""The finetune stage: resume (or start) the training of a rendered MindFormers YAML, launch the ranks,
+"""The finetune stage: resume (or start) a training, launch the ranks, collect the outputs.
+
+The finetune stage: resume (or start) the training of a rendered MindFormers YAML, launch the ranks,
 collect the outputs.
 
 This module never imports MindSpore: the ranks do (lorapipe.train.trainer, through the worker script the
@@ -24,8 +26,6 @@ import socket
 import time
 from pathlib import Path
 
-import yaml
-
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import StepError
 from lorapipe.formats.msckpt import iter_checkpoint
@@ -35,7 +35,7 @@ from lorapipe.provenance import find_manifest
 from lorapipe.train.checks import check_devices_here
 from lorapipe.train.launch import launch
 from lorapipe.train.losslog import read_rank_log, write_loss_tsv
-from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config
+from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config, read_mindformers_yaml
 from lorapipe.train.processes import cancel_slurm
 
 log = logging.getLogger("lorapipe")
@@ -161,7 +161,7 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
     --config, --output_dir, --loss_tsv and --resume), and write to `out_dir`:
     checkpoint_network/rank_<r>/<name>_lora.ckpt (+ strategy/), loss.tsv, adapter_config.json and
     rank_logs/worker_<r>.log. `inputs` (the base checkpoint and the data) are part of the state key."""
-    rendered = yaml.safe_load(Path(config_path).read_text())
+    rendered = read_mindformers_yaml(config_path)
     name = rendered["trainer"]["model_name"] + LORA_SUFFIX
     state = _state_dir(config_path, state_root, inputs)
     with state_lock(state):

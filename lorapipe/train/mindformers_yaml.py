@@ -1,11 +1,16 @@
-"""The MindFormers YAMLs lorapipe renders from the workflow config: the finetune YAML the recipe had
+"""The MindFormers YAMLs lorapipe renders (finetune, predict), their one reader, adapter_config.json.
+
+The MindFormers YAMLs lorapipe renders from the workflow config: the finetune YAML the recipe had
 users hand-edit (run_baichuan2_7b_lora_910b.yaml), the predict YAML (run_baichuan2_7b_910b.yaml), the
 processor section both share, and the PEFT-style adapter_config.json of a run. Never imports MindSpore.
 """
 
 import yaml
 
-from lorapipe.model.architecture import LORA_A, LORA_B, llama_config, model_arch
+from lorapipe.errors import InputError
+from lorapipe.model.architecture import mindformers_model_config, model_class
+from lorapipe.model.baichuan2 import LORA_A, LORA_B
+from lorapipe.model.lora import lora_scale
 from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs
 
@@ -22,14 +27,14 @@ def processor_config(tokenizer):
 
 
 def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data, seq_length, name, lora,
-                              train, parallel, device_target, position_embedding="auto", packing=False):
+                              train, parallel, device_target, position_embedding, packing=False):
     """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand. On Ascend
     it is the official r1.0 run_baichuan2_7b_lora_910b.yaml (run_baichuan2_13b_lora_910b.yaml for an
     ALiBi base model) except for the deviations listed (with their reasons) in
-    tests/test_golden_yaml.py; on CPU it is what MindFormers can run there. With `packing` the data has a
-    segment_ids column, which the network reads (model_config.packing) to keep conversations apart."""
+    tests/test_golden_yaml.py; on CPU it is what MindFormers can run there. `position_embedding` is the run's
+    architecture as the workflow decided it ("rope" | "alibi"). With `packing` the data has a segment_ids
+    column, which the network reads (model_config.packing) to keep conversations apart."""
     cpu = device_target == "CPU"
-    kind, arch = model_arch(hf_config, position_embedding)
     opt, lr = train["optimizer"], train["lr_schedule"]
     if cpu:  # CPU: MindFormers' wrapper uses Ascend-only overflow ops (lorapipe.train.trainer)
         wrapper = {"type": "CpuTrainOneStepCell", "use_clip_grad": True, "max_grad_norm": 1.0}
@@ -47,9 +52,9 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     if parallel["max_device_memory"]:
         context["max_device_memory"] = parallel["max_device_memory"]
     tok = ChatTokenizer(tokenizer)
-    model_config = llama_config(
+    model_config = mindformers_model_config(
         hf_config, seq_length, compute_dtype=train["compute_dtype"], param_init_type=train["param_init_type"],
-        position_embedding_type=kind,
+        position_embedding_type=position_embedding,
         # Ascend has fused RMSNorm and flash-attention kernels; CPU has neither (no RmsNorm kernel).
         fused_rms_norm=not cpu, use_flash_attention=train["use_flash_attention"],
         user_token_id=tok.user, assistant_token_id=tok.assistant, offset=0, checkpoint_name_or_path="",
@@ -99,7 +104,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
                              "parallel_optimizer_comm_recompute": False, "mp_comm_recompute": not cpu,
                              "recompute_slice_activation": not cpu},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
-        "model": {"model_config": model_config, "arch": {"type": arch}},
+        "model": {"model_config": model_config, "arch": {"type": model_class(position_embedding)}},
         "train_dataset": dataset,
         "train_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": dataset},
         "do_eval": False,
@@ -124,16 +129,16 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     }
 
 
-def render_predict_config(hf_config, *, tokenizer, name, generation, device_target, position_embedding="auto"):
+def render_predict_config(hf_config, *, tokenizer, name, generation, device_target, position_embedding):
     """The recipe's predict YAML (run_baichuan2_7b_910b.yaml, section "MindSpore推理"): incremental
     decoding (use_past), fp32 weights as the recipe recommends for accuracy, the generation settings
     in model_config, one device. The sequence length is the model's (prompt and answer together), not
     the training rows'. For an ALiBi model use_past means lorapipe's host decoder (lorapipe.infer.generate
     build_decoder): MindFormers 1.9's incremental path is RoPE-only."""
     seq_length = hf_config.get("model_max_length", hf_config["max_position_embeddings"])
-    kind, arch = model_arch(hf_config, position_embedding)
-    model_config = llama_config(hf_config, seq_length, param_init_type="float32", compute_dtype="float32",
-                                use_past=True, position_embedding_type=kind)
+    model_config = mindformers_model_config(hf_config, seq_length, param_init_type="float32",
+                                            compute_dtype="float32", use_past=True,
+                                            position_embedding_type=position_embedding)
     model_config.update(checkpoint_name_or_path="", do_sample=generation["do_sample"],
                         top_k=generation["top_k"], top_p=generation["top_p"],
                         temperature=generation["temperature"],
@@ -148,7 +153,7 @@ def render_predict_config(hf_config, *, tokenizer, name, generation, device_targ
         "use_parallel": False,
         "context": {"mode": 0, "device_target": device_target, "max_call_depth": 10000, "save_graphs": False},
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": name},
-        "model": {"model_config": model_config, "arch": {"type": arch}},
+        "model": {"model_config": model_config, "arch": {"type": model_class(position_embedding)}},
         "processor": processor_config(tokenizer),
     }
 
@@ -159,6 +164,19 @@ def write_mindformers_config(path, rendered, run=None, inputs=()):
                        + yaml.safe_dump(rendered, sort_keys=False, allow_unicode=True))
 
 
+def read_mindformers_yaml(path):
+    """A rendered MindFormers YAML as a dict, with a clear error for a missing or unreadable file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rendered = yaml.safe_load(f)
+        rendered["model"]["model_config"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: MindFormers YAML not found") from None
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a MindFormers YAML with model.model_config ({e})") from None
+    return rendered
+
+
 def adapter_config(rendered, base_model):
     """PEFT-style adapter_config.json of a run, from the YAML it trained with: what a loader needs to
     apply or fold the adapter (see lorapipe.model.lora.read_adapter_config)."""
@@ -166,5 +184,5 @@ def adapter_config(rendered, base_model):
     pet = model_config["pet_config"]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
             "r": pet["lora_rank"], "lora_alpha": pet["lora_alpha"], "lora_dropout": pet["lora_dropout"],
-            "target_modules": pet["target_modules"], "scaling": pet["lora_alpha"] / pet["lora_rank"],
+            "target_modules": pet["target_modules"], "scaling": lora_scale(pet["lora_alpha"], pet["lora_rank"]),
             "mindspore_parameter_suffixes": [LORA_A, LORA_B], "seq_length": model_config["seq_length"]}

@@ -1,4 +1,6 @@
-"""The network as the ranks build it, built on the host without weights, and the checks that need it: the
+"""The network as the ranks build it, built on the host without weights, and the checks that need it.
+
+The network as the ranks build it, built on the host without weights, and the checks that need it: the
 checkpoint against its parameters, LoRA, memory per device, shard strategies.
 
 The network is built from the rendered YAML the way MindFormers' trainer builds it (build_parallel_config +
@@ -13,7 +15,8 @@ import re
 import subprocess
 
 from lorapipe.formats.msckpt import checkpoint_index
-from lorapipe.model.architecture import LORA_A, LORA_B, is_alibi
+from lorapipe.model.architecture import is_alibi
+from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.outputs import format_bytes
 from lorapipe.train.checks import Check
 

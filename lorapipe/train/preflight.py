@@ -1,10 +1,11 @@
-"""Preflight: on the host, without a device, check what would otherwise fail after every rank started
+"""Preflight: on the host, without a device, check what would otherwise fail after every rank started.
+
+Preflight: on the host, without a device, check what would otherwise fail after every rank started
 (lorapipe.train.checks, and lorapipe.train.network_checks on the network built without weights), and
 write preflight.json, or fail naming every failed check."""
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 from lorapipe.errors import StepError
 from lorapipe.outputs import atomic_outputs
@@ -17,6 +18,7 @@ from lorapipe.train.checks import (
     check_rank_table,
     check_tokenizer,
 )
+from lorapipe.train.mindformers_yaml import read_mindformers_yaml
 from lorapipe.train.network_checks import (
     build_network_check,
     check_checkpoint,
@@ -35,9 +37,7 @@ def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, ran
                   hf_config=None, allow_longer=False):
     """All checks for a finetune, in order; never raises for a failed check (see format_checks()). The checks
     that need the network are skipped when it cannot be built."""
-    import yaml
-
-    rendered = yaml.safe_load(Path(rendered_yaml).read_text())
+    rendered = read_mindformers_yaml(rendered_yaml)
     model_config = rendered["model"]["model_config"]
     device_target = rendered["context"]["device_target"]
     checks = [check_devices(device_target, parallel),

@@ -1,4 +1,6 @@
-"""The embedded tiny default base model: a small Baichuan2-7B-shaped HF model directory (or, with
+"""The embedded tiny default base model: a small Baichuan2-shaped HF model directory.
+
+The embedded tiny default base model: a small Baichuan2-7B-shaped HF model directory (or, with
 position_embedding "alibi", Baichuan2-13B-shaped).
 
 It stands in for the 15 GB `baichuan-inc/Baichuan2-7B-Chat` download: the same files and tensor names
@@ -15,13 +17,13 @@ import json
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 
 from lorapipe.data.conversations import conversation_texts
 from lorapipe.data.sources import input_files
 from lorapipe.errors import InputError
-from lorapipe.model.architecture import ALIBI, ASSISTANT_PIECE, ROPE, USER_PIECE
+from lorapipe.model.architecture import ALIBI, ROPE
 from lorapipe.model.baichuan2 import hf_shapes
+from lorapipe.model.tokenizer import ASSISTANT_PIECE, USER_PIECE
 from lorapipe.outputs import atomic_outputs
 
 FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
@@ -99,6 +101,8 @@ def random_weights(config, seed, init_std):
     weights are near 1 but not equal to 1, so a mapping that swapped two norms would show in a parity
     test. The draws (and the state dict) go embedding, layers, final norm, lm_head: the tiny model's
     bytes depend on that order."""
+    import torch  # here: lorapipe.config reads hf_config while the workflow is parsed
+
     gen = torch.Generator().manual_seed(seed)
     shapes = hf_shapes(config)
     layers = [name for name in shapes if name.startswith("model.layers.")]
@@ -114,6 +118,7 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
                     intermediate_size, max_position_embeddings, vocab_size, init_std, position_embedding=None,
                     run=None):
     """Write the tiny base model directory (FILES) atomically. Same arguments, same bytes."""
+    import torch
     if hidden_size % num_attention_heads:
         raise InputError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
                          f"num_attention_heads {num_attention_heads}")

@@ -57,7 +57,7 @@ def run(tmp_path_factory):
     from lorapipe.exports.gguf import export_gguf
 
     ckpt, base = results / "merged_lora/rank_0/merged_lora.ckpt", results / "tiny_base"
-    f32 = export_gguf(ckpt, base, tmp_path_factory.mktemp("f32"), NAME, ("f32",))["f32"]
+    f32 = export_gguf(ckpt, base, tmp_path_factory.mktemp("f32"), NAME, "rope", ("f32",))["f32"]
     paths = {"f32": f32, **{t: results / "gguf" / f"{NAME}-{t}.gguf" for t in ("f16", "q8_0")}}
     # The f32 file runs with an f32 KV cache (GGML_TYPE_F32 = 0): the exactness proof. The others as deployed,
     # with llama.cpp's default f16 cache.
@@ -78,7 +78,8 @@ def tok(run):
 @pytest.fixture(scope="module")
 def predict_decoder(run):
     """What predict decodes with on the host (the KV-cache decoder of the predict YAML's network)."""
-    from lorapipe.infer.generate import build_decoder, read_mindformers_yaml
+    from lorapipe.infer.loader import build_decoder
+    from lorapipe.train.mindformers_yaml import read_mindformers_yaml
 
     rendered = read_mindformers_yaml(run.results / "predict" / "run_baichuan2.yaml")
     return build_decoder(rendered["model"]["model_config"], run.ckpt)
@@ -134,11 +135,11 @@ def test_logits_agree(run, tok, predict_decoder):
     import torch
     import transformers
 
-    from lorapipe.infer.generate import load_model
-    from lorapipe.model.architecture import llama_config
+    from lorapipe.infer.loader import load_model
+    from lorapipe.model.architecture import mindformers_model_config
     from lorapipe.model.network import logits
 
-    net = load_model(llama_config(run.hf_config, 64), run.ckpt)
+    net = load_model(mindformers_model_config(run.hf_config, 64), run.ckpt)
     hf = transformers.AutoModelForCausalLM.from_pretrained(run.results / "hf_llama", local_files_only=True).eval()
     worst = {t: 0.0 for t in run.models}
     agree = {t: [0, 0] for t in run.models}
@@ -252,7 +253,7 @@ def test_why_the_turn_markers_are_control_tokens(run, tok, tmp_path, monkeypatch
         return tokens, scores, types, ids, prefix
 
     monkeypatch.setattr(gguf_export, "vocabulary", as_the_converter_types_them)
-    path = gguf_export.export_gguf(run.ckpt, run.base, tmp_path, "normal", ("f16",))["f16"]
+    path = gguf_export.export_gguf(run.ckpt, run.base, tmp_path, "normal", "rope", ("f16",))["f16"]
     normal = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
     text = "<reserved_106>hi<reserved_107>".encode()
     assert run.models["f16"].tokenize(text, add_bos=False, special=True) == [tok.user, *tok.encode(["hi"])[0], tok.assistant]
