@@ -63,7 +63,9 @@ def preprocess(tmp_path, train, tokenizer_file, seq_length=32, name="out", **kwa
 
 
 def write_json(path, records, lines=False):
-    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) if lines else json.dumps(records)
+    # (text as it is, but a lone surrogate, which UTF-8 cannot hold, as JSON's escape)
+    text = "\n".join(json.dumps(r, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
+                     for r in records) if lines else json.dumps(records)
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -300,6 +302,11 @@ MALFORMED = [  # (record, problem): what r1.0 crashes on
     ({"conversations": ["human: a"]}, r"conversations\[0\] is not an object"),
     ({"id": 7}, "no 'conversations' list"),
     ({"conversations": "a"}, "'conversations' must be a list, found str"),
+    # valid JSON ("\\ud800") that is no text: sentencepiece fails on it (issue 35), as r1.0 does
+    (turns(("human", "\ud800 lone"), ("gpt", "b")), r"conversations\[0\]\.value holds an unpaired surrogate "
+                                                    r"'\\ud800' at character 0"),
+    (turns(("human", "a"), ("gpt", "b\udfff")), r"conversations\[1\]\.value holds an unpaired surrogate"),
+    ({"system": "\udc00", **turns(("human", "a"), ("gpt", "b"))}, r"'system' holds an unpaired surrogate"),
 ]
 
 QUESTIONABLE = [  # (record, its kinds): r1.0 trains on all of them
@@ -369,10 +376,11 @@ def test_drop_leaves_out_the_kinds_it_names_and_skip_the_malformed(tmp_path, tok
         "malformed": len(MALFORMED) + 2, "bad role order": 2, "empty turn": 2, "user role": 1, "over length": 1}
     # in file order, the over-length drops (found once tokenized) last; each with its reason
     listed = [(d["index"], d["reason"]) for d in stats["skipped_records"]]
+    long = 21 + len(MALFORMED)  # the over-length record, then "not an object" and the broken line
     assert listed == [(12, "bad role order"), (13, "bad role order"), (15, "empty turn"), (16, "empty turn"),
                       (18, "user role"), *[(21 + i, "malformed") for i in range(len(MALFORMED))],
-                      (28, "malformed"), (29, "malformed"), (27, "over length")]
-    assert "line 30 is not JSON" in stats["skipped_records"][-2]["problem"]
+                      (long + 1, "malformed"), (long + 2, "malformed"), (long, "over length")]
+    assert f"line {long + 3} is not JSON" in stats["skipped_records"][-2]["problem"]
     assert stats["skipped_records"][0]["problem"] == "bad role order: turn 0 is an assistant turn"
     assert all(d["file"] == str(path) for d in stats["skipped_records"])
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped")]
@@ -393,8 +401,8 @@ def test_nothing_left_says_why_in_one_line(tmp_path, tokenizer_file):
     with pytest.raises(InputError) as e:
         preprocess_conversations(path, tokenizer_file, tmp_path / "x.mindrecord", 16, on_bad_record="skip",
                                  drop=["empty conversation", "bad role order", "trailing user turn"])
-    assert str(e.value) == (f"{path}: no conversations to train on: all 11 records dropped (malformed 6, "
-                            f"empty conversation 1, bad role order 2, trailing user turn 2)")
+    assert str(e.value) == (f"{path}: no conversations to train on: all {len(MALFORMED) + 5} records dropped "
+                            f"(malformed {len(MALFORMED)}, empty conversation 1, bad role order 2, trailing user turn 2)")
     path = write_json(tmp_path / "long.json", SAMPLE[:5])
     with pytest.raises(InputError, match=r"all 5 records dropped \(over length 5\); over length: longer than "
                                          r"seq_length \+ 1 = 5 tokens$"):
@@ -775,6 +783,42 @@ def test_rows_are_r10s_for_random_belle_records(tmp_path, tok, tokenizer_file):
     stats = differential(tmp_path, tok, tokenizer_file, records, seq_length=40)
     assert stats["train"]["truncated"] > 100 and stats["control_text_records"] > 10
     assert min(stats["questionable_kinds"][k] for k in KINDS[:5]) > 50  # every kind r1.0 data can have
+
+
+def test_unencodable_text_is_malformed_and_the_other_rows_are_r10s(tmp_path, tok, tokenizer_file):
+    """Unpaired surrogates ("\\ud800", "\\udfff", a reversed pair) in turn values and system keys, among
+    random records that also hold characters outside the BMP (surrogate pairs in the JSON, which are text):
+    under on_bad_record skip exactly those records are dropped as malformed and counted, and every other
+    row is r1.0's, from a JSON array and from JSON Lines alike."""
+    import random
+
+    rng = random.Random(35)
+    records = random_belle(rng, 1200, system=True)
+    bad = set()
+    for i, record in enumerate(records):
+        draw = rng.random()
+        texts = [m for m in record["conversations"]]
+        if draw < 0.04 and texts:
+            turn = rng.choice(texts)
+            at = rng.randint(0, len(turn["value"]))
+            turn["value"] = turn["value"][:at] + rng.choice(["\ud800", "\udfff", "\ude00\ud83d"]) + turn["value"][at:]
+            bad.add(i)
+        elif draw < 0.05:
+            record["system"] = "be\udc80brief"
+            bad.add(i)
+        elif draw < 0.15 and texts:
+            rng.choice(texts)["value"] += rng.choice(["\U0001F600", "\U00020000", "\U0001D11E"])
+    good = [r for i, r in enumerate(records) if i not in bad]
+    want = recipe_rows([documented(r) for r in good], tok.sp, 40, tok.user, tok.assistant)
+    for name, text in (("array", json.dumps(records)), ("lines", "\n".join(map(json.dumps, records)))):
+        path = tmp_path / f"in.{'json' if name == 'array' else 'jsonl'}"
+        path.write_text(text, encoding="utf-8")  # (json.dumps writes every surrogate as an escape)
+        stats, rows = preprocess(tmp_path, path, tokenizer_file, 40, name=name, on_bad_record="skip")
+        assert stats["drop_reasons"]["malformed"] == len(bad) > 30
+        assert [(a.tobytes(), b.tobytes()) for a, b in rows] == [(a.tobytes(), b.tobytes()) for a, b in want]
+    with pytest.raises(InputError, match=rf"in\.json: record {min(bad)} \(belle format\): .* holds an unpaired "
+                                         rf"surrogate"):
+        preprocess_conversations(tmp_path / "in.json", tokenizer_file, tmp_path / "fail" / "x.mindrecord", 40)
 
 
 def test_role_names_and_system_text_follow_the_documented_rules(tmp_path, tok, tokenizer_file):

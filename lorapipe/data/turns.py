@@ -40,6 +40,7 @@ Kinds of record (docs/data.md, "Which rule applies to which record"):
   over length   longer than a row: truncated, as r1.0 does, or dropped when data.drop names "over length".
 """
 
+import re
 from dataclasses import dataclass
 
 from lorapipe.data.readers import InvalidLine
@@ -90,9 +91,18 @@ class BadRecord(Exception):
         self.reason = reason
 
 
+# A lone UTF-16 surrogate: valid JSON ("\ud800"), and Python decodes it, but it is no character, UTF-8 cannot
+# encode it, and the tokenizer fails on it (sentencepiece: "List elements must be str or bytes").
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _string(value, where):
     if not isinstance(value, str):
         raise BadRecord(MALFORMED, f"{where} must be a string, found {type(value).__name__}")
+    surrogate = _SURROGATE.search(value)
+    if surrogate:
+        raise BadRecord(MALFORMED, f"{where} holds an unpaired surrogate {surrogate.group()!r} at character "
+                                   f"{surrogate.start()}: not text (it cannot be encoded as UTF-8)")
     return value
 
 
@@ -154,9 +164,7 @@ def _messages(record, kinds):
         for key in ("role", "content"):
             if key not in message:
                 raise BadRecord(MALFORMED, f"messages[{j}] has no '{key}'")
-            if not isinstance(message[key], str):
-                raise BadRecord(MALFORMED, f"messages[{j}].{key} must be a string, "
-                                           f"found {type(message[key]).__name__}")
+            _string(message[key], f"messages[{j}].{key}")
         if message["role"] not in MESSAGES_ROLES:
             raise BadRecord(MALFORMED, f"messages[{j}].role {message['role']!r} is not a role "
                                        f"(expected {', '.join(MESSAGES_ROLES)})")
@@ -252,9 +260,10 @@ def to_turns(record, data_format):
                 pass
             else:
                 n = len(is_user)
-                if filled and n and not n % 2 and is_user == _ALTERNATING[:n]:
-                    return is_user, texts, {}  # user first, alternating, assistant last: most records
-                return is_user, texts, _questionable(is_user, texts, {})
+                if not any(map(_SURROGATE.search, texts)):  # (else the full rules below say where)
+                    if filled and n and not n % 2 and is_user == _ALTERNATING[:n]:
+                        return is_user, texts, {}  # user first, alternating, assistant last: most records
+                    return is_user, texts, _questionable(is_user, texts, {})
     if isinstance(record, InvalidLine):
         raise BadRecord(MALFORMED, record.problem)
     if not isinstance(record, dict):
