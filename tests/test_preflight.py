@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
+from lorapipe.config import load_config
 from lorapipe.train.checks import check_data, check_rank_table, check_tokenizer
 from lorapipe.train.network_checks import check_checkpoint
 
@@ -52,7 +53,10 @@ def test_preflight_passes_for_a_7b_shaped_base_with_the_910b_config(tmp_path, ti
     assert checks["devices"]["status"] == "skipped" and "no Ascend device" in checks["devices"]["detail"]
     assert checks["checkpoint"]["status"] == "ok" and checks["checkpoint dtype"]["status"] == "ok"
     assert checks["shard strategies"]["status"] == "ok" and "((1, 1),)" in checks["shard strategies"]["detail"]
-    assert checks["data"]["detail"] == "319 rows, global batch 16: 19 steps per epoch, 19 in all"  # 2 x dp 8
+    # 2 x dp 8, every rank reading every row; sink mode trains int(19 / 2) sinks of 2 steps (training_steps)
+    assert checks["data"]["detail"] == "319 rows, global batch 16: 19 steps per epoch, 18 in all"
+    # the training step itself at 7B widths, one layer, on the host (issue 35)
+    assert checks["trial step"]["status"] == "ok" and "hidden_size 4096, num_heads 32" in checks["trial step"]["detail"]
     assert checks["memory"]["status"] == "ok" and "max_device_memory 59GB" in checks["memory"]["detail"]
     assert checks["tokenizer"]["status"] == "ok"
 
@@ -72,7 +76,8 @@ def test_preflight_passes_for_a_13b_shaped_base_with_the_910b_config(tmp_path, t
     checks = {c["name"]: c for c in json.loads((results / "preflight.json").read_text())["checks"]}
     assert checks["checkpoint"]["status"] == "ok" and checks["checkpoint dtype"]["status"] == "ok"
     assert checks["shard strategies"]["status"] == "ok" and "((1, 1),)" in checks["shard strategies"]["detail"]
-    assert checks["data"]["detail"] == "319 rows, global batch 16: 19 steps per epoch, 19 in all"
+    assert checks["data"]["detail"] == "319 rows, global batch 16: 19 steps per epoch, 18 in all"
+    assert checks["trial step"]["status"] == "ok" and "hidden_size 5120, num_heads 40" in checks["trial step"]["detail"]
     assert checks["memory"]["status"] == "ok" and "max_device_memory 59GB" in checks["memory"]["detail"]
     assert checks["tokenizer"]["status"] == "ok"
 
@@ -97,6 +102,7 @@ def test_checks_name_what_is_wrong(tmp_path, tiny_base_dir):
     preprocess_conversations(SAMPLE_DATA, tiny_base_dir / "tokenizer.model", tmp_path / "d.mindrecord", 16)
     rendered = {"runner_config": {"batch_size": 400, "epochs": 1, "sink_mode": False, "sink_size": 1},
                 "parallel_config": {"data_parallel": 1, "pipeline_stage": 1},
+                "parallel": {"parallel_mode": 0, "full_batch": False},
                 "train_dataset": {"input_columns": ["input_ids", "labels"]}, "model": {"model_config": {}}}
     (data,) = check_data(tmp_path / "d.mindrecord", rendered)
     assert data.status == "fail" and "324 rows give no full batch of train.batch_size 400" in data.detail
@@ -246,3 +252,54 @@ def test_odd_schedules_warn_and_the_rank_table_launcher_on_cpu_fails():
     assert late.status == "warn" and "save_checkpoint_steps 500 > 108 steps: only the final checkpoint" in late.detail
     cpu = check_devices("CPU", {"launcher": "rank_table", "workers": 2})
     assert cpu.status == "fail" and cpu.detail.startswith("parallel.launcher rank_table: on CPU")
+
+
+def test_steps_are_counted_as_mindformers_counts_them():
+    """Issue 36: preflight counted rows // global batch (105 for the tiny default), the run trained 108. Data
+    parallel: each rank's shard is ceil(rows / dp) rows, batched with drop_remainder; semi-auto with
+    full_batch: every rank reads every row in global batches; sink mode trains whole sinks (the tiny run's
+    loss.tsv is checked against it in tests/test_workflow.py)."""
+    from lorapipe.train.checks import training_steps
+
+    def rendered(parallel_mode, full_batch, sink_mode, sink_size=2, dp=2, batch=4, epochs=3, pp=1, micro=1):
+        return {"runner_config": {"batch_size": batch, "epochs": epochs, "sink_mode": sink_mode, "sink_size": sink_size},
+                "parallel_config": {"data_parallel": dp, "pipeline_stage": pp, "micro_batch_num": micro},
+                "parallel": {"parallel_mode": parallel_mode, "full_batch": full_batch}}
+
+    assert training_steps(287, rendered(0, False, False)) == (8, 36, 108)  # the tiny default on CPU
+    assert training_steps(288, rendered(0, False, False)) == (8, 36, 108)
+    assert training_steps(289, rendered(0, False, False)) == (8, 36, 108)  # 145 rows a shard: 36 batches of 4
+    assert training_steps(287, rendered(1, True, True)) == (8, 35, 104)  # Ascend: 35 a epoch, int(52.5) sinks of 2
+    assert training_steps(287, rendered(1, True, False)) == (8, 35, 105)
+    assert training_steps(287, rendered(1, True, True, pp=2, micro=2)) == (16, 17, 50)
+    assert training_steps(3, rendered(0, False, False)) == (8, 0, 0)
+
+
+def test_the_trial_step_runs_what_preflight_cannot_see(tmp_path, tiny_base_dir):
+    """Issue 35: a head dimension RoPE cannot rotate (hidden 66, 2 heads) passed every check and stopped both
+    ranks inside MindSpore's RoPE. The heads check names it; the trial step, one forward and backward step
+    at the run's widths on a real batch, fails on it too, and on a MindRecord of another seq_length, in one
+    line each; on the tiny default it passes."""
+    from lorapipe.data.pipeline import preprocess_conversations
+    from lorapipe.train.checks import check_heads
+    from lorapipe.train.trial_step import check_trial_step
+
+    hf_config = json.loads((tiny_base_dir / "config.json").read_text())
+    tokenizer = tiny_base_dir / "tokenizer.model"
+    cfg = load_config(REPO / "config" / "config.yaml")
+    preprocess_conversations(SAMPLE_DATA, tokenizer, tmp_path / "d64.mindrecord", 64)
+    good = render(cfg, hf_config, tokenizer)
+    ok = check_trial_step(good, tmp_path / "d64.mindrecord")
+    h, heads, ffn = (hf_config[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size"))
+    assert ok.status == "ok" and f"hidden_size {h}, num_heads {heads}, intermediate_size {ffn}, seq_length 64, batch " \
+        f"{cfg['train']['batch_size']}" in ok.detail
+    odd = render(cfg, dict(hf_config, hidden_size=66, num_attention_heads=2), tokenizer)
+    heads = check_heads(odd["model"]["model_config"])
+    assert heads.status == "fail" and "head dimension of 33, which RoPE cannot rotate" in heads.detail
+    failed = check_trial_step(odd, tmp_path / "d64.mindrecord")
+    assert failed.status == "fail" and "hidden_size 66, num_heads 2" in failed.detail and "\n" not in failed.detail
+    assert check_heads(render(cfg, dict(hf_config, hidden_size=66, num_attention_heads=2, position_embedding="ALIBI"),
+                              tokenizer)["model"]["model_config"]).status == "ok"  # ALiBi rotates nothing
+    preprocess_conversations(SAMPLE_DATA, tokenizer, tmp_path / "d48.mindrecord", 48)
+    other = check_trial_step(good, tmp_path / "d48.mindrecord")
+    assert other.status == "fail" and "seq_length 64" in other.detail

@@ -53,8 +53,13 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny, tmp_path):
 
 
 def test_failure_leaves_no_partial_output(tmp_path):
-    with pytest.raises(ValueError, match="hidden_size 30 is not a multiple of num_attention_heads 4"):
+    with pytest.raises(ValueError, match="hidden_size 30 is not a multiple of num_heads 4"):
         build_tiny_base(SAMPLE_DATA, tmp_path / "base", **dict(DIMS, hidden_size=30))
+    # issue 35: a head dimension RoPE cannot rotate (66 / 2 = 33) once reached the ranks; ALiBi takes it
+    with pytest.raises(ValueError, match="tiny_base.hidden_size and num_attention_heads: hidden_size 66 / num_heads "
+                                         "2 is a head dimension of 33, which RoPE cannot rotate"):
+        build_tiny_base(SAMPLE_DATA, tmp_path / "base", **dict(DIMS, hidden_size=66, num_attention_heads=2))
+    assert not (tmp_path / "base").exists()
     with pytest.raises(ValueError, match="tiny_base.vocab_size 300 cannot be trained on this data: "
                                          "Vocabulary size is smaller than required_chars"):
         build_tiny_base(SAMPLE_DATA, tmp_path / "base", **dict(DIMS, vocab_size=300))

@@ -112,10 +112,16 @@ def test_end_to_end_tiny_default(built):
              if len(words) == 2 and words[1].startswith("[")]
     assert steps == ["merged_ckpt", "filter_out", "finetune", "mf_config", "tiny_base", "ckpt", "mindrecord"]
     assert "belle_sample.json  (source)" in chain.stdout and "verify: 0 problem(s) in 7 step(s)" in chain.stdout
-    preflight = {c["name"]: c["status"] for c in json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"]}
-    assert preflight == {"devices": "ok", "rank table": "skipped", "parallel layout": "ok", "checkpoint": "ok",
-                         "checkpoint dtype": "ok", "lora": "ok", "tokenizer": "ok", "sequence length": "ok",
-                         "data": "ok", "schedule": "ok", "memory": "ok", "shard strategies": "skipped"}
+    checks = json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"]
+    preflight = {c["name"]: c["status"] for c in checks}
+    assert preflight == {"devices": "ok", "rank table": "skipped", "heads": "ok", "parallel layout": "ok",
+                         "checkpoint": "ok", "checkpoint dtype": "ok", "lora": "ok", "tokenizer": "ok",
+                         "sequence length": "ok", "data": "ok", "schedule": "ok", "memory": "ok",
+                         "shard strategies": "skipped", "trial step": "ok"}
+    # the steps preflight counts are the steps the run trained (issue 36: it said 105, the run trained 108)
+    steps = len((tmp_path / "results/tiny/finetune/loss.tsv").read_text().splitlines()) - 1
+    data = next(c["detail"] for c in checks if c["name"] == "data")
+    assert steps == 108 and data.endswith(f": 36 steps per epoch, {steps} in all"), data
 
 
 RECORDED = REPO / "tests/data/tiny_default.sha256"

@@ -77,6 +77,20 @@ def require_rope(position_embedding, export):
     return position_embedding
 
 
+def head_problem(hidden_size, num_heads, position_embedding):
+    """Why a network of these widths cannot run, or None: the heads split hidden_size evenly, and under RoPE
+    each head's dimension is even, since RoPE rotates a head's first half against its second (MindFormers'
+    rotary embedding slices its tables to head_dim and reshapes them by halves: an odd head_dim stops every
+    rank inside it)."""
+    if hidden_size % num_heads:
+        return f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}"
+    if position_embedding == ROPE and hidden_size // num_heads % 2:
+        return (f"hidden_size {hidden_size} / num_heads {num_heads} is a head dimension of "
+                f"{hidden_size // num_heads}, which RoPE cannot rotate: it turns a head's dimensions in pairs, "
+                f"so the head dimension must be even")
+    return None
+
+
 def unsupported_attention(position_embedding, packing=False, use_flash_attention=False, use_past=False):
     """Why lorapipe's network cannot run this attention setting, or None: the one home of these refusals.
     The config refuses them before planning (naming its keys), the network if a hand-written YAML asks."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.errors import StepError
+from lorapipe.model.architecture import ALIBI, ROPE, head_problem, is_alibi
 from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.train.ranktable import load_rank_table, read_hccn_conf
 
@@ -94,6 +95,17 @@ def check_layout(model_config, rendered):
                                           f"{model_config['num_layers']} layers divide")
 
 
+def check_heads(model_config):
+    """The heads against the width, and under RoPE an even head dimension (model.architecture.head_problem)."""
+    kind = ALIBI if is_alibi(model_config) else ROPE
+    problem = head_problem(model_config["hidden_size"], model_config["num_heads"], kind)
+    if problem:
+        return Check("heads", "fail", f"{problem} (the base model's config.json hidden_size and num_attention_heads; "
+                                      f"tiny_base.* for the tiny default)")
+    return Check("heads", "ok", f"{model_config['num_heads']} heads of {model_config['hidden_size'] // model_config['num_heads']} "
+                                f"dimensions ({kind})")
+
+
 def check_positions(model_config, hf_config, allow_longer):
     """Rows longer than the positions the base model was trained on: RoPE angles (or ALiBi distances)
     it never saw. Refused unless data.allow_seq_length_over_max_positions says so."""
@@ -137,21 +149,48 @@ def check_data(train_data, rendered):
         return [Check("data", "fail", f"{train_data}: columns {sorted(columns)}, the YAML reads {sorted(wanted)} with "
                                       f"model_config.packing {packed}: data and YAML come from different "
                                       f"data.packing settings")]
+    width = rendered["model"]["model_config"].get("seq_length")
+    row = next(data.create_tuple_iterator(output_numpy=True), [None])[0] if rows else None
+    if width is not None and row is not None and len(row) != width + 1:
+        return [Check("data", "fail", f"{train_data}: rows of {len(row)} tokens, but the YAML's seq_length {width} "
+                                      f"trains rows of {width + 1}: data and YAML come from different "
+                                      f"data.seq_length settings")]
     runner, par = rendered["runner_config"], rendered["parallel_config"]
-    # as MindFormers computes it (trainer/base_trainer.py:224): micro batches only with pipeline stages
-    micro = par["micro_batch_num"] if par["pipeline_stage"] > 1 else 1
-    global_batch = runner["batch_size"] * par["data_parallel"] * micro
-    steps = rows // global_batch  # drop_remainder
+    global_batch, steps, total = training_steps(rows, rendered)
     if steps == 0:
+        micro = global_batch // runner["batch_size"] // par["data_parallel"]
         return [Check("data", "fail", f"{train_data}: {rows} rows give no full batch of train.batch_size "
                                       f"{runner['batch_size']} x data_parallel {par['data_parallel']}"
                                       + (f" x micro_batch_num {micro}" if micro > 1 else "") + f" = {global_batch}")]
-    total = steps * runner["epochs"]
     if runner["sink_mode"] and total < runner["sink_size"]:
         return [Check("data", "fail", f"{total} steps, fewer than sink_size {runner['sink_size']}")]
     return [Check("data", "ok", f"{rows} {'packed ' if packed else ''}rows, global batch {global_batch}: "
                                 f"{steps} steps per epoch, {total} in all"),
             check_schedule(rendered, total)]
+
+
+def training_steps(rows, rendered):
+    """(global batch, steps per epoch, steps in all) as MindFormers 1.9 trains `rows` rows with a rendered YAML
+    (the count the learning-rate schedule and the sink check need; a real run's loss.tsv has `all` lines).
+
+    Semi-auto parallel with full_batch (Ascend): every rank reads every row (no shard:
+    mindformers/dataset/base_dataset.py:73-75) in global batches of batch_size x data_parallel (x
+    micro_batch_num with pipeline stages: trainer/base_trainer.py:226-243), drop_remainder. Data parallel
+    (CPU): MindDataset gives each of the data_parallel shards ceil(rows / data_parallel) rows (MindSpore's
+    shard sampler rounds up and wraps the last shard to the start) and each rank batches its own with
+    drop_remainder (dataset/causal_language_model_dataset.py:147-149): 287 rows on 2 ranks of batch 4 are
+    36 steps, not 287 // 8 = 35. Sink mode trains int(steps / sink_size * epochs) sinks of sink_size steps
+    (trainer/utils.py:212, trainer/base_trainer.py:701-703)."""
+    runner, par, parallel = rendered["runner_config"], rendered["parallel_config"], rendered["parallel"]
+    micro = par["micro_batch_num"] if par["pipeline_stage"] > 1 else 1
+    global_batch = runner["batch_size"] * par["data_parallel"] * micro
+    if parallel["parallel_mode"] == 1 and parallel["full_batch"]:
+        per_epoch = rows // global_batch
+    else:
+        per_epoch = -(-rows // par["data_parallel"]) // runner["batch_size"]
+    if runner["sink_mode"]:
+        return global_batch, per_epoch, runner["sink_size"] * int(per_epoch / runner["sink_size"] * runner["epochs"])
+    return global_batch, per_epoch, per_epoch * runner["epochs"]
 
 
 def check_schedule(rendered, total):

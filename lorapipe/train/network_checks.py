@@ -35,11 +35,11 @@ LAYOUT_FOLLOWERS = {"Cast", "Reshape", "Shape"}
 ASCEND_CARD_NOTE = "a 910B4 has 32 GB of HBM, a 910B1-B3 64 GB"
 
 
-def build_network(rendered_yaml):
+def build_network(rendered_yaml, allocate=False):
     """(network, MindFormerConfig) for a rendered finetune YAML, parameters not allocated. Under
     semi-auto parallel the auto-parallel context is set as on the ranks (world size = dp * mp * pp,
     which MindFormers reads from the communication group: without init() on the host it is 1, so the
-    planned size is reported instead)."""
+    planned size is reported instead). With `allocate` the parameters are initialised (the trial step)."""
     import mindformers.modules.transformer.op_parallel_config as op_parallel_config
     import mindspore as ms
     from mindformers import MindFormerConfig
@@ -57,7 +57,7 @@ def build_network(rendered_yaml):
                                      full_batch=cfg.parallel.full_batch)
         op_parallel_config.D.get_group_size = lambda *args, **kwargs: world
     build_parallel_config(cfg)
-    with no_init_parameters():
+    with contextlib.nullcontext() if allocate else no_init_parameters():
         net = mf_build_network(cfg.model, default_args={"parallel_config": cfg.parallel_config,
                                                         "moe_config": cfg.moe_config})
     return net, cfg

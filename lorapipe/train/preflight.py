@@ -13,6 +13,7 @@ from lorapipe.train.checks import (
     Check,
     check_data,
     check_devices,
+    check_heads,
     check_layout,
     check_positions,
     check_rank_table,
@@ -27,6 +28,7 @@ from lorapipe.train.network_checks import (
     check_strategies,
     network_parameters,
 )
+from lorapipe.train.trial_step import check_trial_step
 
 
 class PreflightError(StepError):
@@ -42,9 +44,9 @@ def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, ran
     device_target = rendered["context"]["device_target"]
     checks = [check_devices(device_target, parallel),
               check_rank_table(rank_table, parallel, hccn_conf or "/etc/hccn.conf"),
-              check_layout(model_config, rendered)]
+              check_heads(model_config), check_layout(model_config, rendered)]
     net = None
-    if checks[-1].status != "fail":
+    if checks[-1].status != "fail" and checks[-2].status != "fail":
         net, failed = build_network_check(rendered_yaml)
         checks += [failed] if failed else []
     if net is not None:
@@ -60,6 +62,9 @@ def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, ran
     checks += check_data(train_data, rendered)
     if net is not None:
         checks += [check_memory(model_config, rendered, params, device_target), check_strategies(net, rendered)]
+    failed = [c.name for c in checks if c.status == "fail"]
+    checks.append(check_trial_step(rendered, train_data) if not failed else
+                  Check("trial step", "skipped", f"the training step runs once {', '.join(failed)} pass"))
     return checks
 
 

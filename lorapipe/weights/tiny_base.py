@@ -21,7 +21,7 @@ import sentencepiece as spm
 from lorapipe.data.conversations import conversation_texts
 from lorapipe.data.sources import input_files
 from lorapipe.errors import InputError
-from lorapipe.model.architecture import ALIBI, ROPE
+from lorapipe.model.architecture import ALIBI, ROPE, head_problem
 from lorapipe.model.baichuan2 import hf_shapes
 from lorapipe.model.tokenizer import ASSISTANT_PIECE, USER_PIECE
 from lorapipe.outputs import atomic_outputs
@@ -119,9 +119,9 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
                     run=None):
     """Write the tiny base model directory (FILES) atomically. Same arguments, same bytes."""
     import torch
-    if hidden_size % num_attention_heads:
-        raise InputError(f"tiny_base.hidden_size {hidden_size} is not a multiple of "
-                         f"num_attention_heads {num_attention_heads}")
+    problem = head_problem(hidden_size, num_attention_heads, ALIBI if position_embedding == ALIBI else ROPE)
+    if problem:
+        raise InputError(f"tiny_base.hidden_size and num_attention_heads: {problem}")
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(conversation_texts(data), vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
