@@ -129,9 +129,10 @@ rule finetune:
         state=FINETUNE_STATE,
         out_dir=lambda wildcards, output: os.path.dirname(output.loss),
         rank_table=lambda wildcards, input: input.get("rank_table", ""),
+        restart_if_damaged=config["resume"]["restart_if_damaged"],
     shell:
         "python {input.script} --log {log} --config {input.config} "
-        "--worker {input.worker} --state_dir {params.state} --out_dir {params.out_dir} "
+        "--restart_if_damaged {params.restart_if_damaged} --worker {input.worker} --state_dir {params.state} --out_dir {params.out_dir} "
         "--device_target {params.device_target} --parallel {params.parallel:q} "
         "--rank_table={params.rank_table} --base_model {params.base_model:q} "
         "--inputs {input.base_ckpt} {input.train_data}"

@@ -21,6 +21,8 @@ def main():
     p.add_argument("--inputs", nargs="*", default=[], help="base checkpoint and data: recorded, and part "
                                                           "of the resume key")
     p.add_argument("--device_target", default="CPU")
+    p.add_argument("--restart_if_damaged", type=cli.str2bool, default=False,
+                   help="train from step 0 when no step has a complete checkpoint on every rank (else refuse)")
     args = p.parse_args()
     par = args.parallel
     run = cli.start(args, par, device_target=args.device_target, deterministic=False, note=reproducibility(
@@ -29,8 +31,8 @@ def main():
                  launcher=par["launcher"], nodes=par["nodes"], master_addr=par["master_addr"],
                  master_port=par["master_port"], rank_table=args.rank_table or None,
                  visible_devices=par["visible_devices"].split(","), device_target=args.device_target,
-                 base_model=args.base_model, run=run,
-                 inputs=args.inputs)
+                 base_model=args.base_model, run=run, inputs=args.inputs,
+                 restart_if_damaged=args.restart_if_damaged)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,90 @@ def test_a_missing_data_path_stops_the_plan_after_a_complete_run(built, tmp_path
             made.unlink()
 
 
+def record_ends(path):
+    """Where each record of a .ckpt file ends (0x0A, a varint length, the record)."""
+    data, ends, pos = path.read_bytes(), [], 0
+    while pos < len(data) and data[pos] == 0x0A:
+        pos, length, shift = pos + 1, 0, 0
+        while True:
+            byte, pos, shift = data[pos], pos + 1, shift + 7
+            length |= (byte & 0x7F) << (shift - 7)
+            if byte < 0x80:
+                break
+        ends.append(pos + length)
+        pos += length
+    return ends
+
+
+def damaged_copy(built, tmp_path, cuts):
+    """A copy of the finished tiny run whose training was not collected, with rank 0's checkpoints cut:
+    `cuts` {file name: "mid-record" | "record boundary"}."""
+    import shutil
+
+    workdir, configfile = built
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "results", copy / "results", symlinks=True)
+    configfile = make_run_workdir(copy)
+    state = next((copy / "results/tiny/.finetune_state").iterdir())
+    (state / "complete").unlink()
+    for name, cut in cuts.items():
+        path = state / "output/checkpoint/rank_0" / name
+        ends = record_ends(path)
+        size = ends[len(ends) // 2] if cut == "record boundary" else ends[-1] - 100
+        os.truncate(path, size)
+    return copy, configfile, state
+
+
+def assert_same_training(run, built):
+    """Every LoRA tensor, every optimizer moment and every step's loss as the uninterrupted run's."""
+    from lorapipe.formats.msckpt import iter_checkpoint
+    from lorapipe.train.losslog import read_loss_tsv
+
+    for rank in (0, 1):
+        ckpt = f"results/tiny/finetune/checkpoint_network/rank_{rank}/baichuan2_tiny_lora.ckpt"
+        resumed, uninterrupted = (dict(iter_checkpoint(root / ckpt)) for root in (run, built[0]))
+        assert resumed.keys() == uninterrupted.keys()
+        assert [k for k, v in uninterrupted.items() if resumed[k].tobytes() != v.tobytes()] == []
+    losses = [[(r["step"], r["loss"]) for r in read_loss_tsv(root / "results/tiny/finetune/loss.tsv")]
+              for root in (run, built[0])]
+    assert losses[0] == losses[1] and len(losses[0]) == 108
+
+
+@pytest.mark.parametrize("cut", ["mid-record", "record boundary"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_resume_is_exact(built, tmp_path, cut):
+    """Issue 35: rank 0's newest checkpoint (global step 108 of 108) cut mid-record was refused with no
+    remedy; cut at a record boundary it read cleanly, 32 of 62 tensors, and the resume was silently wrong.
+    Now it is moved aside, named; the resume starts from step 100, the newest complete on both ranks, named
+    to MindFormers explicitly; and the training is the uninterrupted one's, tensor for tensor and loss for
+    loss."""
+    newest = "baichuan2_tiny_lora_rank_0-3_36.ckpt"
+    copy, configfile, state = damaged_copy(built, tmp_path, {newest: cut})
+    snakemake(copy, "--cores", "2", "-f", "finetune", configfile=configfile)
+    log = (copy / "results/tiny/logs/finetune.log").read_text()
+    assert f"{newest} is incomplete" in log and f"moved aside to {newest}.incomplete" in log
+    assert ("truncated" in log) == (cut == "mid-record")
+    assert "resuming from global step 100, the newest complete on every rank (baichuan2_tiny_lora_rank_0-3_28.ckpt); " \
+           "the newest any rank saved is step 108: 8 steps are trained again" in log
+    assert (state / "output/checkpoint/rank_0" / f"{newest}.incomplete").is_file()  # kept, not deleted
+    assert_same_training(copy, built)
+
+
+def test_no_complete_step_is_refused_unless_restarting_is_asked_for(built, tmp_path):
+    """Every checkpoint of rank 0 damaged: no step is complete on every rank. The rerun refuses with the
+    remedy; with resume.restart_if_damaged it trains from step 0, and gives the uninterrupted training."""
+    copy, configfile, state = damaged_copy(built, tmp_path, {"baichuan2_tiny_lora_rank_0-3_28.ckpt": "mid-record",
+                                                             "baichuan2_tiny_lora_rank_0-3_36.ckpt": "record boundary"})
+    refused = snakemake(copy, "--cores", "2", "-f", "finetune", configfile=configfile, check=False)
+    log = (copy / "results/tiny/logs/finetune.log").read_text()
+    assert refused.returncode != 0
+    assert "no step has a complete checkpoint on every rank (rank 0: steps none; rank 1: steps [100, 108])" in log
+    assert "set resume.restart_if_damaged: true" in log
+    cfg = yaml.safe_load(configfile.read_text())
+    cfg["resume"] = {"restart_if_damaged": True}
+    snakemake(copy, "--cores", "2", "-f", "finetune", configfile=write_config(copy / "restart.yaml", cfg))
+    assert_same_training(copy, built)
+
+
 def test_rank_table_target(tmp_path):
     (tmp_path / "hccn.conf").write_text("address_0=192.98.0.10\naddress_1=192.98.1.10\n")
     cfg = default_config()

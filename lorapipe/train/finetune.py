@@ -1,8 +1,5 @@
 """The finetune stage: resume (or start) a training, launch the ranks, collect the outputs.
 
-The finetune stage: resume (or start) the training of a rendered MindFormers YAML, launch the ranks,
-collect the outputs.
-
 This module never imports MindSpore: the ranks do (lorapipe.train.trainer, through the worker script the
 finetune rule passes in). The YAML comes from lorapipe.train.mindformers_yaml, the loss logs' formats from
 lorapipe.train.losslog.
@@ -28,7 +25,6 @@ from pathlib import Path
 
 from lorapipe.digests import copy_hashed
 from lorapipe.errors import StepError
-from lorapipe.formats.msckpt import iter_checkpoint
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
 from lorapipe.provenance import find_manifest
@@ -37,6 +33,7 @@ from lorapipe.train.launch import launch
 from lorapipe.train.losslog import read_rank_log, write_loss_tsv
 from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config, read_mindformers_yaml
 from lorapipe.train.processes import cancel_slurm
+from lorapipe.train.resume import global_step, resume_point
 
 log = logging.getLogger("lorapipe")
 
@@ -67,23 +64,17 @@ def _state_dir(config_path, state_root, inputs=()):
     return state_root / digest
 
 
-def _global_step(ckpt):
-    for name, value in iter_checkpoint(ckpt, select=lambda n: n in ("global_step", "step_num")):
-        return int(value.reshape(-1)[0])
-    return -1
-
-
 def last_checkpoint(rank_dir):
     """The newest checkpoint of one rank (by the global step stored in it), or None."""
     ckpts = sorted(Path(rank_dir).glob("*.ckpt"))
-    return max(ckpts, key=_global_step) if ckpts else None
+    return max(ckpts, key=global_step) if ckpts else None
 
 
-def _finished(saved, rank0_tsv):
-    """Whether every rank saved its last checkpoint (`saved`) at the run's last step (the total the rank
-    log records)."""
+def _finished(point, rank0_tsv):
+    """Whether the resume point is the run's last step (the total the rank log records): every rank saved
+    its final checkpoint."""
     rows = read_rank_log(rank0_tsv)
-    return bool(rows) and all(saved) and min(_global_step(ckpt) for ckpt in saved) >= rows[-1]["total"]
+    return point is not None and bool(rows) and point.step >= rows[-1]["total"]
 
 
 def reproducibility(device_target, ranks):
@@ -156,11 +147,13 @@ def _flock_within(lock, seconds, message):
 
 def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher="msrun", nodes=1,
                  master_addr=None, master_port=None, rank_table=None, visible_devices=None,
-                 device_target="CPU", base_model="", run=None, inputs=()):
+                 device_target="CPU", base_model="", run=None, inputs=(), restart_if_damaged=False):
     """Train (or resume) with the rendered YAML, each rank running `worker` (a script taking
     --config, --output_dir, --loss_tsv and --resume), and write to `out_dir`:
     checkpoint_network/rank_<r>/<name>_lora.ckpt (+ strategy/), loss.tsv, adapter_config.json and
-    rank_logs/worker_<r>.log. `inputs` (the base checkpoint and the data) are part of the state key."""
+    rank_logs/worker_<r>.log. `inputs` (the base checkpoint and the data) are part of the state key. A resume
+    starts from the newest step complete on every rank (lorapipe.train.resume); `restart_if_damaged` trains
+    from step 0 when there is none."""
     rendered = read_mindformers_yaml(config_path)
     name = rendered["trainer"]["model_name"] + LORA_SUFFIX
     state = _state_dir(config_path, state_root, inputs)
@@ -170,18 +163,14 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
         ckpt_dir, tsv = state / "output" / "checkpoint", state / "train_log_rank_{rank}.tsv"
         complete = state / "complete"
         rank0_tsv = Path(str(tsv).format(rank=ranks[0]))
-        saved = [last_checkpoint(ckpt_dir / f"rank_{r}") for r in ranks]
-        if not complete.exists() and _finished(saved, rank0_tsv):
+        point = None if complete.exists() else resume_point(ckpt_dir, ranks, restart_if_damaged)
+        if not complete.exists() and _finished(point, rank0_tsv):
             # Killed after the final checkpoint was saved, before the marker: collect, never resume (MindSpore
             # refuses to train 0 more epochs, and the rerun would fail for ever).
             complete.write_text("done\n")
         if complete.exists():
             log.info("training with this config already finished in %s; collecting its outputs", state)
         else:
-            resume = all(saved)
-            if resume:
-                log.info("resuming from the checkpoints in %s (global step %s)", ckpt_dir,
-                         min(_global_step(ckpt) for ckpt in saved))
             check_devices_here(device_target, workers, visible_devices)
             progress = Progress("finetune", 1, unit="steps", every=5.0, from_first_update=True)
 
@@ -193,8 +182,8 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
 
             args = [str(Path(worker).resolve()), "--config", str(Path(config_path).resolve()),
                     "--output_dir", str((state / "output").resolve()), "--loss_tsv", str(tsv.resolve())]
-            if resume:
-                args += ["--resume", str(ckpt_dir.resolve())]
+            if point:
+                args += ["--resume", str(ckpt_dir.resolve()), "--resume_checkpoint", point.file_name]
             # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
             env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
             if device_target == "Ascend" and launcher == "msrun":

@@ -100,11 +100,13 @@ class TsvLossMonitor(Callback):
             f.write(rank_log_row(step, self.total, cb.cur_epoch_num, loss, lr, norm, time.time() - self.start))
 
 
-def finetune(config_path, output_dir, tsv_path, resume_from=None, only_save_strategy=False):
+def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpoint=None, only_save_strategy=False):
     """Run MindFormers' finetune for the rendered YAML in this rank.
 
     `output_dir` receives checkpoint/rank_<r>/ (and strategy/); `resume_from` is an earlier run's
-    checkpoint folder (with rank_*/) to continue from. With `only_save_strategy`, MindFormers compiles
+    checkpoint folder (with rank_*/) to continue from, at `resume_checkpoint` (rank 0's file name, which
+    MindFormers maps to each rank's: tools/resume_ckpt.py:53-59; None: MindFormers' own choice by meta.json).
+    With `only_save_strategy`, MindFormers compiles
     the parallel graph, writes the strategy files and exits (trainer/utils.py:498-500)."""
     cfg = MindFormerConfig(os.path.abspath(config_path))
     cfg.output_dir = os.path.abspath(output_dir)
@@ -113,7 +115,7 @@ def finetune(config_path, output_dir, tsv_path, resume_from=None, only_save_stra
         if callback["type"] == "TsvLossMonitor":
             callback["path"] = os.path.abspath(tsv_path)
     if resume_from:
-        cfg.load_checkpoint, cfg.resume_training = os.path.abspath(resume_from), True
+        cfg.load_checkpoint, cfg.resume_training = os.path.abspath(resume_from), resume_checkpoint or True
     if cfg.context.device_target == "CPU":
         use_cpu_barrier()
     build_context(cfg)
