@@ -74,6 +74,9 @@ def check_trial_step(rendered, train_data):
     previous = ms.get_context("mode")
     ms.reset_auto_parallel_context()  # (the network checks built under the run's semi-auto context)
     ms.set_context(mode=ms.PYNATIVE_MODE)
+    # The ranks build their cells without ENFORCE_EAGER (lorapipe's host forward passes set it, and with it
+    # MindFormers slices its causal mask to any input's length: model.network.build_model).
+    eager = os.environ.pop("ENFORCE_EAGER", None)
     try:
         batch = first_batch(trial, train_data, model_config["vocab_size"])
         with tempfile.TemporaryDirectory() as folder:
@@ -96,6 +99,8 @@ def check_trial_step(rendered, train_data):
                                            f"{type(e).__name__}: {reason[0] if reason else ''} ({KEYS})")
     finally:
         ms.set_context(mode=previous)
+        if eager is not None:
+            os.environ["ENFORCE_EAGER"] = eager
     if not (np.isfinite(value) and np.isfinite(norm)):
         return Check("trial step", "fail", f"one training step at the run's widths ({widths}; one layer) gives "
                                            f"loss {value} and LoRA gradient norm {norm}")
