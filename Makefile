@@ -26,7 +26,7 @@ LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
 # Snakemake's shell steps find the venv's tools (msrun, python) first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-slow test-deploy test-slurm test-matrix dag clean
+.PHONY: setup run test test-slow test-deploy test-slurm test-matrix dag clean clean-all
 
 ## setup: create .venv with the pinned stack from envs/ (quick when already done)
 setup: $(STAMP)
@@ -81,6 +81,10 @@ dag: setup
 	if command -v dot >/dev/null; then $(BIN)/snakemake --rulegraph dot | dot -Tsvg > docs/rulegraph.svg; fi
 	@echo "wrote docs/rulegraph.mmd and docs/dag.mmd"
 
-## clean: remove every artifact and Snakemake's state (keeps .venv)
+## clean: remove the tiny default's run (results/tiny) and MindFormers' output/ folder; other runs stay
 clean:
+	rm -rf results/tiny output
+
+## clean-all: remove every run under results/ (a 7B one included) and Snakemake's state (keeps .venv)
+clean-all:
 	rm -rf results .snakemake output

@@ -149,7 +149,7 @@ def canonical(value, schema):
     """`value` in canonical form under `schema`: mappings as ConfigSections with sorted keys and the
     schema's `default` filled in for an optional key left out (so that rules and jobs read every key
     directly), integers as floats where the schema says number (not integer), `format: path` strings
-    normalised."""
+    normalised, `~` expanded."""
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         value = {**{k: p["default"] for k, p in properties.items() if "default" in p}, **value}
@@ -160,7 +160,7 @@ def canonical(value, schema):
     if type(value) is int and "number" in types and "integer" not in types:
         return float(value)
     if isinstance(value, str) and schema.get("format") == "path":
-        return os.path.normpath(value)
+        return os.path.normpath(os.path.expanduser(value))
     return value
 
 

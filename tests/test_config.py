@@ -115,6 +115,17 @@ def test_canonical_form_ignores_spelling(tmp_path):
     assert str(ca["lora"]) == '{"alpha": 16.0, "dropout": 0.0, "rank": 8, "target_modules": ".*wq|.*wk|.*wv"}'
 
 
+def test_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    """Issue 36: `~/data/chat.json` in a config named a folder called `~` under the working directory."""
+    from lorapipe.config import load_workflow_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = (REPO / "config" / "config.yaml").read_text().replace("train: data/belle_sample.json", "train: ~/d/chat.json")
+    (tmp_path / "c.yaml").write_text(text.replace("results: results/tiny", "results: ~/runs/tiny"))
+    cfg = load_workflow_config([tmp_path / "c.yaml"])
+    assert cfg["data"]["train"] == f"{tmp_path}/d/chat.json" and cfg["results"] == f"{tmp_path}/runs/tiny"
+
+
 def test_a_missing_data_path_or_an_empty_glob_stops_the_plan_naming_the_key(tmp_path):
     cfg = default_config()
     for train, message in [
