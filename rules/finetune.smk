@@ -67,6 +67,8 @@ rule preflight:
             "launcher",
             "workers",
             "nodes",
+            "master_addr",
+            "master_port",
             "visible_devices",
             "hccn_conf",
         ),

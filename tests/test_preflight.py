@@ -303,3 +303,24 @@ def test_the_trial_step_runs_what_preflight_cannot_see(tmp_path, tiny_base_dir):
     preprocess_conversations(SAMPLE_DATA, tokenizer, tmp_path / "d48.mindrecord", 48)
     other = check_trial_step(good, tmp_path / "d48.mindrecord")
     assert other.status == "fail" and "seq_length 64" in other.detail
+
+
+def test_the_launchers_network_settings_are_checked_on_this_host():
+    """Issue 35, beyond the case: a master address of another host, or a master port something holds, made
+    msrun's ranks wait for a scheduler until the cluster timeout; preflight names them first."""
+    import socket
+
+    from lorapipe.train.checks import check_launcher
+
+    one = {"launcher": "msrun", "nodes": 1, "master_addr": None, "master_port": None}
+    assert check_launcher(one).status == "ok"
+    assert check_launcher(dict(one, master_addr="127.0.0.1")).status == "ok"
+    elsewhere = check_launcher(dict(one, master_addr="192.0.2.1"))  # TEST-NET-1: no host has it
+    assert elsewhere.status == "fail" and "parallel.master_addr 192.0.2.1" in elsewhere.detail
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        busy = check_launcher(dict(one, master_port=port))
+    assert busy.status == "fail" and f"parallel.master_port {port} cannot be bound" in busy.detail
+    assert check_launcher(dict(one, nodes=2, master_addr="192.0.2.1")).status == "skipped"

@@ -114,7 +114,7 @@ def test_end_to_end_tiny_default(built):
     assert "belle_sample.json  (source)" in chain.stdout and "verify: 0 problem(s) in 7 step(s)" in chain.stdout
     checks = json.loads((tmp_path / "results/tiny/preflight.json").read_text())["checks"]
     preflight = {c["name"]: c["status"] for c in checks}
-    assert preflight == {"devices": "ok", "rank table": "skipped", "heads": "ok", "parallel layout": "ok",
+    assert preflight == {"devices": "ok", "launcher": "ok", "rank table": "skipped", "heads": "ok", "parallel layout": "ok",
                          "checkpoint": "ok", "checkpoint dtype": "ok", "lora": "ok", "tokenizer": "ok",
                          "sequence length": "ok", "data": "ok", "schedule": "ok", "memory": "ok",
                          "shard strategies": "skipped", "trial step": "ok"}

@@ -13,6 +13,7 @@ from pathlib import Path
 from lorapipe.errors import StepError
 from lorapipe.model.architecture import ALIBI, ROPE, head_problem, is_alibi
 from lorapipe.model.tokenizer import ChatTokenizer
+from lorapipe.train.launch import check_master_here
 from lorapipe.train.ranktable import load_rank_table, read_hccn_conf
 
 
@@ -47,6 +48,30 @@ def check_devices(device_target, parallel):
         return Check("devices", "fail", f"parallel.workers {wanted} on devices {visible}, but this host has "
                                         f"{found}" + (f" (no device {absent})" if absent else ""))
     return Check("devices", "ok", f"{wanted} of {len(found)} Ascend devices: {visible}")
+
+
+def check_launcher(parallel):
+    """The launcher's network settings on this host: with one node, msrun's scheduler runs here, so
+    parallel.master_addr must be one of its addresses (train.launch.check_master_here) and a fixed
+    parallel.master_port must be free. Several nodes: the scheduler runs on node 0, checked there."""
+    if parallel["launcher"] != "msrun" or parallel["nodes"] > 1:
+        return Check("launcher", "skipped", f"{parallel['launcher']} on {parallel['nodes']} node(s): no scheduler "
+                                            f"on this host to check")
+    addr, port = parallel.get("master_addr"), parallel.get("master_port")
+    if addr:
+        try:
+            check_master_here(addr)
+        except StepError as e:
+            return Check("launcher", "fail", str(e))
+    if port:
+        with socket.socket() as s:
+            try:
+                s.bind((addr or "", port))
+            except OSError as e:
+                return Check("launcher", "fail", f"parallel.master_port {port} cannot be bound on this host "
+                                                 f"({e.strerror}): another msrun or service holds it; choose "
+                                                 f"another, or null for a free one")
+    return Check("launcher", "ok", f"msrun's scheduler at {addr or 'this host'}:{port or 'a free port'}")
 
 
 def check_rank_table(rank_table, parallel, hccn_conf):

@@ -14,6 +14,7 @@ from lorapipe.train.checks import (
     check_data,
     check_devices,
     check_heads,
+    check_launcher,
     check_layout,
     check_positions,
     check_rank_table,
@@ -43,7 +44,7 @@ def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, ran
     model_config = rendered["model"]["model_config"]
     device_target = rendered["context"]["device_target"]
     checks = [check_devices(device_target, parallel),
-              check_rank_table(rank_table, parallel, hccn_conf or "/etc/hccn.conf"),
+              check_launcher(parallel), check_rank_table(rank_table, parallel, hccn_conf or "/etc/hccn.conf"),
               check_heads(model_config), check_layout(model_config, rendered)]
     net = None
     if checks[-1].status != "fail" and checks[-2].status != "fail":
