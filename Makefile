@@ -32,10 +32,13 @@ export PATH := $(BIN):$(PATH)
 setup: $(STAMP)
 
 $(STAMP): $(REQUIREMENTS) envs/common.txt pyproject.toml
+	@python3 -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "make setup: Python 3.11 is needed (MindSpore 2.9 and MindFormers 1.9 ship wheels for it), but python3 is " + sys.version.split()[0])'
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	rm -f $(VENV)/.lorapipe-installed*
+	@echo "make setup: installing MindSpore $(MINDSPORE), its MindFormers, torch (CPU), transformers, Snakemake and the rest of $(REQUIREMENTS) into $(VENV) (about 5 GB; several quiet minutes the first time)"
 	$(BIN)/pip install --disable-pip-version-check -q -r $(REQUIREMENTS)
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@echo "make setup: done ($(VENV))"
 	touch $@
 
 ## run: the whole recipe on the embedded tiny default (config/config.yaml), on CPU
