@@ -167,6 +167,13 @@ def strategy_flag(checkpoints_dir):
     return f"--src_ckpt_strategy {strategy}" if strategy.is_dir() else ""
 
 
+# Predict and evaluate run where the model trained: on Ascend one NPU (npus locally, gres under Slurm), on
+# CPU the host (lorapipe/infer/loader.py use_device, and the host's fp32).
+ONE_DEVICE = dict(
+    npus=1 if config["device_target"] == "Ascend" else 0,
+    gres="npu:1" if config["device_target"] == "Ascend" else "",
+)
+
 PREDICT_CONFIG = f"{RESULTS}/predict/run_baichuan2.yaml"
 PREDICTIONS = f"{RESULTS}/predict/predictions.jsonl"
 METRICS = f"{RESULTS}/evaluate/metrics.json"

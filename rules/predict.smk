@@ -17,6 +17,8 @@ use rule mf_config as predict_config with:
             device_target=config["device_target"],
             name=config["base_model"]["name"],
             position_embedding=POSITION_EMBEDDING,
+            # the dtypes predict computes in on the device (the host computes in fp32 whatever they are)
+            dtypes=pick(config["train"], "compute_dtype", "param_init_type"),
             generation=pick(
                 config["predict"],
                 "max_new_tokens",
@@ -47,6 +49,8 @@ rule predict:
         benchmark_path("predict")
     conda:
         "../envs/lorapipe.yaml"
+    resources:
+        **ONE_DEVICE,
     params:
         prompts=config["predict"]["prompts"],
     shell:
@@ -73,6 +77,8 @@ rule evaluate:
         benchmark_path("evaluate")
     conda:
         "../envs/lorapipe.yaml"
+    resources:
+        **ONE_DEVICE,
     shell:
         "python {input.script} --log {log} --config {input.config} "
         "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} "

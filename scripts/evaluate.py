@@ -4,7 +4,7 @@ MindRecord, masked as in training: only assistant tokens and end-of-turn markers
 
 from lorapipe import cli
 from lorapipe.infer.evaluate import evaluate
-from lorapipe.infer.loader import trained_model
+from lorapipe.infer.loader import trained_model, use_device
 
 
 def main():
@@ -18,9 +18,11 @@ def main():
     p.add_argument("--output", required=True, help="metrics.json")
     args = p.parse_args()
     run = cli.start(args, {})
-    # The training YAML's model, evaluated on the host in fp32 whatever dtype it trained in.
-    model = trained_model(args.config, args.load_checkpoint, args.compare_checkpoint, args.adapter_config,
-                          compute_dtype="float32", param_init_type="float32")
+    # The training YAML's model, on its device (one NPU on Ascend) in the dtypes it trained in; the host
+    # computes in fp32 whatever they are.
+    model = trained_model(args.config, args.load_checkpoint, args.compare_checkpoint, args.adapter_config)
+    if use_device(model.rendered) == "CPU":
+        model.model_config.update(compute_dtype="float32", param_init_type="float32")
     evaluate(model.checkpoints, model.model_config, args.eval_dataset, args.output, adapter=model.adapter, run=run)
 
 

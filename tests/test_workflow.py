@@ -365,6 +365,52 @@ def test_slurm_profile_plans_multi_node_finetune_on_npu_nodes(tmp_path):
     assert "slurm_partition=cpu" in convert and "npus=0" in convert
 
 
+def job_resources(plan):
+    """{rule: its resources line} of a dry run's jobs."""
+    return {m[1]: m[2] for m in re.finditer(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", plan, re.M)}
+
+
+def test_the_910b_plan_puts_every_job_where_it_can_run(built, tmp_path):
+    """Issue 36: evaluate ran on the host CPU in fp32 whatever the config (28 GB and hours for 7B), and the
+    Slurm profile sent evaluate and predict to the cpu partition, where predict's Ascend YAML cannot run.
+    The 910B recipe's plan, locally and under profiles/slurm: finetune on the NPUs, predict and evaluate on
+    one NPU each, every other job on CPU with none."""
+    workdir, _ = built
+    laptop = tmp_path / "Baichuan2-7B-Chat"
+    laptop.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (laptop / name).write_bytes((workdir / "results/tiny/tiny_base" / name).read_bytes())
+    real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
+    real["base_model"]["path"] = str(laptop)
+    real["data"]["train"] = str(SAMPLE_DATA)
+    configfile = write_config(tmp_path / "my_910b.yaml", real)
+    on_device = {"finetune": "npu:8", "predict": "npu:1", "evaluate": "npu:1"}
+    local = job_resources(snakemake(tmp_path, "-n", configfile=configfile).stdout)
+    slurm = job_resources(snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), configfile=configfile).stdout)
+    assert set(local) == set(slurm) >= set(on_device) | {"ckpt", "mindrecord", "export_gguf"}
+    for rule, resources in slurm.items():
+        if rule in on_device:
+            assert "slurm_partition=ascend" in resources and f"gres={on_device[rule]}" in resources, (rule, resources)
+            assert f"npus={on_device[rule][4:]}" in local[rule], (rule, local[rule])
+        else:
+            assert "slurm_partition=cpu" in resources and "npus=0" in resources, (rule, resources)
+            assert "npus=0" in local[rule] or "npus" not in local[rule], (rule, local[rule])
+    predict_yaml = yaml.safe_load(render_predict(real, laptop))
+    assert predict_yaml["model"]["model_config"]["compute_dtype"] == "float16"  # the training's, on the device
+
+
+def render_predict(cfg, base):
+    from lorapipe.config import canonical, load_yaml, SCHEMA_PATH
+    from lorapipe.train.mindformers_yaml import render_predict_config
+
+    cfg = canonical(cfg, load_yaml(SCHEMA_PATH))
+    generation = {k: v for k, v in cfg["predict"].items() if k != "prompts"}
+    return yaml.safe_dump(render_predict_config(
+        json.loads((base / "config.json").read_text()), tokenizer=base / "tokenizer.model", name="x",
+        generation=generation, device_target=cfg["device_target"], position_embedding="rope",
+        dtypes={k: cfg["train"][k] for k in ("compute_dtype", "param_init_type")}))
+
+
 def test_multi_node_rank_table_is_written_per_node_and_merged(tmp_path):
     (tmp_path / "hccn.conf").write_text("".join(f"address_{i}=192.98.{i}.10\n" for i in range(8)))
     cfg = default_config()

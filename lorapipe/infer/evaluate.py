@@ -1,7 +1,6 @@
 """Held-out evaluation: each model's loss and perplexity on the held-out MindRecord.
 
-Held-out evaluation: the loss and perplexity of each model on the held-out MindRecord, masked as in
-training (only assistant tokens and end-of-turn markers count)."""
+Masked as in training: only assistant tokens and end-of-turn markers count."""
 
 import json
 import logging

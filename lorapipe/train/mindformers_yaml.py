@@ -129,16 +129,18 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
     }
 
 
-def render_predict_config(hf_config, *, tokenizer, name, generation, device_target, position_embedding):
+def render_predict_config(hf_config, *, tokenizer, name, generation, device_target, position_embedding, dtypes=None):
     """The recipe's predict YAML (run_baichuan2_7b_910b.yaml, section "MindSpore推理"): incremental
-    decoding (use_past), fp32 weights as the recipe recommends for accuracy, the generation settings
-    in model_config, one device. The sequence length is the model's (prompt and answer together), not
-    the training rows'. For an ALiBi model use_past means lorapipe's host decoder (lorapipe.infer.generate
-    build_decoder): MindFormers 1.9's incremental path is RoPE-only."""
+    decoding (use_past), the generation settings in model_config, one device. On the host it computes in
+    fp32; on a device in `dtypes` ({compute_dtype, param_init_type}: the training's, so that a 7B model is
+    14 GB of fp16 on one NPU, not 28 GB of fp32). The sequence length is the model's (prompt and answer
+    together), not the training rows'. For an ALiBi model use_past means lorapipe's host decoder
+    (lorapipe.infer.loader build_decoder): MindFormers 1.9's incremental path is RoPE-only."""
     seq_length = hf_config.get("model_max_length", hf_config["max_position_embeddings"])
-    model_config = mindformers_model_config(hf_config, seq_length, param_init_type="float32",
-                                            compute_dtype="float32", use_past=True,
-                                            position_embedding_type=position_embedding)
+    dtypes = {"compute_dtype": "float32", "param_init_type": "float32"} if device_target == "CPU" or not dtypes \
+        else dtypes
+    model_config = mindformers_model_config(hf_config, seq_length, use_past=True,
+                                            position_embedding_type=position_embedding, **dtypes)
     model_config.update(checkpoint_name_or_path="", do_sample=generation["do_sample"],
                         top_k=generation["top_k"], top_p=generation["top_p"],
                         temperature=generation["temperature"],
