@@ -321,7 +321,7 @@ def test_a_rerun_after_snakemake_was_killed_cancels_the_orphaned_job_and_resumes
     run(tmp_path, configfile, "--unlock")
     proc = run(tmp_path, configfile, "finetune", *SMALL_FINETUNE, check=False)
     log = (tmp_path / "results/tiny/logs/finetune.log").read_text()
-    assert f"cancelling Slurm {job}" in log and "resuming from the checkpoints" in log, log[-3000:]
+    assert f"cancelling Slurm {job}" in log and "resuming from global step" in log, log[-3000:]
     assert proc.returncode == 0, log[-3000:]
     state_of_old = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], capture_output=True,
                                   text=True).stdout.split()
