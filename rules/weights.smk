@@ -15,6 +15,9 @@ if TINY:
                 "generation_config.json",
                 "tokenizer_config.json",
                 "tokenizer.model",
+                "configuration_baichuan.py",
+                "modeling_baichuan.py",
+                "tokenization_baichuan.py",
             ),
             manifest=f"{TINY_BASE}/pytorch_model.bin.manifest.json",
         log:

@@ -320,3 +320,25 @@ def test_rope_set_in_the_config_holds_for_a_5120_wide_base_in_every_job(tiny_bas
     assert exported["architectures"] == ["LlamaForCausalLM"] and exported["hidden_size"] == 5120
     predict_yaml = (tmp_path / "results/tiny/predict/run_baichuan2.yaml").read_text()
     assert "Baichuan2ForCausalLM" in predict_yaml and "position_embedding_type" not in predict_yaml
+
+
+def test_the_hf_export_loads_with_its_remote_code_and_computes_the_folded_model(run, tiny_base_dir, tmp_path, tok):
+    """Issue 36: hf/ kept config.json's auto_map but not the files it names, so transformers could not load
+    the real Baichuan2's export. The tiny base now ships small remote-code files of lorapipe's own, named in
+    auto_map as the real model's are; hf/ carries them, loads with trust_remote_code=True, and gives the
+    logits of the Llama export (checked against lorapipe's network above) and the tokenizer's ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from lorapipe.weights.convert import export_hf
+
+    out = tmp_path / "hf_remote"
+    export_hf(run.folded, tiny_base_dir, out)
+    assert {"configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, torch_dtype=torch.float32).eval()
+    reference = LlamaForCausalLM.from_pretrained(run.dir / "hf_llama", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(["法国的首都是哪里？ The capital of France is Paris."])[0][:40]])
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max() < 1e-4
+    hf_tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    text = "hello world, 你好"
+    assert hf_tok(text)["input_ids"] == tok.encode([text])[0]

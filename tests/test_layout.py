@@ -14,7 +14,9 @@ LAYER_OF = {group: depth for depth, groups in enumerate(LAYERS) for group in gro
 
 
 def modules():
-    return sorted(PACKAGE.rglob("*.py"))
+    """lorapipe's modules; not weights/remote_code/, the tiny base's Baichuan files (HF remote code, which
+    imports transformers only)."""
+    return sorted(p for p in PACKAGE.rglob("*.py") if "remote_code" not in p.parts)
 
 
 def group(module):

@@ -198,3 +198,37 @@ def test_export_refuses_unfolded_lora(tiny_base_dir, converted, tmp_path):
                                          "Baichuan2 model weight"):
         export_hf(lora, tiny_base_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_the_hf_export_takes_the_remote_code_the_model_names(tmp_path):
+    """Baichuan2-7B-Chat's own layout: config.json and tokenizer_config.json name modeling_baichuan.py and
+    tokenization_baichuan.py in auto_map, and modeling_baichuan.py imports configuration_baichuan,
+    generation_utils and, inside a function, quantizer. All of them go with the export, with
+    special_tokens_map.json; a module they name that is not there is one error naming it."""
+    import json
+
+    import pytest
+
+    from lorapipe.errors import InputError
+    from lorapipe.weights.convert import hf_side_files
+
+    base = tmp_path / "Baichuan2-7B-Chat"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"auto_map": {
+        "AutoConfig": "configuration_baichuan.BaichuanConfig",
+        "AutoModelForCausalLM": "baichuan-inc/Baichuan2-7B-Chat--modeling_baichuan.BaichuanForCausalLM"}}))
+    (base / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [
+        "tokenization_baichuan.BaichuanTokenizer", None]}}))
+    for name, text in {"special_tokens_map.json": "{}", "tokenizer.model": "", "configuration_baichuan.py": "",
+                       "generation_utils.py": "", "quantizer.py": "", "tokenization_baichuan.py": "import os\n",
+                       "modeling_baichuan.py": "from .configuration_baichuan import BaichuanConfig\n"
+                                               "from .generation_utils import build_chat_input\n"
+                                               "def quantize(self):\n    from .quantizer import QLinear\n",
+                       "README.md": ""}.items():
+        (base / name).write_text(text)
+    assert hf_side_files(base) == ["config.json", "tokenizer_config.json", "special_tokens_map.json",
+                                   "tokenizer.model", "configuration_baichuan.py", "modeling_baichuan.py",
+                                   "tokenization_baichuan.py", "generation_utils.py", "quantizer.py"]
+    (base / "quantizer.py").unlink()
+    with pytest.raises(InputError, match=r"imports quantizer, and quantizer.py is not there"):
+        hf_side_files(base)

@@ -6,15 +6,18 @@ lorapipe.model.baichuan2, file formats from lorapipe.formats.hf_io and lorapipe.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
+from lorapipe.errors import InputError
 from lorapipe.formats.hf_io import (
     SafetensorsWriter,
     TorchZipWriter,
     find_config,
     read_in_file_order,
+    read_json,
     tensor_refs,
     weight_files,
 )
@@ -56,7 +59,38 @@ def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
 
 
 
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.model")
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model")
+# A module's relative imports (Baichuan2's modeling_baichuan.py: `from .configuration_baichuan import ...`,
+# `from .generation_utils import ...`, and `from .quantizer import ...` inside functions).
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.M)
+
+
+def hf_side_files(base_dir):
+    """The files beside the weights that an HF directory of `base_dir`'s model needs: its config and
+    tokenizer files (HF_SIDE_FILES that exist), and the remote code its config.json's and
+    tokenizer_config.json's "auto_map" name (Baichuan2 loads with trust_remote_code=True) with every module
+    those import relatively, as transformers copies them (dynamic_module_utils.get_relative_imports)."""
+    base = Path(base_dir)
+    files = [f for f in HF_SIDE_FILES if (base / f).is_file()]
+    pending = []
+    for name in ("config.json", "tokenizer_config.json"):
+        if (base / name).is_file():
+            for value in (read_json(base / name).get("auto_map") or {}).values():
+                pending += [ref.split("--")[-1].rsplit(".", 1)[0] for ref in (value if isinstance(value, list)
+                                                                                else [value]) if ref]
+    seen = []
+    while pending:
+        module = pending.pop(0)
+        if module in seen:
+            continue
+        path = base / f"{module}.py"
+        if not path.is_file():
+            raise InputError(f"{base}: the model's auto_map (or its code) imports {module}, and {path.name} is not "
+                             f"there: copy the model directory whole")
+        seen.append(module)
+        pending += _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8"))
+    return files + [f"{module}.py" for module in seen]
 
 
 def export_hf(ckpt, base_dir, out_dir, run=None):
@@ -69,7 +103,7 @@ def export_hf(ckpt, base_dir, out_dir, run=None):
     check_tensors({n: (s, ckpt) for n, _, s in plan}, json.loads((Path(base_dir) / "config.json").read_text()),
                   ckpt)
     out_dir = Path(out_dir)
-    side = [f for f in HF_SIDE_FILES if (Path(base_dir) / f).is_file()]
+    side = hf_side_files(base_dir)
     outputs = [out_dir / "model.safetensors", out_dir / "pytorch_model.bin", *(out_dir / f for f in side)]
     progress = Progress("export", len(plan), unit="tensors")
     with atomic_outputs(outputs, run=run, inputs=[ckpt, *(Path(base_dir) / f for f in side)], hashed_inline=[ckpt],

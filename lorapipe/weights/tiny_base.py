@@ -26,8 +26,13 @@ from lorapipe.model.baichuan2 import hf_shapes
 from lorapipe.model.tokenizer import ASSISTANT_PIECE, USER_PIECE
 from lorapipe.outputs import atomic_outputs
 
+# Baichuan2's remote code, as its config.json and tokenizer_config.json name it in "auto_map": the tiny
+# model ships small files of lorapipe's own (remote_code/), so that what the real download needs, the
+# exports must carry for the tiny model too.
+REMOTE_CODE = Path(__file__).resolve().parent / "remote_code"
+REMOTE_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
 FILES = ("pytorch_model.bin", "config.json", "generation_config.json", "tokenizer_config.json",
-         "tokenizer.model")
+         "tokenizer.model", *REMOTE_CODE_FILES)
 
 
 def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
@@ -36,6 +41,8 @@ def hf_config(hidden_size, num_hidden_layers, num_attention_heads, intermediate_
     ("rope" | "alibi") adds the explicit "position_embedding" key, None leaves it out (the 7B's file)."""
     config = {
         "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
@@ -130,7 +137,8 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
     state = random_weights(config, seed, init_std)
     generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "user_token_id":
                   sp.piece_to_id(USER_PIECE), "assistant_token_id": sp.piece_to_id(ASSISTANT_PIECE)}
-    tokenizer_config = {"tokenizer_class": "BaichuanTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+    tokenizer_config = {"auto_map": {"AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None]},
+                        "tokenizer_class": "BaichuanTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                         "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": False,
                         "add_eos_token": False, "model_max_length": max_position_embeddings}
 
@@ -140,6 +148,8 @@ def build_tiny_base(data, out_dir, *, seed, hidden_size, num_hidden_layers, num_
                           ("tokenizer_config.json", tokenizer_config)):
             paths[name].write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
         paths["tokenizer.model"].write_bytes(tokenizer)
+        for name in REMOTE_CODE_FILES:
+            paths[name].write_bytes((REMOTE_CODE / name).read_bytes())
         # A file object, not a path: torch names the zip's inner folder after a path, and the
         # temporary name would then leak into the bytes.
         with open(paths["pytorch_model.bin"], "wb") as f:
