@@ -17,6 +17,10 @@ ifeq ($(wildcard $(REQUIREMENTS)),)
 $(error MINDSPORE=$(MINDSPORE): not a supported pair (no $(REQUIREMENTS)); use 2.9.0, 2.7.2 or 2.7.1)
 endif
 STAMP := $(VENV)/.lorapipe-installed-ms$(MINDSPORE)
+# torch from PyTorch's CPU wheel index first: PyPI's default torch is the CUDA build, gigabytes more. Where
+# that index cannot be reached, pip's other sources (PyPI, a local wheel) give the pinned version.
+TORCH := $(shell grep -oE '^torch==[^ ]+' envs/common.txt)
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # Where `make test-matrix` builds its venvs (about 4.4 GB each) and runs the tiny default per pair.
 MATRIX_DIR ?= $(HOME)/.cache/lorapipe/matrix
 DEPLOY_STAMP := $(VENV)/.llama-cpp-installed
@@ -36,6 +40,8 @@ $(STAMP): $(REQUIREMENTS) envs/common.txt pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	rm -f $(VENV)/.lorapipe-installed*
 	@echo "make setup: installing MindSpore $(MINDSPORE), its MindFormers, torch (CPU), transformers, Snakemake and the rest of $(REQUIREMENTS) into $(VENV) (about 5 GB; several quiet minutes the first time)"
+	$(BIN)/pip install --disable-pip-version-check -q --retries 0 --timeout 30 --index-url $(TORCH_CPU_INDEX) $(TORCH) \
+		|| $(BIN)/pip install --disable-pip-version-check -q $(TORCH)
 	$(BIN)/pip install --disable-pip-version-check -q -r $(REQUIREMENTS)
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@echo "make setup: done ($(VENV))"
