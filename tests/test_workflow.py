@@ -365,6 +365,19 @@ def test_slurm_profile_plans_multi_node_finetune_on_npu_nodes(tmp_path):
     assert "slurm_partition=cpu" in convert and "npus=0" in convert
 
 
+def laptop_910b_config(workdir, tmp_path):
+    """(the 910B config as a dict, its base model folder) with a base model of only config.json and
+    tokenizer.model (the finished tiny run's), as on a laptop, and the sample data."""
+    laptop = tmp_path / "Baichuan2-7B-Chat"
+    laptop.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (laptop / name).write_bytes((workdir / "results/tiny/tiny_base" / name).read_bytes())
+    real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
+    real["base_model"]["path"] = str(laptop)
+    real["data"]["train"] = str(SAMPLE_DATA)
+    return real, laptop
+
+
 def job_resources(plan):
     """{rule: its resources line} of a dry run's jobs."""
     return {m[1]: m[2] for m in re.finditer(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", plan, re.M)}
@@ -376,13 +389,7 @@ def test_the_910b_plan_puts_every_job_where_it_can_run(built, tmp_path):
     The 910B recipe's plan, locally and under profiles/slurm: finetune on the NPUs, predict and evaluate on
     one NPU each, every other job on CPU with none."""
     workdir, _ = built
-    laptop = tmp_path / "Baichuan2-7B-Chat"
-    laptop.mkdir()
-    for name in ("config.json", "tokenizer.model"):
-        (laptop / name).write_bytes((workdir / "results/tiny/tiny_base" / name).read_bytes())
-    real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
-    real["base_model"]["path"] = str(laptop)
-    real["data"]["train"] = str(SAMPLE_DATA)
+    real, laptop = laptop_910b_config(workdir, tmp_path)
     configfile = write_config(tmp_path / "my_910b.yaml", real)
     on_device = {"finetune": "npu:8", "predict": "npu:1", "evaluate": "npu:1"}
     local = job_resources(snakemake(tmp_path, "-n", configfile=configfile).stdout)
@@ -445,13 +452,7 @@ def test_every_readme_command_runs(built, tmp_path):
     copy of the 910B config whose base model has only config.json and tokenizer.model, as on a laptop;
     its python commands for real on the finished tiny run."""
     workdir, configfile = built
-    laptop = tmp_path / "Baichuan2-7B-Chat"
-    laptop.mkdir()
-    for name in ("config.json", "tokenizer.model"):
-        (laptop / name).write_bytes((workdir / "results/tiny/tiny_base" / name).read_bytes())
-    real = yaml.safe_load((REPO / "config" / "baichuan2_7b_910b.yaml").read_text())
-    real["base_model"]["path"] = str(laptop)
-    real["data"]["train"] = str(SAMPLE_DATA)
+    real, laptop = laptop_910b_config(workdir, tmp_path)
     rank4 = default_config()
     rank4["lora"]["rank"] = 4
     tiny_13b = yaml.safe_load((REPO / "config" / "tiny_13b.yaml").read_text())
