@@ -81,6 +81,13 @@ def test_end_to_end_tiny_default(built):
         assert all(trained[k].tobytes() == v.tobytes() for k, v in base_weights.items())
         assert len([k for k in trained if k.endswith(("mindpet_delta_lora_a", "mindpet_delta_lora_b"))
                     and not k.startswith("adam")]) == 12
+    # collected without a copy (issue 32: 14 GB a rank at 7B): the state's last checkpoint, and filter_out's
+    # rank 0 as the data-parallel merge, are hard links
+    results = tmp_path / "results/tiny"
+    last = next(results.glob(".finetune_state/*/output/checkpoint/rank_0/*-3_36.ckpt"))
+    assert (results / "finetune/checkpoint_network/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino == last.stat().st_ino
+    assert (results / "merged_ckpt/rank_0/checkpoint_0.ckpt").stat().st_ino == \
+        (results / "filter_out/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino
     metrics = json.loads((tmp_path / "results/tiny/evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 0.5  # the finetune helped
     predictions = [json.loads(line) for line in

@@ -23,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-from lorapipe.digests import copy_hashed
+from lorapipe.digests import link_or_copy
 from lorapipe.errors import StepError
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
@@ -211,7 +211,7 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
             (ckpts, loss, adapter_json, logs):
         for rank, last in zip(ranks, lasts):
             (ckpts / f"rank_{rank}").mkdir(parents=True)
-            copy_hashed(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
+            link_or_copy(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
         strategy = state / "output" / "strategy"
         if strategy.is_dir() and any(strategy.iterdir()):
             shutil.copytree(strategy, ckpts / "strategy")
