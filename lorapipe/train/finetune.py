@@ -171,6 +171,8 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
         if complete.exists():
             log.info("training with this config already finished in %s; collecting its outputs", state)
         else:
+            if point:
+                log.info("resuming from %s", point.describe())
             check_devices_here(device_target, workers, visible_devices)
             progress = Progress("finetune", 1, unit="steps", every=5.0, from_first_update=True)
 

@@ -30,13 +30,20 @@ STEP_COUNTERS = ("global_step", "step_num")
 
 @dataclass
 class ResumePoint:
-    """The global step to resume from, its checkpoint on each rank, and the file name MindFormers is given."""
+    """The global step to resume from, its checkpoint on each rank, the newest step any rank saved, and the
+    file name MindFormers is given."""
     step: int
     checkpoints: dict
+    newest: int
 
     @property
     def file_name(self):
         return self.checkpoints[min(self.checkpoints)].name
+
+    def describe(self):
+        lost = self.newest - self.step
+        return (f"global step {self.step}, the newest complete on every rank ({self.file_name})"
+                + (f"; the newest any rank saved is step {self.newest}: {lost} steps are trained again" if lost else ""))
 
 
 def _contents(ckpt):
@@ -98,10 +105,14 @@ def resume_point(checkpoint_dir, ranks, restart_if_damaged=False):
         raise StepError(f"{checkpoint_dir}: no step has a complete checkpoint on every rank ({have}); the "
                         f"incomplete ones are moved aside as *{INCOMPLETE}. To train again from step 0, set "
                         f"resume.restart_if_damaged: true (or delete {Path(checkpoint_dir).parent.parent})")
-    step = max(common)
     newest = max(max(s) for s in steps.values() if s)
-    point = ResumePoint(step, {r: steps[r][step] for r in ranks})
-    log.info("resuming from global step %d, the newest complete on every rank (%s)%s", step, point.file_name,
-             f"; the newest any rank saved is step {newest}: {newest - step} steps are trained again"
-             if newest > step else "")
-    return point
+    # MindFormers reads rank r's file as rank 0's name with "_rank_<r>" in it (tools/utils.py,
+    # replace_rank_id_in_ckpt_name); MindSpore suffixes a prefix it already used ("_rank_0_1-3_12.ckpt" after a
+    # resume), so take the newest step whose files are named alike on every rank.
+    for step in sorted(common, reverse=True):
+        first = steps[ranks[0]][step].name
+        if all(steps[r][step].name == first.replace(f"_rank_{ranks[0]}", f"_rank_{r}") for r in ranks):
+            return ResumePoint(step, {r: steps[r][step] for r in ranks}, newest)
+    raise StepError(f"{checkpoint_dir}: the ranks name their checkpoints of the same steps differently "
+                    f"({', '.join(steps[r][max(common)].name for r in ranks)}), so MindFormers cannot be told one "
+                    f"file for all; move the odd ones aside, or delete {Path(checkpoint_dir).parent.parent}")
