@@ -12,6 +12,7 @@ digest without reading the file again. No dependencies beyond the standard libra
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 _CHUNK = 16 << 20
 _known = {}  # (st_dev, st_ino) -> (size, mtime_ns, sha256 hex)
@@ -100,6 +101,16 @@ def copy_hashed(src, dst):
                 out.write(chunk)
     finally:
         out.close()
+
+
+def copy_bytes(src, folder):
+    """What link_or_copy writes for `src` into `folder`: nothing where `folder` (or the nearest of its parents
+    that exists) is on `src`'s file system, else `src`'s size."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    st = os.stat(src)
+    return 0 if os.stat(folder).st_dev == st.st_dev else st.st_size
 
 
 def link_or_copy(src, dst):

@@ -177,3 +177,26 @@ def test_fold_refuses_what_does_not_fit(base_ckpt, tmp_path):
     with pytest.raises(InputError, match="non-finite values in float16"):
         fold_lora(tmp_path / "h.ckpt", tmp_path / "f.ckpt", adapter_json(tmp_path, LORA_RANK, LORA_ALPHA))
     assert not (tmp_path / "f.ckpt").exists()
+
+
+def test_a_link_needs_no_free_space_and_a_copy_its_size(tmp_path):
+    """Collecting a finished training links its checkpoints (14 GB a rank at 7B): the free-space check asks
+    for nothing on the same file system, and for the copy's bytes across file systems."""
+    import os
+
+    from lorapipe.digests import copy_bytes, link_or_copy
+
+    src = tmp_path / "a.ckpt"
+    src.write_bytes(b"x" * 1000)
+    assert copy_bytes(src, tmp_path / "not" / "yet") == 0
+    link_or_copy(src, tmp_path / "b.ckpt")
+    assert (tmp_path / "b.ckpt").stat().st_ino == src.stat().st_ino
+    other = "/dev/shm"
+    if os.path.isdir(other) and os.stat(other).st_dev != src.stat().st_dev:
+        assert copy_bytes(src, other) == 1000
+        link_or_copy(src, f"{other}/lorapipe-link-test.ckpt")  # no hard link across file systems: a copy
+        try:
+            assert os.stat(f"{other}/lorapipe-link-test.ckpt").st_ino != src.stat().st_ino
+            assert open(f"{other}/lorapipe-link-test.ckpt", "rb").read() == src.read_bytes()
+        finally:
+            os.unlink(f"{other}/lorapipe-link-test.ckpt")

@@ -23,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-from lorapipe.digests import link_or_copy
+from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import StepError
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
@@ -209,7 +209,7 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
     missing = [rank for rank, last in zip(ranks, lasts) if last is None]
     if missing:
         raise StepError(f"training finished, but rank {missing[0]} saved no checkpoint in {state}")
-    with atomic_outputs(finals, run=run, inputs=inputs, need_bytes=sum(os.path.getsize(p) for p in lasts)) as \
+    with atomic_outputs(finals, run=run, inputs=inputs, need_bytes=sum(copy_bytes(p, out_dir) for p in lasts)) as \
             (ckpts, loss, adapter_json, logs):
         for rank, last in zip(ranks, lasts):
             (ckpts / f"rank_{rank}").mkdir(parents=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.digests import link_or_copy
+from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import InputError
 from lorapipe.formats.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
@@ -64,7 +64,7 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
                                  f"parallel ranks must agree (was this trained with model parallel?)")
         progress.update(i + 1)
     with atomic_outputs([dst], run=run, inputs=list(rank_ckpts), hashed_inline=rank_ckpts,
-                        need_bytes=os.path.getsize(rank_ckpts[0])) as (tmp,):
+                        need_bytes=copy_bytes(rank_ckpts[0], Path(dst).parent)) as (tmp,):
         link_or_copy(rank_ckpts[0], tmp)
 
 
