@@ -53,3 +53,10 @@ rule all:
         f"{HF_EXPORT}/model.safetensors",
         LLAMA_EXPORTS,
         f"{REPORT}/summary.html",
+
+
+onsuccess:
+    # where the finetuned model, the exports and the report are, and the headline numbers
+    from lorapipe.report import run_summary
+
+    print(run_summary(config["results"]))

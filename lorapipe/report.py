@@ -73,3 +73,29 @@ def summary_html(metrics_json, stats_json, predictions_jsonl, out_html):
     ]
     Path(out_html).write_text("<html><meta charset='utf-8'><body>" + "\n".join(parts) + "</body></html>\n",
                               encoding="utf-8")
+
+
+# What the end-of-run summary points at: (path under results, what it is), listed where it exists.
+RUN_OUTPUTS = [
+    ("merged_lora/rank_0/merged_lora.ckpt", "the finetuned model, LoRA folded (merged_ckpt/ holds it unfolded)"),
+    ("hf_llama", "for transformers and vLLM (hf/: Baichuan2's own layout, with its remote code)"),
+    ("peft_adapter", "the LoRA adapter for PEFT, on hf_llama_base/"),
+    ("gguf", "for llama.cpp and Ollama (ollama create <name> -f gguf/Modelfile)"),
+    ("predict/predictions.jsonl", "finetuned and base answers to predict.prompts"),
+    ("report/summary.html", "the report: loss, data, evaluation, predictions"),
+]
+
+
+def run_summary(results):
+    """The lines a successful run ends with: where the finetuned model, the exports and the report are, and
+    the held-out loss, base -> finetuned."""
+    results = Path(results)
+    lines = [f"lorapipe: done; in {results}/:"]
+    lines += [f"  {path:38} {what}" for path, what in RUN_OUTPUTS if (results / path).exists()]
+    metrics = results / "evaluate" / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        if {"base", "finetuned"} <= set(m):
+            lines.append(f"  held-out loss {m['base']['loss']:.3f} (base) -> {m['finetuned']['loss']:.3f} (finetuned), "
+                         f"perplexity {m['base']['perplexity']:.1f} -> {m['finetuned']['perplexity']:.1f}")
+    return "\n".join(lines)

@@ -53,7 +53,8 @@ def built(tmp_path_factory):
     """The whole tiny default, run once for the end-to-end and rebuild tests."""
     workdir = tmp_path_factory.mktemp("e2e")
     configfile = make_run_workdir(workdir)
-    snakemake(workdir, "--cores", "2", configfile=configfile)
+    proc = snakemake(workdir, "--cores", "2", configfile=configfile)
+    (workdir / "run.out").write_text(proc.stdout + proc.stderr)
     return workdir, configfile
 
 
@@ -90,6 +91,11 @@ def test_end_to_end_tiny_default(built):
         (results / "filter_out/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino
     metrics = json.loads((tmp_path / "results/tiny/evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 0.5  # the finetune helped
+    # the run ends with where things are and the headline numbers (issue 31)
+    summary = (tmp_path / "run.out").read_text().split("lorapipe: done; in results/tiny/:")[1]
+    for path in ("merged_lora/rank_0/merged_lora.ckpt", "hf_llama", "gguf", "report/summary.html"):
+        assert f"\n  {path} " in summary, path
+    assert f"held-out loss {metrics['base']['loss']:.3f} (base) -> {metrics['finetuned']['loss']:.3f} (finetuned)" in summary
     predictions = [json.loads(line) for line in
                    (tmp_path / "results/tiny/predict/predictions.jsonl").read_text().splitlines()]
     assert [(p["index"], p["model"]) for p in predictions] == [(i, m) for i in range(3) for m in ("finetuned", "base")]
