@@ -1,5 +1,6 @@
 """Figures and tables for `snakemake --report`: loss curve, data statistics, evaluation, predictions."""
 
+import base64
 import html
 import json
 from pathlib import Path
@@ -52,7 +53,14 @@ def _table(header, rows):
     return f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
 
 
-def summary_html(metrics_json, stats_json, predictions_jsonl, out_html):
+def _image(png, alt):
+    """A PNG inside the page (a data URI): summary.html is one file to open or send."""
+    return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(Path(png).read_bytes()).decode()}'>"
+
+
+def summary_html(metrics_json, stats_json, predictions_jsonl, out_html, figures=()):
+    """The page a user opens: the evaluation and data tables, the sample predictions, and `figures`
+    [(png, caption)] embedded."""
     metrics = json.loads(Path(metrics_json).read_text())
     stats = json.loads(Path(stats_json).read_text())
     predictions = [json.loads(line) for line in Path(predictions_jsonl).read_text().splitlines()]
@@ -67,6 +75,7 @@ def summary_html(metrics_json, stats_json, predictions_jsonl, out_html):
                  f"{stats[s]['truncated']} ({100 * stats[s]['truncated_ratio']:.1f}%)", stats[s]["length_mean"],
                  stats[s]["length_max"]] for s in ("train", "heldout") if s in stats])
         + f"<p>{stats['skipped']} bad records skipped; rows of {stats['seq_length'] + 1} tokens.</p>",
+        *(f"<h2>{html.escape(caption)}</h2>{_image(png, caption)}" for png, caption in figures),
         "<h2>Sample predictions</h2>",
         _table(["prompt", "model", "response", "new tokens"],
                [[p["prompt"], p["model"], p["response"], p["new_tokens"]] for p in predictions]),

@@ -23,7 +23,8 @@ def main():
                         inputs=inputs) as (loss_png, lengths_png, summary):
         plot_loss(args.loss_tsv, loss_png)
         plot_lengths(args.data_stats, lengths_png)
-        summary_html(args.metrics, args.data_stats, args.predictions, summary)
+        summary_html(args.metrics, args.data_stats, args.predictions, summary,
+                     figures=[(loss_png, "Training loss"), (lengths_png, "Conversation lengths")])
 
 
 if __name__ == "__main__":

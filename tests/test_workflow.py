@@ -91,6 +91,9 @@ def test_end_to_end_tiny_default(built):
         (results / "filter_out/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino
     metrics = json.loads((tmp_path / "results/tiny/evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 0.5  # the finetune helped
+    # the page a user opens holds its pictures (issue 31): the loss curve and the length histogram
+    page = (tmp_path / "results/tiny/report/summary.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 2 and "<h2>Training loss</h2>" in page
     # the run ends with where things are and the headline numbers (issue 31)
     summary = (tmp_path / "run.out").read_text().split("lorapipe: done; in results/tiny/:")[1]
     for path in ("merged_lora/rank_0/merged_lora.ckpt", "hf_llama", "gguf", "report/summary.html"):
