@@ -1,8 +1,5 @@
 """Load and check a lorapipe config: strict YAML, JSON-Schema validation, one canonical form.
 
-Load and check a lorapipe config: strict YAML (no duplicate keys), JSON-Schema validation, and one
-canonical form.
-
 The recipe's hand-edited YAML once listed `checkpoint_name_or_path` twice and PyYAML silently kept the
 last one (the 13B path). Here a duplicate key is an error, and so is any key the schema does not know.
 

@@ -1,7 +1,6 @@
 """sha256 of the files a step reads and writes, computed while the bytes pass through.
 
-sha256 of the files a step reads and writes, computed while the bytes pass through, not in a second
-pass: a 7B conversion would otherwise read 15 GB twice more just for its manifest.
+Not in a second pass: a 7B conversion would otherwise read 15 GB twice more just for its manifest.
 
 Streaming writers write through HashingFile; streaming readers that read an input from start to end
 hash it as they go. Both remember the digest for the file's identity (device, inode, size, mtime):

@@ -1,7 +1,6 @@
 """Errors a step reports in one line, without a traceback.
 
-Errors a step reports in one line, without a traceback (see cli.main_guard). No dependencies, so
-any module (msckpt needs numpy only) can raise them."""
+See cli.main_guard. No dependencies, so any module (msckpt needs numpy only) can raise them."""
 
 
 class StepError(Exception):

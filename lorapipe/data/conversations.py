@@ -1,7 +1,7 @@
 """The sources' records, in order, as Conversations, with what is dropped reported.
 
-The sources' records, in order, as Conversations: malformed records and the kinds data.drop names left
-out and reported, each conversation with its held-out split key."""
+Malformed records and the kinds data.drop names are left out and reported; each conversation carries
+its held-out split key."""
 
 import hashlib
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """The mindrecord step: chat data -> training and held-out MindRecords and the stats JSON.
 
-The mindrecord step: chat data -> the training and held-out MindRecords (+ `.db`) and the stats JSON, as
-MindFormers r1.0's belle_preprocess.py builds the rows, in bounded memory.
+The rows are built as MindFormers r1.0's belle_preprocess.py builds them, in bounded memory; the
+MindRecords come with their `.db` index.
 
 Memory. Nothing per record outlives its batch: files are read a record at a time (JSON Lines a line at a
 time; a JSON array by json's scanner over a sliding 1 MiB window, iter_records), and conversations are

@@ -1,7 +1,7 @@
 """Chat data files read one record at a time, with one clear error for input that cannot be read.
 
-Chat data files read one record at a time: JSON Lines a line at a time, a JSON array by json's own
-scanner over a sliding window of READ_CHUNK bytes; one clear error naming the file and where."""
+JSON Lines a line at a time, a JSON array by json's own scanner over a sliding window of READ_CHUNK
+bytes; the error names the file and where."""
 
 import json
 import re

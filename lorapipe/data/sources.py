@@ -1,7 +1,4 @@
-"""The sources of data.train: files or globs, each with its layout and its weight.
-
-The sources of data.train: files or globs, each with its layout and its weight (and the sample a
-fractional weight draws)."""
+"""The sources of data.train: files or globs, each with its layout, its weight and a fractional weight's sample."""
 
 import glob
 from dataclasses import dataclass

@@ -1,7 +1,6 @@
 """What preprocessing found and wrote: the tally, row and length statistics, the summary.
 
-What preprocessing found and wrote: the first pass's tally, each split's row and length statistics,
-and the summary a run logs."""
+The first pass's tally, each split's row and length statistics, and the summary a run logs."""
 
 import logging
 

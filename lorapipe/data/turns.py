@@ -1,7 +1,4 @@
-"""The turn rules: a record of one of the four layouts -> user and assistant turns, and its kinds.
-
-The turn rules: a record of one of the four layouts -> its user and assistant turns, and the kinds of
-questionable record it is.
+"""The turn rules: a record of one of four layouts -> its turns, and the kinds of questionable record it is.
 
 Input: JSON or JSON Lines files in one of four layouts (FORMATS), detected per file or named:
   belle, sharegpt  {"conversations": [{"from", "value"}...], optional "system"}: one layout under the two

@@ -1,8 +1,7 @@
 """The finetuned model as GGUF files for llama.cpp (llama-cli, llama-server, Ollama, LM Studio).
 
-The finetuned model as GGUF files for llama.cpp (and what runs on it: llama-cli, llama-server, Ollama,
-LM Studio): a complete MindSpore checkpoint (LoRA folded: merged_lora.ckpt) plus the base model's
-config.json and tokenizer.model -> `<name>-f16.gguf`, `<name>-q8_0.gguf` (and `-f32.gguf` on request).
+A complete MindSpore checkpoint (LoRA folded: merged_lora.ckpt) plus the base model's config.json and
+tokenizer.model -> `<name>-f16.gguf`, `<name>-q8_0.gguf` (and `-f32.gguf` on request).
 
 Architecture `llama`, not llama.cpp's own `baichuan`. Baichuan2-7B is a Llama with a fused W_pack and
 a NormHead (exports.llama.export_llama), and llama.cpp's `baichuan` architecture decides RoPE or ALiBi from the

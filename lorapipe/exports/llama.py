@@ -1,7 +1,6 @@
 """The finetuned (or the base) model as an HF directory of a plain `LlamaForCausalLM`.
 
-The finetuned (or the base) model as an HF directory of a plain `LlamaForCausalLM`: transformers, vLLM and
-llama.cpp's convert_hf_to_gguf.py load it without remote code.
+transformers, vLLM and llama.cpp's convert_hf_to_gguf.py load it without remote code.
 
 A complete MindSpore checkpoint (LoRA folded, or the base) -> model.safetensors, config.json,
 generation_config.json, tokenizer.model, tokenizer_config.json. W_pack's row blocks become

@@ -1,7 +1,7 @@
 """GGUF writing, a tensor at a time: storage types, bytes converted in row chunks, hashed output.
 
-GGUF writing, a tensor at a time: the GGML type each tensor is stored as (convert_hf_to_gguf.py's
-choices), its bytes converted in row chunks, and a GGUFWriter whose every byte is hashed on the way."""
+The GGML type each tensor is stored as follows convert_hf_to_gguf.py's choices, and every byte the
+GGUFWriter writes is hashed on the way."""
 
 import numpy as np
 

@@ -1,7 +1,6 @@
 """MindRecord files of token rows and their `.db` index, byte-identical to MindSpore's FileWriter.
 
-MindRecord files of token rows and their `.db` index, written a batch at a time, byte-identical to
-MindSpore's FileWriter."""
+Written a batch at a time."""
 
 import json
 import os

@@ -1,8 +1,8 @@
 """The model a run trained, as predict sees it: YAML, checkpoints, adapter, tokenizer, device.
 
-The model a run trained, as predict sees it: the rendered YAML's model_config, the complete checkpoints
-(a file, or a folder holding rank_0/), the LoRA settings to fold their LoRA tensors with, the tokenizer and
-the device; and the loaders that build it (the host KV-cache decoder, or the MindSpore network).
+In full: the rendered YAML's model_config, the complete checkpoints (a file, or a folder holding
+rank_0/), the LoRA settings to fold their LoRA tensors with, the tokenizer and the device; and the
+loaders that build it (the host KV-cache decoder, or the MindSpore network).
 
 Every checkpoint is loaded through load_weights, which checks it against the network and folds LoRA tensors
 with the trained run's scale. predict, chat, evaluate and the benchmark tasks load through trained_model.

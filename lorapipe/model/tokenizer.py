@@ -1,8 +1,7 @@
 """The Baichuan2 tokenizer as lorapipe uses it: sentencepiece plus the role markers' ids.
 
-The Baichuan2 tokenizer as lorapipe uses it: a sentencepiece model plus the ids of the chat template's
-role markers, looked up by piece. Data, prompts and the exports' tokenizers all go through it, so the
-text in a record or a prompt is encoded one way everywhere."""
+The role markers' ids are looked up by piece. Data, prompts and the exports' tokenizers all go through
+it, so the text in a record or a prompt is encoded one way everywhere."""
 
 import os
 import re

@@ -1,7 +1,7 @@
 """The checks before any rank starts that need no network.
 
-The checks before any rank starts that need no network: devices, rank table, parallel layout, sequence
-length, tokenizer, data and schedule. Each returns a Check (ok, warn, fail, or skipped with the reason)."""
+Devices, launcher, rank table, heads, parallel layout, sequence length, tokenizer, data and schedule.
+Each returns a Check (ok, warn, fail, or skipped with the reason)."""
 
 import glob
 import os

@@ -1,9 +1,8 @@
 """The MindFormers YAMLs lorapipe renders (finetune, predict), their one reader, adapter_config.json.
 
-The MindFormers YAMLs lorapipe renders from the workflow config: the finetune YAML the recipe had
-users hand-edit (run_baichuan2_7b_lora_910b.yaml), the predict YAML (run_baichuan2_7b_910b.yaml), the
-processor section both share, and the PEFT-style adapter_config.json of a run. Never imports MindSpore.
-"""
+Rendered from the workflow config: the finetune YAML the recipe had users hand-edit
+(run_baichuan2_7b_lora_910b.yaml), the predict YAML (run_baichuan2_7b_910b.yaml), the processor section
+both share, and the PEFT-style adapter_config.json of a run. Never imports MindSpore."""
 
 import yaml
 

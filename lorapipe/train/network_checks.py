@@ -1,7 +1,6 @@
 """The network as the ranks build it, built on the host without weights, and the checks that need it.
 
-The network as the ranks build it, built on the host without weights, and the checks that need it: the
-checkpoint against its parameters, LoRA, memory per device, shard strategies.
+The checks: the checkpoint against its parameters, LoRA, memory per device, shard strategies.
 
 The network is built from the rendered YAML the way MindFormers' trainer builds it (build_parallel_config +
 build_network, with LoRA), under mindspore.nn.utils.no_init_parameters, so that a 7B network costs its

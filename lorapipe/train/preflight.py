@@ -1,8 +1,7 @@
 """Preflight: on the host, without a device, check what would otherwise fail after every rank started.
 
-Preflight: on the host, without a device, check what would otherwise fail after every rank started
-(lorapipe.train.checks, and lorapipe.train.network_checks on the network built without weights), and
-write preflight.json, or fail naming every failed check."""
+The checks are lorapipe.train.checks, lorapipe.train.network_checks (on the network built without
+weights) and lorapipe.train.trial_step; it writes preflight.json, or fails naming every failed check."""
 
 import json
 from dataclasses import asdict

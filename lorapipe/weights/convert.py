@@ -1,9 +1,7 @@
 """The two conversions of Baichuan2 weights, streamed a tensor at a time: HF <-> MindSpore.
 
-The two conversions of Baichuan2 weights, streamed one tensor at a time: HF -> MindSpore (the
-recipe's convert_weight.py) and MindSpore -> HF (export). Names and shapes come from
-lorapipe.model.baichuan2, file formats from lorapipe.formats.hf_io and lorapipe.formats.msckpt.
-"""
+HF -> MindSpore (the recipe's convert_weight.py) and MindSpore -> HF (export). Names and shapes come
+from lorapipe.model.baichuan2, file formats from lorapipe.formats.hf_io and lorapipe.formats.msckpt."""
 
 import json
 import re

@@ -1,7 +1,6 @@
 """The embedded tiny default base model: a small Baichuan2-shaped HF model directory.
 
-The embedded tiny default base model: a small Baichuan2-7B-shaped HF model directory (or, with
-position_embedding "alibi", Baichuan2-13B-shaped).
+Baichuan2-7B-shaped, or with position_embedding "alibi" Baichuan2-13B-shaped.
 
 It stands in for the 15 GB `baichuan-inc/Baichuan2-7B-Chat` download: the same files and tensor names
 (config.json, pytorch_model.bin with `model.layers.{i}.self_attn.W_pack.weight`, `lm_head.weight`, ...,
