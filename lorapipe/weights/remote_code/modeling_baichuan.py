@@ -13,6 +13,7 @@ from .configuration_baichuan import BaichuanConfig
 
 
 def _alibi_slopes(heads):
+    # lorapipe.model.architecture.alibi_slopes again: remote code loads with transformers alone, not lorapipe
     def power_of_2(n):
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
         return [start * start ** i for i in range(n)]
