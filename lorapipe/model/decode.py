@@ -121,3 +121,48 @@ class KVCacheDecoder:
             h = h + (gate / (1.0 + np.exp(-gate)) * up) @ layer["w2"]
         self.length = end
         return self._rms_norm(h[-1], self.norm_out) @ self.head_t
+
+    def hidden_rows(self, rows, start=0, keep=False):
+        """The final-norm hidden states [batch, length, hidden] of token rows that each continue the
+        first `start` cached positions (0: rows that stand alone), for scoring. The cache is left as it is,
+        or with `keep` (one row) holds the row's keys and values after the `start` positions.
+        Rows of different lengths are right-padded: a causal model's positions never see what follows
+        them. Every key is attended, as a transformers model without an attention mask does."""
+        batch, length = len(rows), max(map(len, rows))
+        ids = np.zeros((batch, length), np.int64)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = row
+        if start + length > self.max_positions:
+            raise ValueError(f"{start + length} tokens exceed the model's {self.max_positions} positions")
+        positions = np.arange(start, start + length)
+        own = np.where(np.tril(np.ones((length, length), bool)), np.float32(0), MASKED)  # [new, new]
+        before = None
+        if self.alibi:  # slope_h * (k - q) for the keys k <= q
+            own = own + self.slopes * np.minimum(np.arange(length)[None, :] - np.arange(length)[:, None], 0)
+            before = self.slopes * (np.arange(start)[None, :] - positions[:, None]).astype(np.float32)
+        scale = np.float32(1.0 / math.sqrt(self.head_dim))
+        h = self.embed[ids]
+        for i, layer in enumerate(self.layers):
+            qkv = self._rms_norm(h, layer["attention_norm"]) @ layer["wqkv"]
+            q, k, v = (part.reshape(batch, length, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+                       for part in np.split(qkv, 3, -1))
+            q, k = self._rotate(q, positions), self._rotate(k, positions)
+            if keep:
+                self.keys[i, :, start:start + length], self.values[i, :, start:start + length] = k[0], v[0]
+            scores = q @ k.transpose(0, 1, 3, 2) * scale + own  # [batch, heads, new, new]
+            if start:
+                cached = q @ self.keys[i, :, :start].transpose(0, 2, 1) * scale  # [batch, heads, new, start]
+                scores = np.concatenate([cached if before is None else cached + before, scores], -1)
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            out = scores[..., start:] @ v
+            if start:
+                out += scores[..., :start] @ self.values[i, :, :start]
+            h = h + out.transpose(0, 2, 1, 3).reshape(batch, length, self.hidden) @ layer["wo"]
+            gate, up = np.split(self._rms_norm(h, layer["ffn_norm"]) @ layer["w13"], 2, -1)
+            h = h + (gate / (1.0 + np.exp(-gate)) * up) @ layer["w2"]
+        return self._rms_norm(h, self.norm_out)
+
+    def logits_of(self, hidden):
+        """Logits [..., vocab] of final-norm hidden states (hidden_rows)."""
+        return hidden @ self.head_t
