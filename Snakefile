@@ -11,6 +11,7 @@ from lorapipe.config import (
     load_workflow_config,
     run_position_embedding,
 )
+from lorapipe.infer.tasks import check_tasks
 
 # The config: config/config.yaml, or the file(s) given with --configfile INSTEAD of it (Snakemake's
 # own `configfile:` would merge the tiny default's keys into the real recipe). Each file is read
@@ -29,6 +30,8 @@ if config["base_model"]["path"] != "tiny":
 # tiny model's settings) and base_model.position_embedding. Every job that needs it gets this value; an
 # impossible combination stops here (lorapipe/config.py run_position_embedding).
 POSITION_EMBEDDING = run_position_embedding(config)
+# The benchmarks to score (evaluate.tasks), with their defaults; a bad entry stops here.
+EVAL_TASKS = check_tasks(config["evaluate"]["tasks"])
 
 
 envvars:
@@ -53,6 +56,7 @@ rule all:
         f"{HF_EXPORT}/model.safetensors",
         LLAMA_EXPORTS,
         f"{REPORT}/summary.html",
+        TASK_RESULTS,
 
 
 onsuccess:

@@ -177,4 +177,6 @@ ONE_DEVICE = dict(
 PREDICT_CONFIG = f"{RESULTS}/predict/run_baichuan2.yaml"
 PREDICTIONS = f"{RESULTS}/predict/predictions.jsonl"
 METRICS = f"{RESULTS}/evaluate/metrics.json"
+# The standard benchmarks (evaluate.tasks; EVAL_TASKS in the Snakefile): one result per task.
+TASK_RESULTS = [f"{RESULTS}/evaluate/{name}.json" for name in EVAL_TASKS]
 REPORT = f"{RESULTS}/report"

@@ -83,3 +83,45 @@ rule evaluate:
         "python {input.script} --log {log} --config {input.config} "
         "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} "
         "--eval_dataset {input.heldout} --output {output.metrics}"
+
+
+rule eval_task:
+    """C-Eval, CMMLU or MMLU accuracy, base vs finetuned, as lm-evaluation-harness scores it."""
+    input:
+        config=MF_CONFIG,
+        finetuned=MERGED_LORA,
+        base=BASE_CKPT,
+        hf_config=base_file("config.json"),
+        release=lambda wildcards: EVAL_TASKS[wildcards.task]["path"],
+        script=f"{SCRIPTS}/eval_tasks.py",
+    output:
+        result=report(
+            f"{RESULTS}/evaluate/{{task}}.json",
+            category="Benchmarks",
+            caption="../report/benchmark.rst",
+        ),
+        samples=f"{RESULTS}/evaluate/{{task}}.samples.jsonl",
+        manifest=f"{RESULTS}/evaluate/{{task}}.json.manifest.json",
+    wildcard_constraints:
+        task="ceval|cmmlu|mmlu",
+    log:
+        f"{RESULTS}/logs/eval_task_{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_task_{{task}}.tsv"
+    conda:
+        "../envs/lorapipe.yaml"
+    resources:
+        **ONE_DEVICE,
+    params:
+        task=lambda wildcards: ConfigSection(EVAL_TASKS[wildcards.task]),
+    shell:
+        "python {input.script} --rule eval_task --log {log} --config {input.config} "
+        "--load_checkpoint {input.finetuned} --compare_checkpoint {input.base} "
+        "--hf_config {input.hf_config} --task {params.task:q} "
+        "--output {output.result} --samples {output.samples}"
+
+
+rule eval_tasks:
+    """Every benchmark of evaluate.tasks (none by default)."""
+    input:
+        TASK_RESULTS,

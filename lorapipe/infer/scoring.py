@@ -203,8 +203,8 @@ def score_task(task, tokenizer, scorers, max_length):
              len(prompts), task.shots, truncated, max_length)
     samples = [{"benchmark": task.name, "subject": subject, "index": q.index, "gold": q.gold}
                for subject, (_, questions) in task.subjects.items() for q in questions]
-    for label, load in scorers.items():
-        scorer = load()
+    for label in sorted(scorers):  # base, then finetuned
+        scorer = scorers[label]()
         progress = Progress(f"{task.name} ({label})", total, unit="questions")
         done, results = 0, []
         for subject, ps in prompts.items():
@@ -224,3 +224,9 @@ def write_results(samples, summary, json_path, samples_path):
     with open(samples_path, "w", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+
+def lm_eval_max_length(hf_config):
+    """The positions lm-eval's hf backend gives a model (HFLM.max_length): the config's
+    max_position_embeddings, else the tokenizer's model_max_length, else 2048."""
+    return int(hf_config.get("max_position_embeddings") or hf_config.get("model_max_length") or 2048)

@@ -187,6 +187,22 @@ def check_task_settings(entry, where):
             "skip_malformed": False} | {k: v for k, v in entry.items() if v is not None}
 
 
+def check_tasks(tasks):
+    """The config's evaluate.tasks, checked before any job runs: {name: entry with defaults}."""
+    names = [t["name"] for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"evaluate.tasks: {', '.join(twice)} listed more than once; one entry per benchmark")
+    checked = {}
+    for i, entry in enumerate(tasks):
+        where = f"evaluate.tasks[{i}] ({entry['name']})"
+        if not Path(entry["path"]).exists():
+            raise ConfigError(f"{where}: path {entry['path']}: no such file or folder; expected the official "
+                              f"{BENCHMARKS[entry['name']].title} release, a zip or its unpacked folder")
+        checked[entry["name"]] = check_task_settings(entry, where)
+    return checked
+
+
 def load_task(entry, where="evaluate.tasks"):
     """Read one task's questions and few-shot examples from its release."""
     entry = check_task_settings(entry, where)
