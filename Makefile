@@ -24,13 +24,16 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # Where `make test-matrix` builds its venvs (about 4.4 GB each) and runs the tiny default per pair.
 MATRIX_DIR ?= $(HOME)/.cache/lorapipe/matrix
 DEPLOY_STAMP := $(VENV)/.llama-cpp-installed
+# lm-evaluation-harness, in a venv of its own (envs/lmeval-requirements.txt): `make test-lmeval`.
+LMEVAL_VENV := .venv-lmeval
+LMEVAL_STAMP := $(LMEVAL_VENV)/.lorapipe-installed
 # llama.cpp's CPU backend only: no BLAS, no multimodal library (llama-cpp-python builds libllama, ggml and
 # llama.cpp's common library, which it forces on).
 LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
 # Snakemake's shell steps find the venv's tools (msrun, python) first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-slow test-deploy test-slurm test-matrix dag clean clean-all
+.PHONY: setup run test test-slow test-deploy test-lmeval test-slurm test-matrix dag clean clean-all
 
 ## setup: create .venv with the pinned stack from envs/ (quick when already done)
 setup: $(STAMP)
@@ -68,6 +71,19 @@ test-deploy: setup $(DEPLOY_STAMP)
 $(DEPLOY_STAMP): envs/deploy-requirements.txt $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(CORES) $(BIN)/pip install \
 		--disable-pip-version-check -q --no-binary llama-cpp-python -r envs/deploy-requirements.txt
+	touch $@
+
+## test-lmeval: lm-evaluation-harness 0.4.x in .venv-lmeval (envs/lmeval-requirements.txt; built once, ~1 min),
+## then prove that `snakemake eval_tasks` gives its prompts, log-likelihoods and picks on the tiny default
+## (tests/lmeval; C-Eval, CMMLU and MMLU from ../shared/eval, or LORAPIPE_EVAL_DIR; ~6 min)
+test-lmeval: setup $(LMEVAL_STAMP)
+	LORAPIPE_LMEVAL_PYTHON=$(abspath $(LMEVAL_VENV))/bin/python $(BIN)/python -m pytest -q -s tests/lmeval
+
+$(LMEVAL_STAMP): envs/lmeval-requirements.txt envs/common.txt
+	test -x $(LMEVAL_VENV)/bin/python || python3 -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/pip install --disable-pip-version-check -q --retries 0 --timeout 30 --index-url $(TORCH_CPU_INDEX) $(TORCH) \
+		|| $(LMEVAL_VENV)/bin/pip install --disable-pip-version-check -q $(TORCH)
+	$(LMEVAL_VENV)/bin/pip install --disable-pip-version-check -q -r envs/lmeval-requirements.txt
 	touch $@
 
 ## test-slurm: bring up the two-node test Slurm cluster on this machine (root; tests/slurm/cluster.sh

@@ -56,7 +56,7 @@ rule all:
         f"{HF_EXPORT}/model.safetensors",
         LLAMA_EXPORTS,
         f"{REPORT}/summary.html",
-        TASK_RESULTS,
+        TASK_PLOTS,
 
 
 onsuccess:

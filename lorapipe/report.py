@@ -40,6 +40,25 @@ def plot_lengths(stats_json, png):
     _save(fig, ax, png)
 
 
+def plot_subject_deltas(task_json, png):
+    """One bar per subject: finetuned minus base accuracy, sorted, coloured by lm-eval group."""
+    result = json.loads(Path(task_json).read_text(encoding="utf-8"))
+    subjects = sorted(result["subjects"].items(), key=lambda kv: kv[1].get("delta", 0.0))
+    groups = sorted({v["group"] for _, v in subjects})
+    colours = {g: plt.get_cmap("tab10")(i) for i, g in enumerate(groups)}
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.16 * len(subjects) + 1)))
+    for g in groups:
+        rows = [(i, v) for i, (_, v) in enumerate(subjects) if v["group"] == g]
+        ax.barh([i for i, _ in rows], [100 * v.get("delta", 0.0) for _, v in rows], color=colours[g], label=g)
+    ax.set_yticks(range(len(subjects)), [name for name, _ in subjects], fontsize=6)
+    ax.axvline(0, color="k", lw=0.8)
+    overall = result["overall"]
+    ax.set(xlabel="accuracy, finetuned - base (points)", ylim=(-1, len(subjects)),
+           title=f"{result['title']} {result['split']}, {result['shots']}-shot: {100 * overall.get('delta', 0):+.1f} "
+                 f"points overall ({overall['questions']} questions)")
+    _save(fig, ax, png)
+
+
 def _save(fig, ax, png):
     ax.legend()
     fig.tight_layout()
@@ -58,9 +77,26 @@ def _image(png, alt):
     return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(Path(png).read_bytes()).decode()}'>"
 
 
-def summary_html(metrics_json, stats_json, predictions_jsonl, out_html, figures=()):
-    """The page a user opens: the evaluation and data tables, the sample predictions, and `figures`
-    [(png, caption)] embedded."""
+def _percent(x):
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def task_table(task_json):
+    """A benchmark's accuracy, base / finetuned / difference, overall and per lm-eval group."""
+    result = json.loads(Path(task_json).read_text(encoding="utf-8"))
+    parts = [("overall", result["overall"])] + (list(result["groups"].items()) if len(result["groups"]) > 1 else [])
+    skipped = f"; {len(result['skipped'])} malformed rows skipped" if result["skipped"] else ""
+    return (f"<h3>{html.escape(result['title'])} ({result['split']}, {result['shots']}-shot)</h3>"
+            + _table(["", "questions", "base %", "finetuned %", "Δ points"],
+                     [[name, v["questions"], _percent(v.get("base")), _percent(v.get("finetuned")),
+                       "" if "delta" not in v else f"{100 * v['delta']:+.1f}"] for name, v in parts])
+            + f"<p>Scored as lm-evaluation-harness 0.4.x scores {result['lm_eval_group']}; "
+              f"{result['truncated_prompts']} prompts cut at the left to {result['max_length']} tokens{skipped}.</p>")
+
+
+def summary_html(metrics_json, stats_json, predictions_jsonl, out_html, figures=(), tasks=()):
+    """The page a user opens: the evaluation and data tables, the benchmarks' tables (`tasks`: their JSON
+    results), the sample predictions, and `figures` [(png, caption)] embedded."""
     metrics = json.loads(Path(metrics_json).read_text())
     stats = json.loads(Path(stats_json).read_text())
     predictions = [json.loads(line) for line in Path(predictions_jsonl).read_text().splitlines()]
@@ -69,6 +105,7 @@ def summary_html(metrics_json, stats_json, predictions_jsonl, out_html, figures=
         _table(["model", "loss", "perplexity", "tokens", "samples"],
                [[m, f"{v['loss']:.4f}", f"{v['perplexity']:.2f}", v["tokens"], v["samples"]]
                 for m, v in metrics.items()]),
+        *(["<h2>Benchmarks</h2>", *map(task_table, tasks)] if tasks else []),
         "<h2>Data</h2>",
         _table(["split", "samples", "tokens", "label tokens", "truncated", "mean length", "max length"],
                [[s, stats[s]["samples"], stats[s]["tokens"], stats[s]["label_tokens"],
@@ -97,7 +134,7 @@ RUN_OUTPUTS = [
 
 def run_summary(results):
     """The lines a successful run ends with: where the finetuned model, the exports and the report are, and
-    the held-out loss, base -> finetuned."""
+    the held-out loss, base -> finetuned, and each benchmark's accuracy."""
     results = Path(results)
     lines = [f"lorapipe: done; in {results}/:"]
     lines += [f"  {path:38} {what}" for path, what in RUN_OUTPUTS if (results / path).exists()]
@@ -107,4 +144,11 @@ def run_summary(results):
         if {"base", "finetuned"} <= set(m):
             lines.append(f"  held-out loss {m['base']['loss']:.3f} (base) -> {m['finetuned']['loss']:.3f} (finetuned), "
                          f"perplexity {m['base']['perplexity']:.1f} -> {m['finetuned']['perplexity']:.1f}")
+    for task in sorted((results / "evaluate").glob("*.samples.jsonl")):
+        r = json.loads(task.with_name(task.name.replace(".samples.jsonl", ".json")).read_text(encoding="utf-8"))
+        o = r["overall"]
+        if "delta" in o:
+            lines.append(f"  {r['title']} {r['split']} {r['shots']}-shot accuracy {100 * o['base']:.1f}% (base) -> "
+                         f"{100 * o['finetuned']:.1f}% (finetuned), {100 * o['delta']:+.1f} points over "
+                         f"{o['questions']} questions")
     return "\n".join(lines)

@@ -179,4 +179,5 @@ PREDICTIONS = f"{RESULTS}/predict/predictions.jsonl"
 METRICS = f"{RESULTS}/evaluate/metrics.json"
 # The standard benchmarks (evaluate.tasks; EVAL_TASKS in the Snakefile): one result per task.
 TASK_RESULTS = [f"{RESULTS}/evaluate/{name}.json" for name in EVAL_TASKS]
+TASK_PLOTS = [f"{RESULTS}/report/{name}_subjects.png" for name in EVAL_TASKS]
 REPORT = f"{RESULTS}/report"

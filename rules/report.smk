@@ -2,12 +2,14 @@
 
 
 rule report:
-    """Loss curve, token-length histogram, and a summary of evaluation, data and predictions."""
+    """Loss curve, token-length histogram, the benchmarks' per-subject differences, and a summary of
+    evaluation, benchmarks, data and predictions."""
     input:
         loss=LOSS_TSV,
         stats=DATA_STATS,
         metrics=METRICS,
         predictions=PREDICTIONS,
+        tasks=TASK_RESULTS,
         script=f"{SCRIPTS}/make_report.py",
     output:
         loss=report(
@@ -21,6 +23,11 @@ rule report:
             category="Summary",
             caption="../report/summary.rst",
         ),
+        task_plots=report(
+            TASK_PLOTS,
+            category="Benchmarks",
+            caption="../report/benchmark_subjects.rst",
+        ),
         manifest=f"{REPORT}/loss.png.manifest.json",
     log:
         log_path("report"),
@@ -32,4 +39,5 @@ rule report:
         out_dir=lambda wildcards, output: os.path.dirname(output.loss),
     shell:
         "python {input.script} --log {log} --loss_tsv {input.loss} --data_stats {input.stats} "
-        "--metrics {input.metrics} --predictions {input.predictions} --out_dir {params.out_dir}"
+        "--metrics {input.metrics} --predictions {input.predictions} --tasks {input.tasks} "
+        "--out_dir {params.out_dir}"
