@@ -94,13 +94,15 @@ class Release:
         return self._names()
 
     def _root(self):
-        """'' or the one top folder the release's files are under: where the first subject's dev CSV is."""
-        probe = self.benchmark.file("dev", next(iter(SUBJECTS[self.benchmark.name])))
+        """'' or the one top folder the release's files are under: where a subject's dev CSV is."""
+        probes = [self.benchmark.file("dev", subject) for subject in SUBJECTS[self.benchmark.name]]
         for name in sorted(self._files):
-            if name == probe or name.endswith("/" + probe) and name.count("/") == probe.count("/") + 1:
-                return name[:-len(probe)]
-        raise InputError(f"{self.path}: not the {self.benchmark.title} release: it has no {probe} (the official "
-                         f"release has one CSV per subject as {self.benchmark.file('<split>', '<subject>')})")
+            for probe in probes:
+                if name == probe or name.endswith("/" + probe) and name.count("/") == probe.count("/") + 1:
+                    return name[:-len(probe)]
+        raise InputError(f"{self.path}: not the {self.benchmark.title} release: it has no {probes[0]} or any other "
+                         f"subject's dev CSV (the official release has one CSV per subject and split, as "
+                         f"{self.benchmark.file('<split>', '<subject>')})")
 
     def read(self, split, subject):
         """The rows of a subject's split file, each a list of strings (header removed and checked)."""
@@ -133,8 +135,8 @@ def questions(release, split, subject, skip_malformed=False, skipped=None):
         problem = None
         if len(fields) < 6:
             problem = f"has {len(fields)} of the 6 fields question, A, B, C, D, answer"
-        elif any(not c.strip() for c in fields[1:5]):
-            problem = f"choice {LETTERS[[not c.strip() for c in fields[1:5]].index(True)]} is empty"
+        elif "" in fields[1:5]:
+            problem = f"choice {LETTERS[fields[1:5].index('')]} is empty"
         elif fields[5] not in LETTERS:
             problem = f"answer {fields[5]!r} is not one of A, B, C, D"
         if problem:
