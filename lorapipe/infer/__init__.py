@@ -1,1 +1,1 @@
-"""The trained model in use: generation, predict and evaluation."""
+"""The trained model in use: generation, predict, evaluation and the standard benchmarks."""

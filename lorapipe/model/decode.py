@@ -134,6 +134,8 @@ class KVCacheDecoder:
             ids[r, :len(row)] = row
         if start + length > self.max_positions:
             raise ValueError(f"{start + length} tokens exceed the model's {self.max_positions} positions")
+        if keep:
+            self.cached_keys_t = {}
         positions = np.arange(start, start + length)
         own = np.where(np.tril(np.ones((length, length), bool)), np.float32(0), MASKED)  # [new, new]
         before = None
@@ -141,27 +143,40 @@ class KVCacheDecoder:
             own = own + self.slopes * np.minimum(np.arange(length)[None, :] - np.arange(length)[:, None], 0)
             before = self.slopes * (np.arange(start)[None, :] - positions[:, None]).astype(np.float32)
         scale = np.float32(1.0 / math.sqrt(self.head_dim))
-        h = self.embed[ids]
+        h = self.embed[ids].reshape(batch * length, self.hidden)
         for i, layer in enumerate(self.layers):
-            qkv = self._rms_norm(h, layer["attention_norm"]) @ layer["wqkv"]
-            q, k, v = (part.reshape(batch, length, self.heads, self.head_dim).transpose(0, 2, 1, 3)
-                       for part in np.split(qkv, 3, -1))
+            # [batch, heads, new, head_dim], contiguous: BLAS multiplies contiguous stacks several times faster
+            q, k, v = (np.ascontiguousarray(part.reshape(batch, length, self.heads, self.head_dim).transpose(0, 2, 1, 3))
+                       for part in np.split(self._rms_norm(h, layer["attention_norm"]) @ layer["wqkv"], 3, -1))
             q, k = self._rotate(q, positions), self._rotate(k, positions)
             if keep:
                 self.keys[i, :, start:start + length], self.values[i, :, start:start + length] = k[0], v[0]
-            scores = q @ k.transpose(0, 1, 3, 2) * scale + own  # [batch, heads, new, new]
+            scores = np.empty((batch, self.heads, length, start + length), np.float32)  # keys: cached, then own
+            np.matmul(q, np.ascontiguousarray(k.transpose(0, 1, 3, 2)), out=scores[..., start:])
+            scores[..., start:] += own / scale
             if start:
-                cached = q @ self.keys[i, :, :start].transpose(0, 2, 1) * scale  # [batch, heads, new, start]
-                scores = np.concatenate([cached if before is None else cached + before, scores], -1)
-            scores = np.exp(scores - scores.max(-1, keepdims=True))
+                np.matmul(q, self._keys_t(i, start), out=scores[..., :start])
+                if before is not None:
+                    scores[..., :start] += before / scale
+            scores *= scale
+            scores -= scores.max(-1, keepdims=True)  # the softmax in place: these are the largest arrays here
+            np.exp(scores, out=scores)
             scores /= scores.sum(-1, keepdims=True)
             out = scores[..., start:] @ v
             if start:
                 out += scores[..., :start] @ self.values[i, :, :start]
-            h = h + out.transpose(0, 2, 1, 3).reshape(batch, length, self.hidden) @ layer["wo"]
+            h = h + out.transpose(0, 2, 1, 3).reshape(batch * length, self.hidden) @ layer["wo"]
             gate, up = np.split(self._rms_norm(h, layer["ffn_norm"]) @ layer["w13"], 2, -1)
             h = h + (gate / (1.0 + np.exp(-gate)) * up) @ layer["w2"]
-        return self._rms_norm(h, self.norm_out)
+        return self._rms_norm(h, self.norm_out).reshape(batch, length, self.hidden)
+
+    def _keys_t(self, layer, start):
+        """The cached keys of the first `start` positions of a layer, transposed and contiguous (once per prefix)."""
+        cache = getattr(self, "cached_keys_t", {})
+        if (layer, start) not in cache:
+            cache[layer, start] = np.ascontiguousarray(self.keys[layer, :, :start].transpose(0, 2, 1))
+            self.cached_keys_t = cache
+        return cache[layer, start]
 
     def logits_of(self, hidden):
         """Logits [..., vocab] of final-norm hidden states (hidden_rows)."""
