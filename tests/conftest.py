@@ -1,7 +1,10 @@
+import csv
 import os
+import random
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,45 @@ def write_base_with_random_lora(base_dir, folder, rank, seed):
     lora = folder / "merged_ckpt.ckpt"
     write_checkpoint(lora, entries)
     return base, lora
+
+
+# -- benchmark releases (tests/test_benchmarks.py, the workflow's eval_tasks test) -------------------------
+# Small releases in the official layouts, made here: the real ones' licences keep them out of the repository.
+WORDS = ["the", "value", "of", "None", "nan", "NA", "1.50", "01", "true", "x,y", '"quoted"', "  spaced ", "数学",
+         "函数", "的", "是", "下列", "哪个", "正确", "🙂", "龘", "é", "\t", "a\r\nb", "____", "A.", "答案："]
+
+
+def text(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, n)))
+
+
+def write_release(root, benchmark, subjects, rows=6, dev=5, seed=0, top=None, bad=None, words=12):
+    """A release in `benchmark`'s official layout under root[/top]; `bad` = (split, row, field, value)."""
+    from lorapipe.infer.tasks import BENCHMARKS, LETTERS
+
+    rng = random.Random(seed)
+    b = BENCHMARKS[benchmark]
+    base = root / top if top else root
+    for subject in subjects:
+        for split, count in (("dev", dev), (b.splits[0], rows)):
+            path = base / b.file(split, subject)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                if b.header:
+                    w.writerow(list(b.header) + (["explanation"] if benchmark == "ceval" and split == "dev" else []))
+                for i in range(count):
+                    row = [text(rng, words)] + [text(rng, max(1, words // 3)) for _ in range(4)] + [rng.choice(LETTERS)]
+                    if bad and bad[:2] == (split, i):
+                        row[bad[2]] = bad[3]
+                    lead = [str(i)] if b.header else []
+                    w.writerow(lead + row + (["why"] if benchmark == "ceval" and split == "dev" else []))
+    return base if not top else root
+
+
+def zip_folder(folder, path):
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(folder))
+    return path

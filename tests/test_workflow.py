@@ -402,12 +402,14 @@ def job_resources(plan):
 def test_the_910b_plan_puts_every_job_where_it_can_run(built, tmp_path):
     """Issue 36: evaluate ran on the host CPU in fp32 whatever the config (28 GB and hours for 7B), and the
     Slurm profile sent evaluate and predict to the cpu partition, where predict's Ascend YAML cannot run.
-    The 910B recipe's plan, locally and under profiles/slurm: finetune on the NPUs, predict and evaluate on
-    one NPU each, every other job on CPU with none."""
+    The 910B recipe's plan, locally and under profiles/slurm: finetune on the NPUs, predict, evaluate and a
+    benchmark task (issue 31) on one NPU each, every other job on CPU with none."""
     workdir, _ = built
     real, laptop = laptop_910b_config(workdir, tmp_path)
+    (tmp_path / "mmlu").mkdir()  # (planning checks that the release is there; the job reads it)
+    real["evaluate"] = {"tasks": [{"name": "mmlu", "path": str(tmp_path / "mmlu"), "shots": 5}]}
     configfile = write_config(tmp_path / "my_910b.yaml", real)
-    on_device = {"finetune": "npu:8", "predict": "npu:1", "evaluate": "npu:1"}
+    on_device = {"finetune": "npu:8", "predict": "npu:1", "evaluate": "npu:1", "eval_task": "npu:1"}
     local = job_resources(snakemake(tmp_path, "-n", configfile=configfile).stdout)
     slurm = job_resources(snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), configfile=configfile).stdout)
     assert set(local) == set(slurm) >= set(on_device) | {"ckpt", "mindrecord", "export_gguf"}
@@ -644,3 +646,41 @@ def processes_of(workdir):
 
     return [p for p in psutil.process_iter(["cmdline", "status"])
             if str(workdir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def test_benchmark_tasks_score_base_and_finetuned_and_rerun_alone(built, tmp_path):
+    """Issue 31: evaluate.tasks on a complete run adds the task's job (and the report) and nothing else; the
+    results name every question, the report shows them, the run ends with the accuracies, and an edit to the
+    task reruns its job only."""
+    from conftest import write_release
+
+    workdir, configfile = built
+    release = write_release(tmp_path / "mmlu", "mmlu", ["anatomy", "astronomy"], rows=5)
+    cfg = yaml.safe_load(configfile.read_text())
+    cfg["evaluate"] = {"tasks": [{"name": "mmlu", "path": str(release), "shots": 2}]}
+    tasks = write_config(tmp_path / "tasks.yaml", cfg)
+    results = workdir / "results/tiny"
+    try:
+        assert planned_jobs(snakemake(workdir, "-n", configfile=tasks)) == {"eval_task": 1, "report": 1, "all": 1}
+        out = snakemake(workdir, "--cores", "2", configfile=tasks).stdout
+        result = json.loads((results / "evaluate/mmlu.json").read_text())
+        samples = [json.loads(line) for line in (results / "evaluate/mmlu.samples.jsonl").read_text().splitlines()]
+        assert [(s["subject"], s["index"]) for s in samples] == [(s, i) for s in ("anatomy", "astronomy") for i in range(5)]
+        assert all(len(s[m]["loglik"]) == 4 and s[m]["pick"] in range(4) for s in samples for m in ("base", "finetuned"))
+        assert result["groups"].keys() == {"stem"}  # lm-eval's grouping: the release's mapping says anatomy is "Other"
+        right = sum(s["finetuned"]["pick"] == s["gold"] for s in samples)
+        assert result["overall"]["finetuned"] == right / 10 and result["subjects"]["anatomy"]["questions"] == 5
+        line = (f"MMLU test 2-shot accuracy {100 * result['overall']['base']:.1f}% (base) -> "
+                f"{100 * result['overall']['finetuned']:.1f}% (finetuned)")
+        assert line in out
+        page = (results / "report/summary.html").read_text()
+        assert "<h2>Benchmarks</h2>" in page and "mmlu: accuracy by subject" in page
+        assert (results / "report/mmlu_subjects.png").stat().st_size > 0
+        cfg["evaluate"]["tasks"][0]["limit"] = 3
+        edited = write_config(tmp_path / "limit.yaml", cfg)
+        assert planned_jobs(snakemake(workdir, "-n", configfile=edited)) == {"eval_task": 1, "report": 1, "all": 1}
+    finally:  # the run as it was, for the tests after this one
+        for f in (results / "evaluate").glob("mmlu.*"):
+            f.unlink()
+        (results / "report/mmlu_subjects.png").unlink(missing_ok=True)
+        snakemake(workdir, "--cores", "2", configfile=configfile)

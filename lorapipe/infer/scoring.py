@@ -24,8 +24,9 @@ from lorapipe.progress import Progress
 
 log = logging.getLogger("lorapipe")
 
-# Attention scores held at once (batch x heads x new x all positions, float32): 512 MB.
-SCORE_BUDGET = 1 << 27
+# Attention scores held at once (batch x heads x new x all positions, float32): 16 MB. Batches whose scores
+# stay near the CPU's caches score ~2x faster than ones holding hundreds of MB (benchmarks/eval_tasks.py).
+SCORE_BUDGET = 1 << 22
 
 
 def encode_pair(tokenizer, context, continuation):
@@ -113,8 +114,9 @@ def _log_softmax(logits):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _batches(rows, heads, budget=SCORE_BUDGET):
+def _batches(rows, heads, budget=None):
     """Row indices in batches of similar length (longest first), each within the attention budget."""
+    budget = budget or SCORE_BUDGET
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))
     batch = []
     for i in order:
