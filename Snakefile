@@ -63,4 +63,4 @@ onsuccess:
     # where the finetuned model, the exports and the report are, and the headline numbers
     from lorapipe.report import run_summary
 
-    print(run_summary(config["results"]))
+    print(run_summary(config["results"], EVAL_TASKS))

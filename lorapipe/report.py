@@ -132,9 +132,9 @@ RUN_OUTPUTS = [
 ]
 
 
-def run_summary(results):
+def run_summary(results, tasks=()):
     """The lines a successful run ends with: where the finetuned model, the exports and the report are, and
-    the held-out loss, base -> finetuned, and each benchmark's accuracy."""
+    the held-out loss, base -> finetuned, and the accuracy of each benchmark in `tasks`."""
     results = Path(results)
     lines = [f"lorapipe: done; in {results}/:"]
     lines += [f"  {path:38} {what}" for path, what in RUN_OUTPUTS if (results / path).exists()]
@@ -144,8 +144,11 @@ def run_summary(results):
         if {"base", "finetuned"} <= set(m):
             lines.append(f"  held-out loss {m['base']['loss']:.3f} (base) -> {m['finetuned']['loss']:.3f} (finetuned), "
                          f"perplexity {m['base']['perplexity']:.1f} -> {m['finetuned']['perplexity']:.1f}")
-    for task in sorted((results / "evaluate").glob("*.samples.jsonl")):
-        r = json.loads(task.with_name(task.name.replace(".samples.jsonl", ".json")).read_text(encoding="utf-8"))
+    for task in tasks:  # the configured benchmarks (evaluate.tasks)
+        path = results / "evaluate" / f"{task}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text(encoding="utf-8"))
         o = r["overall"]
         if "delta" in o:
             lines.append(f"  {r['title']} {r['split']} {r['shots']}-shot accuracy {100 * o['base']:.1f}% (base) -> "

@@ -21,9 +21,11 @@ rule filter_out:
 
 
 rule merged_ckpt:
-    """One complete checkpoint from the per-rank ones (transform_ckpt.py)."""
+    """One complete checkpoint from the per-rank ones (transform_ckpt.py); from checkpoints of the
+    trainable parameters only (train.checkpoint_params), with the frozen base put back in."""
     input:
         checkpoints=FILTER_OUT,
+        base=BASE_CKPT if TRAINABLE_ONLY else [],
         script=f"{SCRIPTS}/transform_ckpt.py",
     output:
         ckpt=MERGED_CKPT,
@@ -39,9 +41,11 @@ rule merged_ckpt:
         # Data parallel on CPU writes no strategy; semi-auto parallel (Ascend) does.
         strategy=lambda wildcards, input: strategy_flag(input.checkpoints),
         dst_dir=lambda wildcards, output: Path(output.ckpt).parents[1],
+        base=lambda wildcards, input: f"--base_ckpt {input.base}" if input.base else "",
     shell:
         "python {input.script} --log {log} --src_ckpt_dir {input.checkpoints} "
-        "--dst_ckpt_dir {params.dst_dir} --prefix checkpoint_ --ranks {params.ranks} {params.strategy}"
+        "--dst_ckpt_dir {params.dst_dir} --prefix checkpoint_ --ranks {params.ranks} {params.strategy} "
+        "{params.base}"
 
 
 rule fold_lora:

@@ -103,6 +103,8 @@ def finetune_inputs(wildcards):
 
 
 CHECKPOINT_NETWORK = f"{FINETUNE}/checkpoint_network"
+# Training checkpoints of the trainable parameters only: merged_ckpt puts the frozen base back in.
+TRAINABLE_ONLY = config["train"]["checkpoint_params"] == "trainable"
 LOSS_TSV = f"{FINETUNE}/loss.tsv"
 FILTER_OUT = f"{RESULTS}/filter_out"
 MERGED_CKPT = f"{RESULTS}/merged_ckpt/rank_0/checkpoint_0.ckpt"

@@ -22,6 +22,10 @@ import numpy as np
 from lorapipe.digests import HashingFile, OverlappedHash, remember
 from lorapipe.errors import InputError
 
+# Beside a training rank's checkpoints when they hold only the trainable parameters: every parameter of
+# the network that saved them, in its order, with its dtype ([[name, "Float32"], ...]), written by the rank
+# (lorapipe.train.trainer) and read where the frozen base is put back (lorapipe.weights.checkpoints).
+PARAMETER_ORDER = "parameter_order.json"
 CHUNK_BYTES = 512 << 20
 _SKIP_CHUNK = 16 << 20
 CRC_MAGIC = b"crc_num"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import StepError
+from lorapipe.formats.msckpt import PARAMETER_ORDER
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
 from lorapipe.provenance import find_manifest
@@ -50,18 +51,47 @@ def _identity(path):
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+STATE_KEY = "key.json"  # what a training state was keyed on: the rendered YAML and its inputs' identities
+
+
 def _state_dir(config_path, state_root, inputs=()):
     key = hashlib.sha256(Path(config_path).read_bytes())
-    for path in inputs:
-        key.update(_identity(path).encode())
+    identities = {str(path): _identity(path) for path in inputs}
+    for identity in identities.values():
+        key.update(identity.encode())
     digest = key.hexdigest()[:16]
     state_root = Path(state_root)
+    state = state_root / digest
     if state_root.is_dir():
         for stale in state_root.iterdir():
             if stale.name != digest and not _in_use(stale):
-                log.info("removing training state of an earlier config: %s", stale)
+                log.info("removing the training state of an earlier run, %s: %s", stale,
+                         _what_changed(stale / STATE_KEY, read_mindformers_yaml(config_path), identities))
                 remove_path(stale)
-    return state_root / digest
+    state.mkdir(parents=True, exist_ok=True)
+    (state / STATE_KEY).write_text(json.dumps({"yaml": read_mindformers_yaml(config_path), "inputs": identities},
+                                              default=str) + "\n")
+    return state
+
+
+def _what_changed(key_file, rendered, identities):
+    """Why a state no longer applies: the YAML settings and inputs that differ from the ones it was made for."""
+    try:
+        old = json.loads(key_file.read_text())
+    except (OSError, ValueError):
+        return "it was made by an earlier lorapipe, which did not record its settings"
+    changes = [f"{path} changed" for path, identity in identities.items() if old["inputs"].get(path) != identity]
+    changes += [f"{path} {a!r} -> {b!r}" for path, a, b in _differences(old["yaml"], rendered)]
+    changes += [f"input {path} no longer used" for path in old["inputs"] if path not in identities]
+    return "; ".join(changes) or "the rendered YAML differs"
+
+
+def _differences(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            yield from _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    elif a != b:
+        yield path, a, b
 
 
 def last_checkpoint(rank_dir):
@@ -214,6 +244,8 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
         for rank, last in zip(ranks, lasts):
             (ckpts / f"rank_{rank}").mkdir(parents=True)
             link_or_copy(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
+            if (last.parent / PARAMETER_ORDER).is_file():  # trainable-only checkpoints (lorapipe.train.trainer)
+                shutil.copyfile(last.parent / PARAMETER_ORDER, ckpts / f"rank_{rank}" / PARAMETER_ORDER)
         strategy = state / "output" / "strategy"
         if strategy.is_dir() and any(strategy.iterdir()):
             shutil.copytree(strategy, ckpts / "strategy")

@@ -15,6 +15,9 @@ from lorapipe.outputs import atomic_outputs
 
 # The finetune's checkpoints are <model name>_lora*.ckpt (CheckpointMonitor's prefix).
 LORA_SUFFIX = "_lora"
+# What the training checkpoints hold (train.checkpoint_params), read by lorapipe.train.trainer in each rank:
+# MindFormers has no key for it, and ignores top-level keys it does not know.
+CHECKPOINT_PARAMS = "lorapipe_checkpoint_params"
 
 
 def processor_config(tokenizer):
@@ -125,6 +128,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
         ],
         "processor": processor_config(tokenizer),
         "profile": False,
+        CHECKPOINT_PARAMS: train["checkpoint_params"],
     }
 
 

@@ -6,14 +6,20 @@ Importing it imports MindSpore and MindFormers and registers, besides the Baichu
     (NPUGetFloatStatusV2); this is a plain TrainOneStepCell with optional gradient clipping that returns
     the same (loss, overflow, loss_scale, lr, global_norm) tuple, so MindFormers' monitors keep working;
   * TsvLossMonitor (CALLBACK): one `step total epoch loss lr global_norm seconds` row per step.
+With `lorapipe_checkpoint_params: trainable` in the YAML (train.checkpoint_params) it also narrows what the
+checkpoints hold to what is not frozen, and has a resume load the frozen base under the resumed state
+(save_only_trainable, resume_over_base).
 """
 
+import glob
+import json
 import os
 import time
 
 import mindformers.core.callback.callback as mf_callback
 import mindformers.trainer.utils as mf_trainer_utils
 import mindformers.utils.load_checkpoint_utils as mf_load_utils
+import mindspore as ms
 import mindspore.communication.comm_func as comm_func
 from mindformers import MindFormerConfig, Trainer, build_context
 from mindformers.core.clip_grad import ClipGradNorm
@@ -24,7 +30,9 @@ from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
 
 import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
+from lorapipe.formats.msckpt import PARAMETER_ORDER, checkpoint_index
 from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
+from lorapipe.train.mindformers_yaml import CHECKPOINT_PARAMS
 
 
 def _cpu_barrier(group=None):  # noqa: ARG001 - same signature as mindspore's barrier
@@ -100,6 +108,51 @@ class TsvLossMonitor(Callback):
             f.write(rank_log_row(step, self.total, cb.cur_epoch_num, loss, lr, norm, time.time() - self.start))
 
 
+def save_only_trainable(frozen):
+    """Every checkpoint MindSpore saves in this rank leaves out the `frozen` parameters (the base model's
+    names). MindFormers saves through mindspore.save_checkpoint with a choice_func of its own
+    (core/callback/callback.py:2076-2082), which still applies. Beside the first checkpoint of a rank folder
+    goes PARAMETER_ORDER: every parameter of the saved network, in its order, with its dtype, which is how
+    merged_ckpt puts the base back exactly where a whole-network checkpoint has it."""
+    save = ms.save_checkpoint
+
+    def save_checkpoint(save_obj, ckpt_file_name, *args, choice_func=None, **kwargs):
+        def choose(name):
+            return name not in frozen and (choice_func is None or choice_func(name))
+
+        save(save_obj, ckpt_file_name, *args, choice_func=choose, **kwargs)
+        order = os.path.join(os.path.dirname(os.path.abspath(ckpt_file_name)), PARAMETER_ORDER)
+        if isinstance(save_obj, ms.nn.Cell) and not os.path.exists(order):
+            with open(order + ".tmp", "w", encoding="utf-8") as f:
+                json.dump([[p.name, str(p.dtype)] for _, p in save_obj.parameters_and_names()], f)
+            os.replace(order + ".tmp", order)
+
+    ms.save_checkpoint = save_checkpoint  # (MindFormers calls it as ms.save_checkpoint: this same attribute)
+
+
+def resume_over_base(base_ckpt):
+    """A resume from trainable-only checkpoints loads the frozen base first and the resumed state over it:
+    MindFormers loads a resume checkpoint non-strictly (trainer/utils.py:762-766), so a parameter the
+    checkpoint lacks would keep whatever it held before, not the base."""
+    load = mf_trainer_utils.get_load_checkpoint_result
+
+    def load_with_base(config):
+        resumed = load(config)
+        merged = ms.load_checkpoint(base_ckpt)
+        merged.update(resumed)
+        return merged
+
+    mf_trainer_utils.get_load_checkpoint_result = load_with_base  # load_ckpt looks it up when it runs
+
+
+def base_checkpoint(load_checkpoint):
+    """The base's .ckpt in the folder the YAML's load_checkpoint names (<R>/ckpt/rank_0)."""
+    found = sorted(glob.glob(os.path.join(load_checkpoint, "*.ckpt")))
+    if len(found) != 1:
+        raise RuntimeError(f"{load_checkpoint}: expected the base model's one .ckpt, found {found}")
+    return found[0]
+
+
 def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpoint=None, only_save_strategy=False):
     """Run MindFormers' finetune for the rendered YAML in this rank.
 
@@ -114,6 +167,11 @@ def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpo
     for callback in cfg.callbacks:
         if callback["type"] == "TsvLossMonitor":
             callback["path"] = os.path.abspath(tsv_path)
+    if cfg.get(CHECKPOINT_PARAMS, "all") == "trainable":
+        base = base_checkpoint(cfg.load_checkpoint)
+        save_only_trainable({name for name, _, _ in checkpoint_index(base)})
+        if resume_from:
+            resume_over_base(base)
     if resume_from:
         cfg.load_checkpoint, cfg.resume_training = os.path.abspath(resume_from), resume_checkpoint or True
     if cfg.context.device_target == "CPU":

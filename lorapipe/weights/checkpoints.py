@@ -14,7 +14,7 @@ import numpy as np
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import InputError
-from lorapipe.formats.msckpt import CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.formats.msckpt import PARAMETER_ORDER, CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
 from lorapipe.outputs import atomic_outputs
@@ -66,6 +66,41 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
     with atomic_outputs([dst], run=run, inputs=list(rank_ckpts), hashed_inline=rank_ckpts,
                         need_bytes=copy_bytes(rank_ckpts[0], Path(dst).parent)) as (tmp,):
         link_or_copy(rank_ckpts[0], tmp)
+
+
+def complete_with_base(trained, order_file, base, dst, run=None, inputs=()):
+    """The complete model from a checkpoint of the trainable parameters only (train.checkpoint_params:
+    trainable) and the base they were trained on: every network parameter in the order, and with the
+    dtype, of the network that saved them (PARAMETER_ORDER), the trained ones from `trained`, the frozen
+    ones from `base` (cast as MindSpore casts a checkpoint on load). The same bytes as merging a checkpoint
+    that held the whole network. Streams: at most one layer's base tensors in memory (the base file and the
+    network order their layers' tensors differently)."""
+    import json
+
+    order = [(name, dtype) for name, dtype in json.loads(Path(order_file).read_text()) if is_model_parameter(name)]
+    trained_names = {name for name, _, _ in checkpoint_index(trained)}
+    base_index = {name: shape for name, _, shape in checkpoint_index(base)}
+    missing = [name for name, _ in order if name not in trained_names and name not in base_index]
+    if missing:
+        raise InputError(f"{base}: lacks {len(missing)} frozen parameters the training network has ({missing[:3]} "
+                         f"...); is it the base this run trained on?")
+    trained_arrays = dict(iter_checkpoint(trained, select=trained_names.__contains__))  # small: LoRA tensors
+    base_arrays = iter_checkpoint(base, select=lambda n: n not in trained_names, hashed=True)
+    progress = Progress("add the base", len(order), unit="tensors")
+    with atomic_outputs([dst], run=run, inputs=[*inputs, trained, order_file, base], hashed_inline=[base],
+                        need_bytes=2 * os.path.getsize(base)) as (tmp,), CheckpointWriter(tmp) as writer:
+        pending = {}
+        for done, (name, dtype) in enumerate(order):
+            if name in trained_arrays:
+                array = trained_arrays[name]
+            else:  # the base file's order may differ from the network's: read ahead to the one needed
+                while name not in pending:
+                    got, array = next(base_arrays)
+                    pending[got] = array
+                array = pending.pop(name).astype(numpy_dtype(dtype), copy=False)
+            writer.add(name, array)
+            progress.update(done + 1)
+    return dst
 
 
 def fold_lora(src, dst, adapter_config, run=None):
@@ -124,6 +159,8 @@ def filter_checkpoint_dir(src_dir, dst_dir, run=None):
         for ckpt in ckpts:
             (tmp / ckpt.parent.name).mkdir(parents=True)
             _filter_into(ckpt, tmp / ckpt.parent.name / ckpt.name)
+            if (ckpt.parent / PARAMETER_ORDER).is_file():
+                shutil.copyfile(ckpt.parent / PARAMETER_ORDER, tmp / ckpt.parent.name / PARAMETER_ORDER)
         if (Path(src_dir) / "strategy").is_dir():
             shutil.copytree(Path(src_dir) / "strategy", tmp / "strategy")
     return dst_dir
