@@ -9,10 +9,11 @@ The baseline measured in the same run is importing MindSpore and MindFormers and
 network with no step. Goal (issue 35): <= 3 GB and <= 60 s.
 """
 
-import yaml
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))

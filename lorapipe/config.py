@@ -21,7 +21,11 @@ import yaml
 
 from lorapipe.data.sources import input_files, parse_sources
 from lorapipe.errors import ConfigError
-from lorapipe.model.architecture import ROPE, position_embedding_of, unsupported_attention
+from lorapipe.model.architecture import (
+    ROPE,
+    position_embedding_of,
+    unsupported_attention,
+)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from lorapipe import cli
 from lorapipe.infer.loader import load_model, load_weights, trained_model, use_device
-from lorapipe.infer.scoring import HostScorer, NetworkScorer, lm_eval_max_length, score_task, write_results
+from lorapipe.infer.scoring import (
+    HostScorer,
+    NetworkScorer,
+    lm_eval_max_length,
+    score_task,
+    write_results,
+)
 from lorapipe.infer.tasks import load_task
 from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs

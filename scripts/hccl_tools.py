@@ -5,7 +5,12 @@ import json
 
 from lorapipe import cli
 from lorapipe.outputs import atomic_outputs
-from lorapipe.train.ranktable import build_rank_table, host_ip, parse_device_range, read_hccn_conf
+from lorapipe.train.ranktable import (
+    build_rank_table,
+    host_ip,
+    parse_device_range,
+    read_hccn_conf,
+)
 
 
 def main():

@@ -5,7 +5,11 @@ hand (--run_mode finetune), or the recipe's predict YAML (--run_mode predict).""
 import json
 
 from lorapipe import cli
-from lorapipe.train.mindformers_yaml import render_mindformers_config, render_predict_config, write_mindformers_config
+from lorapipe.train.mindformers_yaml import (
+    render_mindformers_config,
+    render_predict_config,
+    write_mindformers_config,
+)
 
 RENDER = {"finetune": render_mindformers_config, "predict": render_predict_config}
 

@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
+
 from lorapipe.config import load_config, run_position_embedding
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.model.architecture import alibi_slopes, mindformers_model_config, position_embedding_of
+from lorapipe.model.architecture import (
+    alibi_slopes,
+    mindformers_model_config,
+    position_embedding_of,
+)
 
 # 13B-shaped: 5 heads (like 13B's 40, not a power of two: the slopes interleave), FFN 2.75 x the width
 # (13B: 2.675; 110 also splits over the 5 model-parallel devices of the strategy test).

@@ -13,11 +13,24 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import text, write_base_with_random_lora, write_release, zip_folder
+
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.infer.scoring import HostScorer, NetworkScorer, encode_pair, prompt_tokens, score_task
-from lorapipe.infer.tasks import BENCHMARKS, LETTERS, SUBJECTS, check_tasks, load_task, question_text
+from lorapipe.infer.scoring import (
+    HostScorer,
+    NetworkScorer,
+    encode_pair,
+    prompt_tokens,
+    score_task,
+)
+from lorapipe.infer.tasks import (
+    BENCHMARKS,
+    LETTERS,
+    SUBJECTS,
+    check_tasks,
+    load_task,
+    question_text,
+)
 
 SUBJECT = {"ceval": "accountant", "cmmlu": "agronomy", "mmlu": "anatomy"}
 
@@ -106,6 +119,7 @@ def test_bad_settings_and_paths_get_one_line(tmp_path):
 def models(tiny_base_dir, tmp_path_factory):
     """The tiny base and a finetuned one (random LoRA, folded), in lorapipe's checkpoint and as the Llama export."""
     import mindspore.train.serialization  # noqa: F401  (its protobuf modules load before transformers' slow tokenizer's)
+
     from lorapipe.exports.llama import export_llama
     from lorapipe.model.architecture import mindformers_model_config
     from lorapipe.weights.checkpoints import fold_lora

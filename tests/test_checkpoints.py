@@ -9,6 +9,7 @@ import pytest
 from lorapipe.errors import InputError
 from lorapipe.formats.msckpt import iter_checkpoint, write_checkpoint
 from lorapipe.weights.checkpoints import (
+    complete_with_base,
     filter_checkpoint,
     filter_checkpoint_dir,
     fold_lora,
@@ -200,3 +201,59 @@ def test_a_link_needs_no_free_space_and_a_copy_its_size(tmp_path):
             assert open(f"{other}/lorapipe-link-test.ckpt", "rb").read() == src.read_bytes()
         finally:
             os.unlink(f"{other}/lorapipe-link-test.ckpt")
+
+
+def test_the_base_goes_back_in_the_networks_order_and_dtypes(tmp_path):
+    """Issue 32: checkpoints of the trainable parameters only, completed with the base (merged_ckpt): every
+    network parameter where and as the saving network had it, the trained ones from the checkpoint, the frozen
+    ones from the base, cast as MindSpore casts on load; bookkeeping left out."""
+    from lorapipe.formats.msckpt import checkpoint_index
+
+    rng = np.random.default_rng(0)
+    base = {n: rng.normal(size=(4, 3)).astype(np.float16) for n in ("model.a.weight", "model.b.weight", "lm_head.weight")}
+    write_checkpoint(tmp_path / "base.ckpt", list(base.items()))
+    lora = rng.normal(size=(2, 3)).astype(np.float32)
+    write_checkpoint(tmp_path / "trained.ckpt", [("model.a.lora_a", lora), ("global_step", np.array([7], np.int32))])
+    order = [["model.a.lora_a", "Float32"], ["model.b.weight", "Float32"], ["model.a.weight", "Float16"],
+             ["lm_head.weight", "Float32"], ["global_step", "Int32"], ["adam_m.model.a.lora_a", "Float32"]]
+    (tmp_path / "order.json").write_text(json.dumps(order))
+    complete_with_base(tmp_path / "trained.ckpt", tmp_path / "order.json", tmp_path / "base.ckpt", tmp_path / "out.ckpt")
+    assert [(n, t) for n, t, _ in checkpoint_index(tmp_path / "out.ckpt")] == [
+        ("model.a.lora_a", "Float32"), ("model.b.weight", "Float32"), ("model.a.weight", "Float16"),
+        ("lm_head.weight", "Float32")]
+    out = dict(iter_checkpoint(tmp_path / "out.ckpt"))
+    assert out["model.a.lora_a"].tobytes() == lora.tobytes()
+    assert out["model.b.weight"].tobytes() == base["model.b.weight"].astype(np.float32).tobytes()
+    assert out["model.a.weight"].tobytes() == base["model.a.weight"].tobytes()
+    # a base that lacks a frozen parameter of the network is not the one the run trained on
+    (tmp_path / "order.json").write_text(json.dumps(order + [["model.c.weight", "Float32"]]))
+    with pytest.raises(InputError, match=r"base.ckpt: lacks 1 frozen parameters the training network has "
+                                         r"\(\['model.c.weight'\]"):
+        complete_with_base(tmp_path / "trained.ckpt", tmp_path / "order.json", tmp_path / "base.ckpt",
+                           tmp_path / "out2.ckpt")
+    assert not (tmp_path / "out2.ckpt").exists()
+
+
+def test_a_changed_base_or_setting_starts_a_fresh_state_and_says_why(tmp_path, caplog):
+    """Issue 32: the training state is keyed by the rendered YAML and the identity of the base and the data
+    (lorapipe.train.finetune); a changed key starts a fresh state, and the log names what changed."""
+    import logging
+
+    import yaml
+
+    from lorapipe.train.finetune import _state_dir
+
+    config, base, data = tmp_path / "run.yaml", tmp_path / "base.ckpt", tmp_path / "data.mindrecord"
+    config.write_text(yaml.safe_dump({"lorapipe_checkpoint_params": "trainable", "seed": 0}))
+    base.write_bytes(b"base one")
+    data.write_bytes(b"rows")
+    first = _state_dir(config, tmp_path / "state", [base, data])
+    assert _state_dir(config, tmp_path / "state", [base, data]) == first  # same key: the same state, kept
+    base.write_bytes(b"base two, a different file")
+    caplog.set_level(logging.INFO, logger="lorapipe")
+    second = _state_dir(config, tmp_path / "state", [base, data])
+    assert second != first and not first.exists()
+    assert f"{base} changed" in caplog.text and "data.mindrecord changed" not in caplog.text
+    config.write_text(yaml.safe_dump({"lorapipe_checkpoint_params": "all", "seed": 0}))
+    third = _state_dir(config, tmp_path / "state", [base, data])
+    assert third != second and "lorapipe_checkpoint_params 'trainable' -> 'all'" in caplog.text

@@ -1,8 +1,8 @@
 import copy
 
 import pytest
-
 from conftest import REPO, default_config, snakemake, write_config
+
 from lorapipe.config import check_base_model_dir, load_config, load_yaml, validate
 from lorapipe.errors import ConfigError
 

@@ -9,8 +9,9 @@ import sys
 import mindspore.dataset as ds
 import numpy as np
 import pytest
-
 from conftest import REPO, SAMPLE_DATA
+from recipe_r10 import recipe_rows
+
 from lorapipe.config import canonical, load_yaml, validate
 from lorapipe.data.conversations import is_heldout
 from lorapipe.data.pipeline import preprocess_conversations
@@ -20,7 +21,6 @@ from lorapipe.data.turns import DROPPABLE, KINDS, Conversation
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.formats.mindrecord import SCHEMA, MindRecordWriter
 from lorapipe.model.tokenizer import ChatTokenizer
-from recipe_r10 import recipe_rows
 
 M = -100  # masked label
 SAMPLE = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from lorapipe.errors import InputError, StepError
 from lorapipe.weights.convert import convert_hf_to_mindspore
 

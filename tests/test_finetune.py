@@ -9,14 +9,20 @@ import textwrap
 import time
 import types
 
+import conftest
 import psutil
 import pytest
-
-import conftest
 from conftest import REPO, default_config, write_config
+
 from lorapipe.config import load_config
 from lorapipe.train.launch import launch, log_tail
-from lorapipe.train.processes import LaunchError, process_of, read_process_records, record_process, stop_earlier_launch
+from lorapipe.train.processes import (
+    LaunchError,
+    process_of,
+    read_process_records,
+    record_process,
+    stop_earlier_launch,
+)
 
 HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 176,
              "vocab_size": 1000, "rms_norm_eps": 1e-6}

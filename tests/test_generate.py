@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from lorapipe.errors import InputError
 from lorapipe.infer.generate import next_token
 from lorapipe.model.chat_template import chat_ids
@@ -132,8 +132,8 @@ def test_loading_never_drops_or_guesses_weights(tiny_model, tmp_path):
 
 def test_heldout_loss_matches_a_direct_computation(tiny_model, tiny_base_dir, tmp_path):
     import mindspore.dataset as ds
-
     from conftest import SAMPLE_DATA
+
     from lorapipe.data.pipeline import preprocess_conversations
     from lorapipe.infer.evaluate import heldout_loss
     from lorapipe.model.network import logits

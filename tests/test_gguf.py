@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import REPO, write_base_with_random_lora
+
 from lorapipe.errors import InputError
 from lorapipe.exports import gguf as gguf_export
 from lorapipe.exports import llama
@@ -280,7 +280,6 @@ def test_mindspore_still_imports_after_an_export(tiny_base_dir):
 
 def test_the_rule_plans_both_files_and_refuses_an_alibi_model(tmp_path):
     import yaml
-
     from conftest import SAMPLE_DATA, default_config, snakemake, write_config
 
     plan = snakemake(tmp_path, "-n", "export_gguf", configfile=write_config(tmp_path / "c.yaml", default_config()))

@@ -10,8 +10,8 @@ import json
 import pytest
 import sentencepiece as spm
 import yaml
-
 from conftest import REPO, render
+
 from lorapipe.config import load_config
 
 OFFICIAL = REPO / "tests" / "data" / "run_baichuan2_7b_lora_910b.r1.0.yaml"
@@ -122,6 +122,7 @@ def flatten(tree, prefix=""):
 def baichuan2_like_tokenizer(path):
     """A sentencepiece model where <reserved_106>/<reserved_107> are ids 195/196, as in Baichuan2's."""
     from conftest import SAMPLE_DATA
+
     from lorapipe.data.conversations import conversation_texts
     from lorapipe.weights.tiny_base import train_tokenizer
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, write_base_with_random_lora
+
 from lorapipe.errors import InputError
 from lorapipe.exports import llama, peft
 from lorapipe.formats.msckpt import iter_checkpoint
@@ -303,9 +303,8 @@ def test_rope_set_in_the_config_holds_for_a_5120_wide_base_in_every_job(tiny_bas
     no "position_embedding" key: `all` planned the Llama exports, and export_llama then refused them, as
     it decided the architecture again from config.json alone (5120 wide: ALiBi). The plan's decision now
     reaches every job. (One layer at Baichuan2-13B's width, 235 MB in fp16.)"""
-    from test_preflight import BAICHUAN2_7B_2_LAYERS, write_7b_shaped_base
-
     from conftest import SAMPLE_DATA, default_config, snakemake, write_config
+    from test_preflight import BAICHUAN2_7B_2_LAYERS, write_7b_shaped_base
 
     wide = dict(BAICHUAN2_7B_2_LAYERS, hidden_size=5120, num_attention_heads=40, intermediate_size=128,
                 num_hidden_layers=1, vocab_size=1000)

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_DATA
+
 from lorapipe.model.architecture import mindformers_model_config, position_embedding_of
 
 SEQ = 64
@@ -158,6 +158,7 @@ def test_packed_rows_are_the_unpacked_rows_packed_in_order(tmp_path, tiny_base_d
 
 def test_packing_and_flash_attention_are_refused_together(tmp_path):
     from conftest import default_config, write_config
+
     from lorapipe.config import load_config
     from lorapipe.errors import ConfigError
 
@@ -170,6 +171,7 @@ def test_packing_and_flash_attention_are_refused_together(tmp_path):
 
 def test_the_rendered_yaml_reads_the_segment_ids_only_when_packing(tiny_base_dir):
     from conftest import default_config
+
     from lorapipe.train.mindformers_yaml import render_mindformers_config
 
     cfg = default_config()

@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, SAMPLE_DATA, render, snakemake, write_config
+
 from lorapipe.config import load_config
 from lorapipe.train.checks import check_data, check_rank_table, check_tokenizer
 from lorapipe.train.network_checks import check_checkpoint
@@ -203,7 +203,11 @@ def test_the_parallel_layout_is_checked_against_the_network_before_it_is_built(t
 def test_lora_targets_that_match_no_cell_are_refused_with_the_cells_there_are(tmp_path, tiny_base_dir):
     from lorapipe.config import load_config
     from lorapipe.train.mindformers_yaml import write_mindformers_config
-    from lorapipe.train.network_checks import build_network_check, check_lora, network_parameters
+    from lorapipe.train.network_checks import (
+        build_network_check,
+        check_lora,
+        network_parameters,
+    )
 
     cfg = load_config(REPO / "config" / "config.yaml")
     hf = json.loads((tiny_base_dir / "config.json").read_text())

@@ -4,8 +4,8 @@ import sys
 from importlib import metadata
 
 import pytest
-
 from conftest import REPO, SAMPLE_DATA
+
 from lorapipe.digests import sha256_file
 from lorapipe.errors import InputError
 from lorapipe.provenance import Run, trace, verify

@@ -5,10 +5,15 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from lorapipe.errors import InputError
-from lorapipe.train.ranktable import build_rank_table, merge_rank_tables, parse_device_range, read_hccn_conf
+from lorapipe.train.ranktable import (
+    build_rank_table,
+    merge_rank_tables,
+    parse_device_range,
+    read_hccn_conf,
+)
 
 HCCN = "\n".join(f"address_{i}=192.98.{i}.10\nnetdetect_{i}=192.98.{i}.1" for i in range(16)) + "\n"
 

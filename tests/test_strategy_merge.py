@@ -10,9 +10,9 @@ import sys
 
 import mindspore as ms
 import numpy as np
+from conftest import REPO
 from mindspore.train import node_strategy_pb2
 
-from conftest import REPO
 from lorapipe.formats.msckpt import iter_checkpoint
 from lorapipe.weights.convert import convert_hf_to_mindspore
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import sentencepiece as spm
 import torch
-
 from conftest import SAMPLE_DATA
 from conftest import TINY_DIMS as DIMS
+
 from lorapipe.weights.tiny_base import FILES, build_tiny_base
 
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import save_file
 
-from conftest import REPO
 from lorapipe.errors import InputError
 from lorapipe.formats.msckpt import iter_checkpoint
 from lorapipe.weights.convert import convert_hf_to_mindspore

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import REPO, SAMPLE_DATA, default_config, make_run_workdir, snakemake, write_config
+from conftest import (
+    REPO,
+    SAMPLE_DATA,
+    default_config,
+    make_run_workdir,
+    snakemake,
+    write_config,
+)
 
 
 def planned_jobs(proc):
@@ -425,7 +431,7 @@ def test_the_910b_plan_puts_every_job_where_it_can_run(built, tmp_path):
 
 
 def render_predict(cfg, base):
-    from lorapipe.config import canonical, load_yaml, SCHEMA_PATH
+    from lorapipe.config import SCHEMA_PATH, canonical, load_yaml
     from lorapipe.train.mindformers_yaml import render_predict_config
 
     cfg = canonical(cfg, load_yaml(SCHEMA_PATH))
@@ -684,3 +690,26 @@ def test_benchmark_tasks_score_base_and_finetuned_and_rerun_alone(built, tmp_pat
             f.unlink()
         (results / "report/mmlu_subjects.png").unlink(missing_ok=True)
         snakemake(workdir, "--cores", "2", configfile=configfile)
+
+
+def test_both_checkpoint_kinds_give_the_same_model(built, tmp_path):
+    """Issue 32: with train.checkpoint_params all (the recipe's checkpoints: the whole network) instead of
+    trainable (the default: nothing frozen), a rank's checkpoint is 13x larger on the tiny default, and
+    merged_ckpt and merged_lora are the same bytes; the log says why the training state was replaced."""
+    import shutil
+
+    workdir, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "results", copy / "results", symlinks=True)
+    cfg = yaml.safe_load(make_run_workdir(copy).read_text())
+    cfg["train"]["checkpoint_params"] = "all"
+    snakemake(copy, "--cores", "2", "--forcerun", "mf_config", "merged_lora",
+              configfile=write_config(copy / "all.yaml", cfg))
+    rank_0 = "results/tiny/finetune/checkpoint_network/rank_0"
+    whole, trainable = (root / rank_0 / "baichuan2_tiny_lora.ckpt" for root in (copy, workdir))
+    assert whole.stat().st_size > 12 * trainable.stat().st_size
+    assert not (copy / rank_0 / "parameter_order.json").exists() and (workdir / rank_0 / "parameter_order.json").exists()
+    for name in ("merged_ckpt/rank_0/checkpoint_0.ckpt", "merged_lora/rank_0/merged_lora.ckpt"):
+        assert (copy / "results/tiny" / name).read_bytes() == (workdir / "results/tiny" / name).read_bytes(), name
+    log = (copy / "results/tiny/logs/finetune.log").read_text()
+    assert "removing the training state of an earlier run" in log and "lorapipe_checkpoint_params 'trainable' -> 'all'" in log

@@ -24,7 +24,13 @@ import numpy as np
 from lorapipe.data.conversations import Drop, Records, is_heldout
 from lorapipe.data.rows import RowPacker, TokenizedConversations, assemble_rows
 from lorapipe.data.sources import input_files, parse_sources, sample_positions
-from lorapipe.data.stats import Lengths, Tally, build_stats, summary, why_nothing_is_left
+from lorapipe.data.stats import (
+    Lengths,
+    Tally,
+    build_stats,
+    summary,
+    why_nothing_is_left,
+)
 from lorapipe.data.turns import DROPPABLE, OVER_LENGTH, has_control_text
 from lorapipe.errors import InputError
 from lorapipe.formats.mindrecord import PACKED_SCHEMA, SCHEMA, MindRecordWriter

@@ -45,11 +45,25 @@ import numpy as np
 
 from lorapipe.errors import InputError
 from lorapipe.exports.llama import llama_tensors
-from lorapipe.formats.gguf import TYPES, Stored, encode, gguf_package, storage_type, stored_nbytes, writer_class
+from lorapipe.formats.gguf import (
+    TYPES,
+    Stored,
+    encode,
+    gguf_package,
+    storage_type,
+    stored_nbytes,
+    writer_class,
+)
 from lorapipe.formats.hf_io import read_json
 from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
 from lorapipe.model.architecture import require_rope
-from lorapipe.model.baichuan2 import ROPE_THETA, check_tensors, fused_record, mindspore_to_hf, norm_head
+from lorapipe.model.baichuan2 import (
+    ROPE_THETA,
+    check_tensors,
+    fused_record,
+    mindspore_to_hf,
+    norm_head,
+)
 from lorapipe.model.chat_template import CHAT_TEMPLATE, OLLAMA_TEMPLATE
 from lorapipe.model.tokenizer import ASSISTANT_PIECE, USER_PIECE
 from lorapipe.outputs import atomic_outputs

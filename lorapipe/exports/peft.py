@@ -39,7 +39,13 @@ from lorapipe.model.baichuan2 import (
     QKV_CELLS,
     W_PACK_MODULE,
 )
-from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, lora_scale, read_adapter_config
+from lorapipe.model.lora import (
+    check_adapter_shapes,
+    fold,
+    lora_pairs,
+    lora_scale,
+    read_adapter_config,
+)
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 

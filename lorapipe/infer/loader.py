@@ -17,7 +17,13 @@ from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint
 from lorapipe.model.architecture import is_alibi
 from lorapipe.model.baichuan2 import network_shapes
 from lorapipe.model.decode import KVCacheDecoder
-from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, pet_config_adapter, read_adapter_config
+from lorapipe.model.lora import (
+    check_adapter_shapes,
+    fold,
+    lora_pairs,
+    pet_config_adapter,
+    read_adapter_config,
+)
 from lorapipe.train.mindformers_yaml import read_mindformers_yaml
 from lorapipe.weights.checkpoints import rank_checkpoints
 

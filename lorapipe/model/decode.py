@@ -25,7 +25,13 @@ import math
 import numpy as np
 
 from lorapipe.model.architecture import alibi_slopes, is_alibi
-from lorapipe.model.baichuan2 import EMBEDDING, FINAL_NORM, LM_HEAD, layer_weights, norm_head
+from lorapipe.model.baichuan2 import (
+    EMBEDDING,
+    FINAL_NORM,
+    LM_HEAD,
+    layer_weights,
+    norm_head,
+)
 
 MASKED = np.float32(-10000.0)
 

@@ -23,6 +23,8 @@ import socket
 import time
 from pathlib import Path
 
+import yaml
+
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import StepError
 from lorapipe.formats.msckpt import PARAMETER_ORDER
@@ -32,7 +34,11 @@ from lorapipe.provenance import find_manifest
 from lorapipe.train.checks import check_devices_here
 from lorapipe.train.launch import launch
 from lorapipe.train.losslog import read_rank_log, write_loss_tsv
-from lorapipe.train.mindformers_yaml import LORA_SUFFIX, adapter_config, read_mindformers_yaml
+from lorapipe.train.mindformers_yaml import (
+    LORA_SUFFIX,
+    adapter_config,
+    read_mindformers_yaml,
+)
 from lorapipe.train.processes import cancel_slurm
 from lorapipe.train.resume import global_step, resume_point
 
@@ -62,15 +68,15 @@ def _state_dir(config_path, state_root, inputs=()):
     digest = key.hexdigest()[:16]
     state_root = Path(state_root)
     state = state_root / digest
+    settings = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     if state_root.is_dir():
         for stale in state_root.iterdir():
             if stale.name != digest and not _in_use(stale):
                 log.info("removing the training state of an earlier run, %s: %s", stale,
-                         _what_changed(stale / STATE_KEY, read_mindformers_yaml(config_path), identities))
+                         _what_changed(stale / STATE_KEY, settings, identities))
                 remove_path(stale)
     state.mkdir(parents=True, exist_ok=True)
-    (state / STATE_KEY).write_text(json.dumps({"yaml": read_mindformers_yaml(config_path), "inputs": identities},
-                                              default=str) + "\n")
+    (state / STATE_KEY).write_text(json.dumps({"yaml": settings, "inputs": identities}, default=str) + "\n")
     return state
 
 

@@ -14,9 +14,20 @@ import numpy as np
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import InputError
-from lorapipe.formats.msckpt import PARAMETER_ORDER, CheckpointWriter, checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.formats.msckpt import (
+    PARAMETER_ORDER,
+    CheckpointWriter,
+    checkpoint_index,
+    iter_checkpoint,
+    numpy_dtype,
+)
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
-from lorapipe.model.lora import check_adapter_shapes, fold, lora_pairs, read_adapter_config
+from lorapipe.model.lora import (
+    check_adapter_shapes,
+    fold,
+    lora_pairs,
+    read_adapter_config,
+)
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 

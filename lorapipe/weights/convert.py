@@ -19,8 +19,19 @@ from lorapipe.formats.hf_io import (
     tensor_refs,
     weight_files,
 )
-from lorapipe.formats.msckpt import CheckpointWriter, bfloat16, checkpoint_index, iter_checkpoint, numpy_dtype
-from lorapipe.model.baichuan2 import check_tensors, fused_record, hf_to_mindspore, mindspore_to_hf
+from lorapipe.formats.msckpt import (
+    CheckpointWriter,
+    bfloat16,
+    checkpoint_index,
+    iter_checkpoint,
+    numpy_dtype,
+)
+from lorapipe.model.baichuan2 import (
+    check_tensors,
+    fused_record,
+    hf_to_mindspore,
+    mindspore_to_hf,
+)
 from lorapipe.outputs import atomic_outputs
 from lorapipe.progress import Progress
 

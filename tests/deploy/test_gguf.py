@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import default_config, snakemake, write_config
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_run_workdir, snakemake, write_config
 from lm_eval_tasks import lm_eval_python, run_lm_eval, stock_tasks_dir, write_tasks
+
 from lorapipe.infer.tasks import BENCHMARKS, SUBJECTS, load_task, question_text
 
 EVAL_DIR = Path(os.environ.get("LORAPIPE_EVAL_DIR", REPO.parent / "shared" / "eval"))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, default_config, write_config
 
 pytestmark = pytest.mark.skipif(os.environ.get("LORAPIPE_TEST_SLURM") != "1",
