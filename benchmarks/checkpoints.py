@@ -10,6 +10,14 @@ its own process:
   fold    naive - mindspore.load_checkpoint, fold in numpy, mindspore.save_checkpoint
 
     .venv/bin/python benchmarks/checkpoints.py [--layers 3]
+
+With --saves (issue 32): what one save point writes per rank, train.checkpoint_params all against trainable,
+at Baichuan2-7B widths (hidden 4096, FFN 11008, vocab 125696), fp16 weights, LoRA rank --rank on wq, wk, wv
+with fp32 Adam moments (the 910B config), measured with 2 and 4 layers and scaled to 32 (the layers' share
+grows linearly): mindspore.save_checkpoint of exactly what a rank saves, each in its own process; and the
+base's load at the start of training (mindspore.load_checkpoint).
+
+    .venv/bin/python benchmarks/checkpoints.py --saves [--rank 1]
 """
 
 import shutil
@@ -63,7 +71,97 @@ ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in params.items()
 """
 
 
+SAVE = r"""
+import os, resource, sys, time
+import numpy as np, mindspore as ms
+kind, out, layers, rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+hidden, inter, vocab = 4096, 11008, 125696
+rng = np.random.default_rng(0)
+base = {"model.tok_embeddings.embedding_weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+        "model.norm_out.weight": (hidden,)}
+lora = {}
+for i in range(layers):
+    p = f"model.layers.{i}."
+    base.update({p + "attention_norm.weight": (hidden,), p + "ffn_norm.weight": (hidden,)})
+    base.update({p + f"attention.{w}.weight": (hidden, hidden) for w in ("wq", "wk", "wv", "wo")})
+    base.update({p + "feed_forward.w1.weight": (inter, hidden), p + "feed_forward.w2.weight": (hidden, inter),
+                 p + "feed_forward.w3.weight": (inter, hidden)})
+    for w in ("wq", "wk", "wv"):
+        lora.update({p + f"attention.{w}.mindpet_delta_lora_a": (rank, hidden),
+                     p + f"attention.{w}.mindpet_delta_lora_b": (hidden, rank)})
+def tensor(shape, dtype):
+    return ms.Tensor.from_numpy(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
+params = [{"name": n, "data": tensor(s, np.float16)} for n, s in lora.items()]
+if kind == "all":
+    params += [{"name": n, "data": tensor(s, np.float16)} for n, s in base.items()]
+    if len(sys.argv) > 5:  # also write the base alone, for the load measurement
+        ms.save_checkpoint([p for p in params if p["name"] in base], sys.argv[5])
+params += [{"name": f"{m}.{n}", "data": tensor(s, np.float32)} for m in ("adam_m", "adam_v") for n, s in lora.items()]
+params += [{"name": n, "data": ms.Tensor(np.array([1], np.int32))} for n in ("global_step", "epoch_num", "step_num")]
+params.append({"name": "loss_scale", "data": ms.Tensor(np.array([1.0], np.float32))})
+start = time.perf_counter()
+ms.save_checkpoint(params, out)
+os.sync()
+print(time.perf_counter() - start, os.path.getsize(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+LOAD = r"""
+import resource, sys, time, mindspore as ms
+start = time.perf_counter()
+ms.load_checkpoint(sys.argv[1])
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def child(*args):
+    """The numbers a child process prints on its last line."""
+    return [float(x) for x in subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True,
+                                             check=True).stdout.split()[-3:]]
+
+
+def saves(args):
+    """Bytes and seconds of one save point per rank, all against trainable, scaled to 32 layers."""
+    import os
+
+    figures = {}
+    for kind in ("all", "trainable"):
+        for layers in (2, 4):
+            out = args.workdir / f"{kind}_{layers}.ckpt"
+            base = [str(args.workdir / f"base_{layers}.ckpt")] if kind == "all" else []
+            figures[kind, layers] = child(SAVE, kind, str(out), str(layers), str(args.rank), *base)
+            out.unlink()
+    loads = {layers: child(LOAD, str(args.workdir / f"base_{layers}.ckpt"))[-2:] for layers in (2, 4)}
+
+    def at_32(two, four):
+        return two + (four - two) / 2 * 30
+
+    print(f"Baichuan2-7B widths, fp16 weights, LoRA rank {args.rank} on wq, wk, wv, fp32 Adam moments; one rank's "
+          f"save point, measured at 2 and 4 layers, scaled to 32\n")
+    print("| checkpoint_params | bytes per save (32 layers) | × trainable | save s (32 layers) | peak RSS MiB (4 layers) |")
+    print("|---|---|---|---|---|")
+    small = at_32(figures["trainable", 2][1], figures["trainable", 4][1])
+    for kind in ("all", "trainable"):
+        (s2, b2, _), (s4, b4, rss) = figures[kind, 2], figures[kind, 4]
+        print(f"| {kind} | {at_32(b2, b4) / 1e6:,.1f} MB | {at_32(b2, b4) / small:,.0f} | {at_32(s2, s4):.2f} | "
+              f"{rss:.0f} |")
+    print(f"\nloading the base at the start of training (mindspore.load_checkpoint, 32 layers scaled): "
+          f"{at_32(loads[2][0], loads[4][0]):.1f} s, peak RSS {loads[4][1]:.0f} MiB at 4 layers")
+    for layers in (2, 4):
+        os.unlink(args.workdir / f"base_{layers}.ckpt")
+
+
 def main():
+    if "--saves" in sys.argv:
+        import argparse
+        from pathlib import Path
+
+        p = argparse.ArgumentParser(description=__doc__)
+        p.add_argument("--saves", action="store_true")
+        p.add_argument("--rank", type=int, default=1, help="LoRA rank (the 910B config's: 1)")
+        p.add_argument("--workdir", type=Path, default=Path("/tmp/lorapipe-bench-saves"))
+        args = p.parse_args()
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        args.workdir.mkdir(parents=True)
+        return saves(args)
     args = model_args(__doc__, "/tmp/lorapipe-bench-checkpoints")
     py, train = sys.executable, args.workdir / "train.ckpt"
     largest = int(subprocess.check_output([py, "-c", GENERATE, str(train), str(args.layers), str(args.hidden),
