@@ -11,6 +11,7 @@ from lorapipe.config import (
     existing_file,
     pick,
 )
+from lorapipe.formats.checkpoint_file import SUFFIX
 from lorapipe.model.architecture import ALIBI, require_rope
 
 RESULTS = config["results"]
@@ -51,7 +52,9 @@ def data_files(wildcards):
 
 # The converted base model, in the rank_0/ folder MindFormers loads a complete checkpoint from.
 BASE_CKPT_DIR = f"{RESULTS}/ckpt"
-BASE_CKPT = f"{BASE_CKPT_DIR}/rank_0/{config['base_model']['name']}.ckpt"
+# checkpoint.format: .ckpt or .safetensors, for every checkpoint lorapipe writes for MindFormers.
+CKPT_SUFFIX = SUFFIX[config["checkpoint"]["format"]]
+BASE_CKPT = f"{BASE_CKPT_DIR}/rank_0/{config['base_model']['name']}{CKPT_SUFFIX}"
 
 SEQ = config["data"]["seq_length"]
 DATA_STATS = f"{RESULTS}/data/belle_{SEQ}.stats.json"
@@ -107,8 +110,8 @@ CHECKPOINT_NETWORK = f"{FINETUNE}/checkpoint_network"
 TRAINABLE_ONLY = config["train"]["checkpoint_params"] == "trainable"
 LOSS_TSV = f"{FINETUNE}/loss.tsv"
 FILTER_OUT = f"{RESULTS}/filter_out"
-MERGED_CKPT = f"{RESULTS}/merged_ckpt/rank_0/checkpoint_0.ckpt"
-MERGED_LORA = f"{RESULTS}/merged_lora/rank_0/merged_lora.ckpt"
+MERGED_CKPT = f"{RESULTS}/merged_ckpt/rank_0/checkpoint_0{CKPT_SUFFIX}"
+MERGED_LORA = f"{RESULTS}/merged_lora/rank_0/merged_lora{CKPT_SUFFIX}"
 HF_EXPORT = f"{RESULTS}/hf"
 
 

@@ -28,6 +28,7 @@ rule mf_config:
             packing=config["data"]["packing"],
             lora=config["lora"],
             train=config["train"],
+            checkpoint_format=config["checkpoint"]["format"],
             parallel=pick(
                 config["parallel"],
                 "data_parallel",

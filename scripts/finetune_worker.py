@@ -16,6 +16,8 @@ def main():
     p.add_argument("--output_dir", required=True, help="MindFormers output_dir (checkpoints, strategy)")
     p.add_argument("--loss_tsv", required=True, help="per-step TSV; {rank} is replaced by the rank")
     p.add_argument("--resume", default=None, help="checkpoint folder (with rank_*/) to continue from")
+    p.add_argument("--load_checkpoint", default=None,
+                   help="the base to start from instead of the YAML's (a folder with rank_*/: safetensors)")
     p.add_argument("--resume_checkpoint", default=None,
                    help="the file to continue from, as rank 0 names it (each rank reads its own rank_<r>/ copy)")
     p.add_argument("--only_save_strategy", action="store_true",
@@ -26,7 +28,7 @@ def main():
         from lorapipe.train.trainer import finetune
 
         finetune(args.config, args.output_dir, args.loss_tsv, resume_from=args.resume,
-                 resume_checkpoint=args.resume_checkpoint,
+                 resume_checkpoint=args.resume_checkpoint, load_checkpoint=args.load_checkpoint,
                  only_save_strategy=args.only_save_strategy)
 
 

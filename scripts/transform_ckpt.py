@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Merge distributed checkpoints into one complete checkpoint (the recipe's transform_ckpt.py):
 with --src_ckpt_strategy, MindSpore's transform_checkpoints; without (pure data parallel), check that
-every rank holds the same tensors and take rank 0's. Writes <dst_ckpt_dir>/rank_0/<prefix>0.ckpt.
+every rank holds the same tensors and take rank 0's. Writes <dst_ckpt_dir>/rank_0/<prefix>0.ckpt (or
+.safetensors, as the ranks').
 With --base_ckpt (checkpoints of the trainable parameters only), the frozen base is put back in: the
 same complete checkpoint as from checkpoints of the whole network."""
 
@@ -33,8 +34,8 @@ def main():
         raise cli.InputError("--dst_ckpt_strategy: lorapipe merges into one complete checkpoint only")
     run = cli.start(args, {"prefix": args.prefix, "ranks": args.ranks,
                            "with_strategy": bool(args.src_ckpt_strategy)})
-    dst = Path(args.dst_ckpt_dir) / "rank_0" / f"{args.prefix}0.ckpt"
     ckpts = rank_checkpoints(args.src_ckpt_dir, args.ranks)
+    dst = Path(args.dst_ckpt_dir) / "rank_0" / f"{args.prefix}0{ckpts[0].suffix}"  # .ckpt or .safetensors
     with tempfile.TemporaryDirectory(prefix="lorapipe-merge-", dir=Path(args.dst_ckpt_dir).parent) as work:
         merged = Path(work) / dst.name if args.base_ckpt else dst
         if args.src_ckpt_strategy:

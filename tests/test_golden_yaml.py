@@ -88,6 +88,8 @@ ADDITIONS = {
     "model.model_config.fused_rms_norm": "Ascend's fused RmsNorm kernel (1.9's default; off on CPU, which has none)",
     "model.model_config.use_rope_slice": "rotate-half by slices: the same math on every device",
     "model.model_config.tie_word_embeddings": "Baichuan2 has a separate lm_head",
+    "lorapipe_checkpoint_params": "train.checkpoint_params, read by lorapipe's ranks (MindFormers ignores it): "
+                                  "trainable saves no frozen weights; all would save what the recipe saves",
 }
 
 

@@ -55,7 +55,8 @@ from lorapipe.formats.gguf import (
     writer_class,
 )
 from lorapipe.formats.hf_io import read_json
-from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint, numpy_dtype
+from lorapipe.formats.checkpoint_file import checkpoint_index, iter_checkpoint
+from lorapipe.formats.msckpt import numpy_dtype
 from lorapipe.model.architecture import require_rope
 from lorapipe.model.baichuan2 import (
     ROPE_THETA,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.errors import InputError
-from lorapipe.formats.msckpt import checkpoint_index, iter_checkpoint
+from lorapipe.formats.checkpoint_file import checkpoint_index, iter_checkpoint
 from lorapipe.model.architecture import is_alibi
 from lorapipe.model.baichuan2 import network_shapes
 from lorapipe.model.decode import KVCacheDecoder

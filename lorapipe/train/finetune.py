@@ -27,6 +27,7 @@ import yaml
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import StepError
+from lorapipe.formats.checkpoint_file import SUFFIXES
 from lorapipe.formats.msckpt import PARAMETER_ORDER
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
@@ -102,7 +103,7 @@ def _differences(a, b, path=""):
 
 def last_checkpoint(rank_dir):
     """The newest checkpoint of one rank (by the global step stored in it), or None."""
-    ckpts = sorted(Path(rank_dir).glob("*.ckpt"))
+    ckpts = sorted(p for p in Path(rank_dir).glob("*") if p.suffix in SUFFIXES)
     return max(ckpts, key=global_step) if ckpts else None
 
 
@@ -222,6 +223,8 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
                     "--output_dir", str((state / "output").resolve()), "--loss_tsv", str(tsv.resolve())]
             if point:
                 args += ["--resume", str(ckpt_dir.resolve()), "--resume_checkpoint", point.file_name]
+            elif rendered["load_ckpt_format"] == "safetensors":
+                args += ["--load_checkpoint", str(_base_per_rank(rendered["load_checkpoint"], state, ranks).resolve())]
             # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
             env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
             if device_target == "Ascend" and launcher == "msrun":
@@ -237,6 +240,21 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
                                adapter_config(rendered, base_model), run, [config_path, *inputs])
 
 
+def _base_per_rank(base_dir, state, ranks):
+    """<state>/base/rank_<r>/<the base's file> for every rank, links to the one file: MindFormers 1.9 loads a
+    safetensors checkpoint into a data-parallel run from a folder per rank (utils/load_checkpoint_utils.py:
+    379-403, 228-262) unless auto_trans_ckpt reslices it, which needs strategy files."""
+    files = [p for p in Path(base_dir).iterdir() if p.suffix in SUFFIXES]
+    if len(files) != 1:
+        raise StepError(f"{base_dir}: expected the base model's one checkpoint, found {[p.name for p in files]}")
+    folder = state / "base"
+    remove_path(folder)
+    for rank in ranks:
+        (folder / f"rank_{rank}").mkdir(parents=True)
+        link_or_copy(files[0], folder / f"rank_{rank}" / files[0].name)
+    return folder
+
+
 def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, run, inputs):
     out_dir = Path(out_dir)
     finals = [out_dir / "checkpoint_network", out_dir / "loss.tsv", out_dir / "adapter_config.json",
@@ -249,7 +267,7 @@ def collect_outputs(state, out_dir, ranks, name, tsv, tokens_per_step, adapter, 
             (ckpts, loss, adapter_json, logs):
         for rank, last in zip(ranks, lasts):
             (ckpts / f"rank_{rank}").mkdir(parents=True)
-            link_or_copy(last, ckpts / f"rank_{rank}" / f"{name}.ckpt")
+            link_or_copy(last, ckpts / f"rank_{rank}" / f"{name}{last.suffix}")
             if (last.parent / PARAMETER_ORDER).is_file():  # trainable-only checkpoints (lorapipe.train.trainer)
                 shutil.copyfile(last.parent / PARAMETER_ORDER, ckpts / f"rank_{rank}" / PARAMETER_ORDER)
         strategy = state / "output" / "strategy"

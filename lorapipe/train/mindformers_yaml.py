@@ -29,7 +29,8 @@ def processor_config(tokenizer):
 
 
 def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data, seq_length, name, lora,
-                              train, parallel, device_target, position_embedding, packing=False):
+                              train, parallel, device_target, position_embedding, packing=False,
+                              checkpoint_format="ckpt"):
     """The MindFormers YAML (as a dict) for the recipe: what the user once edited by hand. On Ascend
     it is the official r1.0 run_baichuan2_7b_lora_910b.yaml (run_baichuan2_13b_lora_910b.yaml for an
     ALiBi base model) except for the deviations listed (with their reasons) in
@@ -78,7 +79,9 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
         # loaded after the compile, and a folder holding rank_0/ with auto_trans_ckpt fails on every
         # rank but 0 when only rank_0/ exists (utils.py:146-161).
         "load_checkpoint": f"{base_ckpt_dir}/rank_0",
-        "load_ckpt_format": "ckpt",
+        # checkpoint.format. With safetensors, lorapipe.train.finetune hands the ranks a folder of rank_<r>/
+        # links to the base instead, the layout MindFormers 1.9 loads safetensors from without auto_trans_ckpt.
+        "load_ckpt_format": checkpoint_format,
         "src_strategy_path_or_dir": "",
         "auto_trans_ckpt": False,
         "resume_training": False,
@@ -124,7 +127,7 @@ def render_mindformers_config(hf_config, *, tokenizer, base_ckpt_dir, train_data
             {"type": "TsvLossMonitor"},
             {"type": "CheckpointMonitor", "prefix": name + LORA_SUFFIX,
              "save_checkpoint_steps": train["save_checkpoint_steps"], "keep_checkpoint_max": 2,
-             "integrated_save": False, "async_save": False, "checkpoint_format": "ckpt"},
+             "integrated_save": False, "async_save": False, "checkpoint_format": checkpoint_format},
         ],
         "processor": processor_config(tokenizer),
         "profile": False,

@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 
-from lorapipe.formats.msckpt import checkpoint_index
+from lorapipe.formats.checkpoint_file import checkpoint_index
 from lorapipe.model.architecture import is_alibi
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.outputs import format_bytes

@@ -30,7 +30,8 @@ from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
 
 import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
-from lorapipe.formats.msckpt import PARAMETER_ORDER, checkpoint_index
+from lorapipe.formats.checkpoint_file import SUFFIXES, checkpoint_index
+from lorapipe.formats.msckpt import PARAMETER_ORDER
 from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
 from lorapipe.train.mindformers_yaml import CHECKPOINT_PARAMS
 
@@ -132,28 +133,36 @@ def save_only_trainable(frozen):
 
 def resume_over_base(base_ckpt):
     """A resume from trainable-only checkpoints loads the frozen base first and the resumed state over it:
-    MindFormers loads a resume checkpoint non-strictly (trainer/utils.py:762-766), so a parameter the
-    checkpoint lacks would keep whatever it held before, not the base."""
+    MindFormers loads a resume checkpoint non-strictly (trainer/utils.py:762-766, and for safetensors
+    utils/load_checkpoint_utils.py:476-491), so a parameter the checkpoint lacks would keep whatever it held
+    before, not the base. Both loaders are module functions MindFormers looks up when it runs them."""
     load = mf_trainer_utils.get_load_checkpoint_result
 
-    def load_with_base(config):
+    def load_with_base(config):  # .ckpt: the resumed state's dict over the base's
         resumed = load(config)
         merged = ms.load_checkpoint(base_ckpt)
         merged.update(resumed)
         return merged
 
-    mf_trainer_utils.get_load_checkpoint_result = load_with_base  # load_ckpt looks it up when it runs
+    load_safetensors = mf_load_utils.load_safetensors_checkpoint
+
+    def load_safetensors_with_base(config, files, *args):  # safetensors: the base's file first, then the resumed
+        return load_safetensors(config, [base_ckpt, *files], *args)
+
+    mf_trainer_utils.get_load_checkpoint_result = load_with_base
+    mf_load_utils.load_safetensors_checkpoint = load_safetensors_with_base
 
 
 def base_checkpoint(load_checkpoint):
-    """The base's .ckpt in the folder the YAML's load_checkpoint names (<R>/ckpt/rank_0)."""
-    found = sorted(glob.glob(os.path.join(load_checkpoint, "*.ckpt")))
+    """The base's checkpoint in the folder the YAML's load_checkpoint names (<R>/ckpt/rank_0)."""
+    found = sorted(f for f in glob.glob(os.path.join(load_checkpoint, "*")) if f.endswith(SUFFIXES))
     if len(found) != 1:
         raise RuntimeError(f"{load_checkpoint}: expected the base model's one .ckpt, found {found}")
     return found[0]
 
 
-def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpoint=None, only_save_strategy=False):
+def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpoint=None, only_save_strategy=False,
+             load_checkpoint=None):
     """Run MindFormers' finetune for the rendered YAML in this rank.
 
     `output_dir` receives checkpoint/rank_<r>/ (and strategy/); `resume_from` is an earlier run's
@@ -172,6 +181,8 @@ def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpo
         save_only_trainable({name for name, _, _ in checkpoint_index(base)})
         if resume_from:
             resume_over_base(base)
+    if load_checkpoint:  # the base in a folder per rank (safetensors: lorapipe.train.finetune)
+        cfg.load_checkpoint = os.path.abspath(load_checkpoint)
     if resume_from:
         cfg.load_checkpoint, cfg.resume_training = os.path.abspath(resume_from), resume_checkpoint or True
     if cfg.context.device_target == "CPU":

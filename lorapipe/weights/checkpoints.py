@@ -14,13 +14,8 @@ import numpy as np
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import InputError
-from lorapipe.formats.msckpt import (
-    PARAMETER_ORDER,
-    CheckpointWriter,
-    checkpoint_index,
-    iter_checkpoint,
-    numpy_dtype,
-)
+from lorapipe.formats.checkpoint_file import SUFFIXES, checkpoint_index, checkpoint_writer, iter_checkpoint
+from lorapipe.formats.msckpt import PARAMETER_ORDER, numpy_dtype
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.model.lora import (
     check_adapter_shapes,
@@ -89,7 +84,8 @@ def complete_with_base(trained, order_file, base, dst, run=None, inputs=()):
     import json
 
     order = [(name, dtype) for name, dtype in json.loads(Path(order_file).read_text()) if is_model_parameter(name)]
-    trained_names = {name for name, _, _ in checkpoint_index(trained)}
+    trained_index = {name: shape for name, _, shape in checkpoint_index(trained)}
+    trained_names = set(trained_index)
     base_index = {name: shape for name, _, shape in checkpoint_index(base)}
     missing = [name for name, _ in order if name not in trained_names and name not in base_index]
     if missing:
@@ -99,7 +95,9 @@ def complete_with_base(trained, order_file, base, dst, run=None, inputs=()):
     base_arrays = iter_checkpoint(base, select=lambda n: n not in trained_names, hashed=True)
     progress = Progress("add the base", len(order), unit="tensors")
     with atomic_outputs([dst], run=run, inputs=[*inputs, trained, order_file, base], hashed_inline=[base],
-                        need_bytes=2 * os.path.getsize(base)) as (tmp,), CheckpointWriter(tmp) as writer:
+                        need_bytes=2 * os.path.getsize(base)) as (tmp,), \
+            checkpoint_writer(tmp, [(name, numpy_dtype(dtype), trained_index.get(name, base_index.get(name)))
+                                    for name, dtype in order]) as writer:
         pending = {}
         for done, (name, dtype) in enumerate(order):
             if name in trained_arrays:
@@ -128,7 +126,9 @@ def fold_lora(src, dst, adapter_config, run=None):
     adapters = dict(iter_checkpoint(src, select=adapter_names.__contains__))  # small: rank x hidden each
     progress = Progress("fold", len(index) - len(adapter_names), unit="tensors")
     with atomic_outputs([dst], run=run, inputs=[src, adapter_config], hashed_inline=[src],
-                        need_bytes=os.path.getsize(src)) as (tmp,), CheckpointWriter(tmp) as writer:
+                        need_bytes=os.path.getsize(src)) as (tmp,), \
+            checkpoint_writer(tmp, [(n, numpy_dtype(t), shape) for n, t, shape in index if n not in adapter_names]) \
+            as writer:
         for done, (name, array) in enumerate(iter_checkpoint(src, select=lambda n: n not in adapter_names,
                                                              hashed=True)):
             if name in pairs:
@@ -142,15 +142,15 @@ def fold_lora(src, dst, adapter_config, run=None):
 
 
 def rank_checkpoints(src_dir, ranks=None):
-    """[rank_0 ckpt, rank_1 ckpt, ...] of a folder of rank_<r>/ sub-folders with one .ckpt each.
+    """[rank_0 ckpt, rank_1 ckpt, ...] of a folder of rank_<r>/ sub-folders with one checkpoint each.
     With `ranks`, exactly that many ranks must be there."""
     src_dir = Path(src_dir)
     found = {}
     for folder in src_dir.glob("rank_*"):
         if folder.name[5:].isdigit():
-            ckpts = sorted(folder.glob("*.ckpt"))
+            ckpts = sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES)
             if len(ckpts) != 1:
-                raise InputError(f"{folder}: expected one .ckpt, found {len(ckpts)}")
+                raise InputError(f"{folder}: expected one .ckpt or .safetensors, found {len(ckpts)}")
             found[int(folder.name[5:])] = ckpts[0]
     count = ranks if ranks is not None else (max(found) + 1 if found else 0)
     missing = [f"rank_{r}" for r in range(count) if r not in found]
@@ -190,7 +190,8 @@ def _filter_into(src, dst):
     if not kept:
         raise InputError(f"{src}: no network parameters in it (only {', '.join(dropped[:5])} ...)")
     progress = Progress(f"filter {Path(src).parent.name}", kept, unit="tensors")
-    with CheckpointWriter(dst) as writer:
+    plan = [(name, numpy_dtype(type_name), shape) for name, type_name, shape in index if is_model_parameter(name)]
+    with checkpoint_writer(dst, plan) as writer:
         for i, (name, array) in enumerate(iter_checkpoint(src, select=is_model_parameter, hashed=True)):
             writer.add(name, array)
             progress.update(i + 1)

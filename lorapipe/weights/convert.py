@@ -19,13 +19,8 @@ from lorapipe.formats.hf_io import (
     tensor_refs,
     weight_files,
 )
-from lorapipe.formats.msckpt import (
-    CheckpointWriter,
-    bfloat16,
-    checkpoint_index,
-    iter_checkpoint,
-    numpy_dtype,
-)
+from lorapipe.formats.checkpoint_file import checkpoint_index, checkpoint_writer, iter_checkpoint
+from lorapipe.formats.msckpt import bfloat16, numpy_dtype
 from lorapipe.model.baichuan2 import (
     check_tensors,
     fused_record,
@@ -39,10 +34,11 @@ DTYPES = {"keep": None, "fp32": np.float32, "fp16": np.float16, "bf16": "bfloat1
 
 
 def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
-    """Convert an HF Baichuan2 checkpoint to one MindSpore .ckpt, one tensor in memory at a time.
+    """Convert an HF Baichuan2 checkpoint to one MindSpore checkpoint, one tensor in memory at a time.
 
     `source` is a pytorch_model.bin, a model.safetensors, an *.index.json or an HF directory (whose
-    config.json gives the expected shapes). Written atomically to `output`.
+    config.json gives the expected shapes). Written atomically to `output`: a .ckpt, or a .safetensors with the
+    same names, dtypes and values (checkpoint.format).
     """
     refs = tensor_refs(source)
     check_tensors({r.name: (r.shape, r.path) for r in refs}, find_config(source), source)
@@ -56,7 +52,7 @@ def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
     need = sum(int(np.prod(ref.shape)) * (np.dtype(target) if target is not None else ref.dtype).itemsize
                for ref in refs)
     with atomic_outputs([output], run=run, inputs=files, hashed_inline=files, need_bytes=need) as (tmp,), \
-            CheckpointWriter(tmp) as writer:
+            checkpoint_writer(tmp, _plan(refs, files, target)) as writer:
         for ref, array in read_in_file_order(refs, buffer):
             if target is not None and array.dtype != target:
                 array = array.astype(target)
@@ -66,6 +62,17 @@ def convert_hf_to_mindspore(source, output, dtype="keep", run=None):
             progress.update(done)
     return output
 
+
+def _plan(refs, files, target):
+    """[(MindSpore name, dtype, shape)] of what the conversion writes, in its order (read_in_file_order's:
+    file by file, by offset), from the headers alone: each tensor stands in as a zero-stride view."""
+    plan = []
+    for path in files:
+        for ref in sorted((r for r in refs if r.path == path), key=lambda r: r.offset):
+            dtype = np.dtype(target) if target is not None else ref.dtype
+            plan += [(name, dtype, part.shape)
+                     for name, part in hf_to_mindspore(ref.name, np.broadcast_to(np.zeros((), dtype), ref.shape))]
+    return plan
 
 
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
