@@ -257,3 +257,23 @@ def test_a_changed_base_or_setting_starts_a_fresh_state_and_says_why(tmp_path, c
     config.write_text(yaml.safe_dump({"lorapipe_checkpoint_params": "all", "seed": 0}))
     third = _state_dir(config, tmp_path / "state", [base, data])
     assert third != second and "lorapipe_checkpoint_params 'trainable' -> 'all'" in caplog.text
+
+
+def test_a_truncated_or_corrupt_safetensors_checkpoint_is_named(tmp_path):
+    """Issue 32: a safetensors checkpoint cut short, or with a damaged header, is one line naming it (as a .ckpt
+    is), and a resume moves it aside like a damaged .ckpt (lorapipe.train.resume reads both)."""
+    from lorapipe.formats.checkpoint_file import checkpoint_index, checkpoint_writer, iter_checkpoint
+
+    path = tmp_path / "x.safetensors"
+    tensors = [("a", np.arange(6, dtype=np.float32).reshape(2, 3)), ("b", np.ones(4, np.float16))]
+    with checkpoint_writer(path, [(n, a.dtype, a.shape) for n, a in tensors]) as w:
+        for name, array in tensors:
+            w.add(name, array)
+    assert [(n, a.tobytes()) for n, a in iter_checkpoint(path)] == [(n, a.tobytes()) for n, a in tensors]
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])
+    with pytest.raises(InputError, match=r"x.safetensors: truncated: tensor 'b'"):
+        checkpoint_index(path)
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(InputError, match=r"x.safetensors: corrupt safetensors header"):
+        list(iter_checkpoint(path))

@@ -82,19 +82,18 @@ def test_end_to_end_tiny_default(built):
     from lorapipe.formats.msckpt import iter_checkpoint
 
     base_weights = dict(iter_checkpoint(tmp_path / "results/tiny/ckpt/rank_0/baichuan2_tiny.ckpt"))
-    for rank in (0, 1):  # only LoRA trained: every base tensor as it was, 12 LoRA matrices
+    for rank in (0, 1):  # only LoRA trained, and only it saved (issue 32): 12 LoRA matrices and their moments
         trained = dict(iter_checkpoint(tmp_path / f"results/tiny/finetune/checkpoint_network/rank_{rank}/"
                                                   "baichuan2_tiny_lora.ckpt"))
-        assert all(trained[k].tobytes() == v.tobytes() for k, v in base_weights.items())
+        assert not set(trained) & set(base_weights)
         assert len([k for k in trained if k.endswith(("mindpet_delta_lora_a", "mindpet_delta_lora_b"))
                     and not k.startswith("adam")]) == 12
-    # collected without a copy (issue 32: 14 GB a rank at 7B): the state's last checkpoint, and filter_out's
-    # rank 0 as the data-parallel merge, are hard links
+    merged = dict(iter_checkpoint(tmp_path / "results/tiny/merged_ckpt/rank_0/checkpoint_0.ckpt"))
+    assert all(merged[k].tobytes() == v.tobytes() for k, v in base_weights.items())  # every base tensor as it was
+    # collected without a copy (issue 32): the state's last checkpoint is a hard link
     results = tmp_path / "results/tiny"
     last = next(results.glob(".finetune_state/*/output/checkpoint/rank_0/*-3_36.ckpt"))
     assert (results / "finetune/checkpoint_network/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino == last.stat().st_ino
-    assert (results / "merged_ckpt/rank_0/checkpoint_0.ckpt").stat().st_ino == \
-        (results / "filter_out/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino
     metrics = json.loads((tmp_path / "results/tiny/evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["loss"] < metrics["base"]["loss"] - 0.5  # the finetune helped
     # the page a user opens holds its pictures (issue 31): the loss curve and the length histogram
@@ -711,5 +710,52 @@ def test_both_checkpoint_kinds_give_the_same_model(built, tmp_path):
     assert not (copy / rank_0 / "parameter_order.json").exists() and (workdir / rank_0 / "parameter_order.json").exists()
     for name in ("merged_ckpt/rank_0/checkpoint_0.ckpt", "merged_lora/rank_0/merged_lora.ckpt"):
         assert (copy / "results/tiny" / name).read_bytes() == (workdir / "results/tiny" / name).read_bytes(), name
+    # whole checkpoints are merged without a copy under data parallel: rank 0's filter_out, hard-linked
+    assert (copy / "results/tiny/merged_ckpt/rank_0/checkpoint_0.ckpt").stat().st_ino == \
+        (copy / "results/tiny/filter_out/rank_0/baichuan2_tiny_lora.ckpt").stat().st_ino
     log = (copy / "results/tiny/logs/finetune.log").read_text()
     assert "removing the training state of an earlier run" in log and "lorapipe_checkpoint_params 'trainable' -> 'all'" in log
+
+
+def test_safetensors_gives_the_same_tensors_and_resumes_exactly(built, tmp_path):
+    """Issue 32: checkpoint.format safetensors. The converted base, the training checkpoints, filter_out,
+    merged_ckpt and merged_lora are .safetensors holding the .ckpt run's tensors bit for bit; predictions,
+    metrics and exports are the same bytes. Then the training, its newest checkpoint lost on every rank and
+    resumed from a safetensors checkpoint of the trainable parameters (the base loaded under it), ends with
+    the uninterrupted run's tensors and losses."""
+    import shutil
+
+    from lorapipe.formats.checkpoint_file import iter_checkpoint
+
+    workdir, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "results", copy / "results", symlinks=True)
+    cfg = yaml.safe_load(make_run_workdir(copy).read_text())
+    cfg["checkpoint"] = {"format": "safetensors"}
+    configfile = write_config(copy / "safetensors.yaml", cfg)
+    snakemake(copy, "--cores", "2", configfile=configfile)
+    ours, theirs = copy / "results/tiny", workdir / "results/tiny"
+    for name in ("ckpt/rank_0/baichuan2_tiny", "finetune/checkpoint_network/rank_1/baichuan2_tiny_lora",
+                 "filter_out/rank_0/baichuan2_tiny_lora", "merged_ckpt/rank_0/checkpoint_0",
+                 "merged_lora/rank_0/merged_lora"):
+        got, want = (dict(iter_checkpoint(root / f"{name}{suffix}"))
+                     for root, suffix in ((ours, ".safetensors"), (theirs, ".ckpt")))
+        assert got.keys() == want.keys(), name
+        assert [k for k in want if got[k].dtype != want[k].dtype or got[k].tobytes() != want[k].tobytes()] == [], name
+    for name in ("predict/predictions.jsonl", "evaluate/metrics.json", "hf_llama/model.safetensors",
+                 "gguf/baichuan2_tiny-q8_0.gguf", "peft_adapter/adapter_model.safetensors"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    state = next(p for p in (ours / ".finetune_state").iterdir() if (p / "complete").exists())
+    (state / "complete").unlink()
+    for rank in (0, 1):
+        (state / f"output/checkpoint/rank_{rank}/baichuan2_tiny_lora_rank_{rank}-3_36.safetensors").unlink()
+    snakemake(copy, "--cores", "2", "-f", "finetune", configfile=configfile)
+    assert "resuming from global step 100" in (ours / "logs/finetune.log").read_text()
+    for rank in (0, 1):
+        name = f"finetune/checkpoint_network/rank_{rank}/baichuan2_tiny_lora"
+        got, want = dict(iter_checkpoint(ours / f"{name}.safetensors")), dict(iter_checkpoint(theirs / f"{name}.ckpt"))
+        assert [k for k in want if got[k].tobytes() != want[k].tobytes()] == [], rank
+    from lorapipe.train.losslog import read_loss_tsv
+
+    losses = [[(r["step"], r["loss"]) for r in read_loss_tsv(root / "finetune/loss.tsv")] for root in (ours, theirs)]
+    assert losses[0] == losses[1] and len(losses[0]) == 108

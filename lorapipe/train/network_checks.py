@@ -9,6 +9,7 @@ the ranks use, which is when MindFormers' cells set their shard strategies.
 """
 
 import contextlib
+import math
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from lorapipe.model.architecture import is_alibi
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.outputs import format_bytes
 from lorapipe.train.checks import Check
+from lorapipe.train.mindformers_yaml import CHECKPOINT_PARAMS
 
 GB = 1 << 30
 
@@ -176,6 +178,22 @@ def _numel(shape):
     for d in shape:
         n *= d
     return n
+
+
+def check_saves(params, rendered):
+    """What one save point writes per rank (params at their dtypes, Adam's two fp32 moments for the trained
+    ones), and the MindFormers keys the checkpoint settings render."""
+    kind, fmt = rendered.get(CHECKPOINT_PARAMS, "all"), rendered["load_ckpt_format"]
+    trained = [v for n, v in params.items() if n.endswith((LORA_A, LORA_B))]
+    frozen = [v for n, v in params.items() if not n.endswith((LORA_A, LORA_B))]
+    trainable = sum(math.prod(shape) * (BYTES[dtype] + 8) for shape, dtype in trained)
+    whole = trainable + sum(math.prod(shape) * BYTES[dtype] for shape, dtype in frozen)
+    saved = trainable if kind == "trainable" else whole
+    other = f"; all would write {format_bytes(whole)}" if kind == "trainable" else \
+        f"; trainable would write {format_bytes(trainable)}"
+    return Check("checkpoints", "ok", f"about {format_bytes(saved)} per rank and save point{other} "
+                                      f"(train.checkpoint_params {kind}: lorapipe_checkpoint_params; checkpoint.format "
+                                      f"{fmt}: load_ckpt_format and CheckpointMonitor's checkpoint_format)")
 
 
 def check_memory(model_config, rendered, params, device_target):

@@ -25,6 +25,7 @@ from lorapipe.train.network_checks import (
     check_checkpoint,
     check_lora,
     check_memory,
+    check_saves,
     check_strategies,
     network_parameters,
 )
@@ -52,7 +53,7 @@ def run_preflight(rendered_yaml, base_ckpt, tokenizer, train_data, parallel, ran
     if net is not None:
         params = network_parameters(net)
         checks += [*check_checkpoint(params, base_ckpt, model_config["param_init_type"]),
-                   check_lora(params, model_config)]
+                   check_lora(params, model_config), check_saves(params, rendered)]
     else:
         checks.append(Check("network checks", "skipped", "checkpoint, LoRA, memory and shard strategies need the "
                                                          "network, which cannot be built with this layout"))
