@@ -6,12 +6,7 @@
 # (Targets before --configfile, or --configfile=FILE: --configfile takes several values, so a target
 # after `--configfile FILE` would be read as a second config file.)
 
-from lorapipe.config import (
-    check_base_model_dir,
-    load_workflow_config,
-    run_position_embedding,
-)
-from lorapipe.infer.tasks import check_tasks
+from lorapipe.config import load_workflow_config
 
 # The config: config/config.yaml, or the file(s) given with --configfile INSTEAD of it (Snakemake's
 # own `configfile:` would merge the tiny default's keys into the real recipe). Each file is read
@@ -24,43 +19,29 @@ _loaded = load_workflow_config(
 )
 config.clear()
 config.update(_loaded)
-if config["base_model"]["path"] != "tiny":
-    check_base_model_dir(config["base_model"]["path"])
-# The architecture, decided once: RoPE (Baichuan2-7B) or ALiBi (Baichuan2-13B), from config.json (or the
-# tiny model's settings) and base_model.position_embedding. Every job that needs it gets this value; an
-# impossible combination stops here (lorapipe/config.py run_position_embedding).
-POSITION_EMBEDDING = run_position_embedding(config)
-# The benchmarks to score (evaluate.tasks), with their defaults; a bad entry stops here.
-EVAL_TASKS = check_tasks(config["evaluate"]["tasks"])
 
+if config.get("experiments"):
+    # Many experiments in one DAG: rules/run.smk once per experiment, its rules named <experiment>_<rule>,
+    # leaving out the shared stages an earlier experiment already builds (lorapipe/experiments.py).
+    from lorapipe.experiments import excluded_rules, experiment_configs
 
-envvars:
-    "PATH",
+    EXPERIMENTS = experiment_configs(config)
+    _excluded = excluded_rules(EXPERIMENTS)
+    for _name, _config in EXPERIMENTS.items():
+        workflow.module(
+            snakefile=f"{workflow.basedir}/rules/run.smk",
+            config=_config,
+            name=f"experiment_{_name}",
+        )
+        workflow.userule(
+            rules=["*"],
+            from_module=f"experiment_{_name}",
+            exclude_rules=_excluded[_name],
+            name_modifier=f"{_name}_*",
+        )(lambda: None)
 
+    include: "rules/experiments.smk"
 
-include: "rules/common.smk"
-include: "rules/weights.smk"
-include: "rules/data.smk"
-include: "rules/cluster.smk"
-include: "rules/finetune.smk"
-include: "rules/checkpoints.smk"
-include: "rules/export.smk"
-include: "rules/predict.smk"
-include: "rules/report.smk"
+else:
 
-
-rule all:
-    default_target: True
-    input:
-        MERGED_CKPT,
-        f"{HF_EXPORT}/model.safetensors",
-        LLAMA_EXPORTS,
-        f"{REPORT}/summary.html",
-        TASK_PLOTS,
-
-
-onsuccess:
-    # where the finetuned model, the exports and the report are, and the headline numbers
-    from lorapipe.report import run_summary
-
-    print(run_summary(config["results"], EVAL_TASKS))
+    include: "rules/run.smk"

@@ -74,7 +74,7 @@ ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in params.items()
 SAVE = r"""
 import os, resource, sys, time
 import numpy as np, mindspore as ms
-kind, out, layers, rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+kind, fmt, out, layers, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 hidden, inter, vocab = 4096, 11008, 125696
 rng = np.random.default_rng(0)
 base = {"model.tok_embeddings.embedding_weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
@@ -94,20 +94,20 @@ def tensor(shape, dtype):
 params = [{"name": n, "data": tensor(s, np.float16)} for n, s in lora.items()]
 if kind == "all":
     params += [{"name": n, "data": tensor(s, np.float16)} for n, s in base.items()]
-    if len(sys.argv) > 5:  # also write the base alone, for the load measurement
-        ms.save_checkpoint([p for p in params if p["name"] in base], sys.argv[5])
+    if len(sys.argv) > 6:  # also write the base alone, for the load measurement
+        ms.save_checkpoint([p for p in params if p["name"] in base], sys.argv[6], format=fmt)
 params += [{"name": f"{m}.{n}", "data": tensor(s, np.float32)} for m in ("adam_m", "adam_v") for n, s in lora.items()]
 params += [{"name": n, "data": ms.Tensor(np.array([1], np.int32))} for n in ("global_step", "epoch_num", "step_num")]
 params.append({"name": "loss_scale", "data": ms.Tensor(np.array([1.0], np.float32))})
 start = time.perf_counter()
-ms.save_checkpoint(params, out)
+ms.save_checkpoint(params, out, format=fmt)
 os.sync()
 print(time.perf_counter() - start, os.path.getsize(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 LOAD = r"""
 import resource, sys, time, mindspore as ms
 start = time.perf_counter()
-ms.load_checkpoint(sys.argv[1])
+ms.load_checkpoint(sys.argv[1], format=sys.argv[1].rsplit(".", 1)[1])
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
@@ -119,34 +119,39 @@ def child(*args):
 
 
 def saves(args):
-    """Bytes and seconds of one save point per rank, all against trainable, scaled to 32 layers."""
-    import os
-
-    figures = {}
-    for kind in ("all", "trainable"):
+    """Bytes and seconds of one save point per rank, all against trainable, in each format, scaled to 32
+    layers; and the base's load."""
+    figures, loads = {}, {}
+    for fmt in ("ckpt", "safetensors"):
+        for kind in ("all", "trainable"):
+            for layers in (2, 4):
+                out = args.workdir / f"{kind}_{layers}.{fmt}"
+                base = [str(args.workdir / f"base_{layers}.{fmt}")] if kind == "all" else []
+                figures[kind, fmt, layers] = child(SAVE, kind, fmt, str(out), str(layers), str(args.rank), *base)
+                out.unlink()
         for layers in (2, 4):
-            out = args.workdir / f"{kind}_{layers}.ckpt"
-            base = [str(args.workdir / f"base_{layers}.ckpt")] if kind == "all" else []
-            figures[kind, layers] = child(SAVE, kind, str(out), str(layers), str(args.rank), *base)
-            out.unlink()
-    loads = {layers: child(LOAD, str(args.workdir / f"base_{layers}.ckpt"))[-2:] for layers in (2, 4)}
+            base = args.workdir / f"base_{layers}.{fmt}"
+            loads[fmt, layers] = child(LOAD, str(base))[-2:]
+            base.unlink()
 
     def at_32(two, four):
         return two + (four - two) / 2 * 30
 
     print(f"Baichuan2-7B widths, fp16 weights, LoRA rank {args.rank} on wq, wk, wv, fp32 Adam moments; one rank's "
           f"save point, measured at 2 and 4 layers, scaled to 32\n")
-    print("| checkpoint_params | bytes per save (32 layers) | × trainable | save s (32 layers) | peak RSS MiB (4 layers) |")
-    print("|---|---|---|---|---|")
-    small = at_32(figures["trainable", 2][1], figures["trainable", 4][1])
-    for kind in ("all", "trainable"):
-        (s2, b2, _), (s4, b4, rss) = figures[kind, 2], figures[kind, 4]
-        print(f"| {kind} | {at_32(b2, b4) / 1e6:,.1f} MB | {at_32(b2, b4) / small:,.0f} | {at_32(s2, s4):.2f} | "
-              f"{rss:.0f} |")
-    print(f"\nloading the base at the start of training (mindspore.load_checkpoint, 32 layers scaled): "
-          f"{at_32(loads[2][0], loads[4][0]):.1f} s, peak RSS {loads[4][1]:.0f} MiB at 4 layers")
-    for layers in (2, 4):
-        os.unlink(args.workdir / f"base_{layers}.ckpt")
+    print("| checkpoint_params | format | bytes per save (32 layers) | × trainable | save s (32 layers) | "
+          "peak RSS MiB (4 layers) |")
+    print("|---|---|---|---|---|---|")
+    small = at_32(figures["trainable", "ckpt", 2][1], figures["trainable", "ckpt", 4][1])
+    for fmt in ("ckpt", "safetensors"):
+        for kind in ("all", "trainable"):
+            (s2, b2, _), (s4, b4, rss) = figures[kind, fmt, 2], figures[kind, fmt, 4]
+            print(f"| {kind} | {fmt} | {at_32(b2, b4) / 1e6:,.1f} MB | {at_32(b2, b4) / small:,.0f} | "
+                  f"{at_32(s2, s4):.2f} | {rss:.0f} |")
+    print("\n| base load at the start of training | seconds (32 layers) | peak RSS MiB (4 layers) |\n|---|---|---|")
+    for fmt in ("ckpt", "safetensors"):
+        print(f"| mindspore.load_checkpoint, {fmt} | {at_32(loads[fmt, 2][0], loads[fmt, 4][0]):.1f} | "
+              f"{loads[fmt, 4][1]:.0f} |")
 
 
 def main():

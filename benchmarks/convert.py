@@ -12,6 +12,7 @@ and all in this one run (page cache warmed first, so all read from memory):
   ours (st)       - ours, from model.safetensors
   safe_open (st)  - safetensors.safe_open, then the same streaming writer
   ours + manifest - scripts/convert_weight.py: ours plus the sha256 of input and output for provenance
+  ours -> st      - ours, writing the base as .safetensors (checkpoint.format: safetensors)
 and prints a markdown table of wall time, peak RSS and MB/s, with ratios against the copy.
 
     .venv/bin/python benchmarks/convert.py [--layers 3] [--true-7b] [--workdir /tmp/lorapipe-bench]
@@ -143,6 +144,7 @@ def main():
                            str(args.workdir / "so.ckpt"), "safetensors"],
         "ours + manifest": [py, str(REPO / "scripts/convert_weight.py"), "--torch_ckpt_path", str(src),
                             "--mindspore_ckpt_path", str(args.workdir / "ours" / "rank_0" / "x.ckpt")],
+        "ours -> st": [py, "-c", ours, str(src), str(args.workdir / "ours.safetensors")],
     }
     results = {}
     for _ in range(args.repeats):  # rounds over all methods: a busy machine slows them alike; best of each
@@ -153,7 +155,8 @@ def main():
             wall, rss = measure(cmd)
             best = results.get(name, (wall, rss))
             results[name] = (min(wall, best[0]), max(rss, best[1]))
-            for out in (*args.workdir.glob("*.bin"), *args.workdir.glob("*.ckpt"), *args.workdir.glob("ours/*/*")):
+            for out in (*args.workdir.glob("*.bin"), *args.workdir.glob("*.ckpt"), *args.workdir.glob("*.safetensors"),
+                        *args.workdir.glob("ours/*/*")):
                 out.unlink()  # keep the page cache for the source, not for earlier outputs
     copy_wall = results["copy"][0]
     print(f"checkpoint: {size / 1e9:.2f} GB, {args.layers} layers, largest tensor {largest / 2**20:.0f} MiB; "

@@ -3,6 +3,7 @@
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -155,3 +156,76 @@ def run_summary(results, tasks=()):
                          f"{100 * o['finetuned']:.1f}% (finetuned), {100 * o['delta']:+.1f} points over "
                          f"{o['questions']} questions")
     return "\n".join(lines)
+
+
+# -- experiments compared side by side (snakemake compare) ------------------------------------------------
+
+def experiment_row(name, results, tasks=()):
+    """One experiment's figures: held-out loss and perplexity, the benchmarks' accuracy, trainable parameters,
+    training wall time and tokens per second (padded rows and real tokens), and checkpoint bytes."""
+    import csv
+
+    import yaml
+
+    from lorapipe.formats.checkpoint_file import checkpoint_index
+    from lorapipe.model.baichuan2 import LORA_A, LORA_B
+
+    results = Path(results)
+    metrics = json.loads((results / "evaluate/metrics.json").read_text())
+    rendered = yaml.safe_load((results / "finetune/run_baichuan2_lora.yaml").read_text())
+    steps = len(read_loss_tsv(results / "finetune/loss.tsv"))
+    rows_per_step = rendered["runner_config"]["batch_size"] * rendered["parallel_config"]["data_parallel"]
+    seq = rendered["model"]["model_config"]["seq_length"]
+    # the data's statistics beside its MindRecord: tokens of the conversations themselves, without padding
+    stats = json.loads((Path(rendered["train_dataset"]["data_loader"]["dataset_dir"]).parent
+                        / f"belle_{seq}.stats.json").read_text())
+    real_tokens = stats["train"]["tokens"] * rendered["runner_config"]["epochs"]
+    rank_0 = sorted((results / "filter_out/rank_0").iterdir())
+    trainable = sum(math.prod(shape) for ckpt in rank_0 if ckpt.suffix in (".ckpt", ".safetensors")
+                    for name, _, shape in checkpoint_index(ckpt) if name.endswith((LORA_A, LORA_B)))
+    bench = results / "benchmarks/finetune.tsv"  # Snakemake's record of the finetune job
+    wall = float(next(csv.DictReader(bench.open(), delimiter="\t"))["s"]) if bench.is_file() else None
+    row = {"experiment": name, "heldout_loss_base": metrics["base"]["loss"],
+           "heldout_loss": metrics["finetuned"]["loss"], "perplexity": metrics["finetuned"]["perplexity"]}
+    for task in tasks:
+        result = json.loads((results / "evaluate" / f"{task}.json").read_text())["overall"]
+        row[f"{task}_accuracy"], row[f"{task}_delta"] = result.get("finetuned"), result.get("delta")
+    ckpt_bytes = sum(f.stat().st_size for f in (results / "finetune/checkpoint_network").rglob("*")
+                     if f.suffix in (".ckpt", ".safetensors"))
+    row |= {"trainable_parameters": trainable, "steps": steps, "train_seconds": wall,
+            "tokens_per_s": steps * rows_per_step * seq / wall if wall else None,
+            "real_tokens_per_s": real_tokens / wall if wall else None,
+            "checkpoint_bytes": ckpt_bytes}
+    return row
+
+
+def plot_loss_curves(named_loss_tsvs, png):
+    """The experiments' training loss curves on one plot."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, tsv in named_loss_tsvs.items():
+        rows = read_loss_tsv(tsv)
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label=name)
+    ax.set(xlabel="step", ylabel="training loss (rank 0)", title="Experiments")
+    _save(fig, ax, png)
+
+
+def compare_experiments(experiments, out_csv, out_html, out_png):
+    """The table (CSV and HTML, one row per experiment) and the loss curves of `experiments`
+    {name: (results folder, [benchmark task names])}."""
+    import csv
+
+    rows = [experiment_row(name, results, tasks) for name, (results, tasks) in experiments.items()]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_loss_curves({name: Path(results) / "finetune/loss.tsv" for name, (results, _) in experiments.items()}, out_png)
+
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else value)
+
+    page = _table(columns, [[cell(row.get(c)) for c in columns] for row in rows]) + _image(out_png, "loss curves")
+    Path(out_html).write_text("<html><meta charset='utf-8'><body><h2>Experiments</h2>" + page + "</body></html>\n",
+                              encoding="utf-8")
+    return rows

@@ -22,7 +22,8 @@ rule filter_out:
 
 rule merged_ckpt:
     """One complete checkpoint from the per-rank ones (transform_ckpt.py); from checkpoints of the
-    trainable parameters only (train.checkpoint_params), with the frozen base put back in."""
+    trainable parameters only (train.checkpoint_params), with the frozen base put back in.
+    """
     input:
         checkpoints=FILTER_OUT,
         base=BASE_CKPT if TRAINABLE_ONLY else [],

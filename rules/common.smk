@@ -16,8 +16,11 @@ from lorapipe.model.architecture import ALIBI, require_rope
 
 RESULTS = config["results"]
 SCRIPTS = f"{workflow.basedir}/scripts"
+# An experiment (lorapipe/experiments.py) builds the stages before the finetune in shared folders, keyed by
+# a digest of what they read; a plain run builds them under RESULTS.
+SHARED = config.get("_shared", {"base": RESULTS, "data": RESULTS})
 TINY = config["base_model"]["path"] == "tiny"
-TINY_BASE = f"{RESULTS}/tiny_base"
+TINY_BASE = f"{SHARED['base']}/tiny_base"
 BASE_MODEL = TINY_BASE if TINY else config["base_model"]["path"]
 
 
@@ -51,19 +54,19 @@ def data_files(wildcards):
 
 
 # The converted base model, in the rank_0/ folder MindFormers loads a complete checkpoint from.
-BASE_CKPT_DIR = f"{RESULTS}/ckpt"
+BASE_CKPT_DIR = f"{SHARED['base']}/ckpt"
 # checkpoint.format: .ckpt or .safetensors, for every checkpoint lorapipe writes for MindFormers.
 CKPT_SUFFIX = SUFFIX[config["checkpoint"]["format"]]
 BASE_CKPT = f"{BASE_CKPT_DIR}/rank_0/{config['base_model']['name']}{CKPT_SUFFIX}"
 
 SEQ = config["data"]["seq_length"]
-DATA_STATS = f"{RESULTS}/data/belle_{SEQ}.stats.json"
+DATA_STATS = f"{SHARED['data']}/data/belle_{SEQ}.stats.json"
 
 
 def mindrecord(split):
     """The MindRecord of a split: belle_<seq>.mindrecord (train) or belle_<seq>_heldout.mindrecord."""
     suffix = "" if split == "train" else f"_{split}"
-    return f"{RESULTS}/data/belle_{SEQ}{suffix}.mindrecord"
+    return f"{SHARED['data']}/data/belle_{SEQ}{suffix}.mindrecord"
 
 
 RANK_TABLE = f"{RESULTS}/rank_table.json"
@@ -124,7 +127,9 @@ def rope_export(export):
 
 # The Llama and PEFT exports (rules/export.smk): plain HF Llama directories and PEFT adapter folders.
 HF_LLAMA = f"{RESULTS}/hf_llama"
-HF_LLAMA_BASE = f"{RESULTS}/hf_llama_base"
+HF_LLAMA_BASE = (
+    f"{SHARED['base']}/hf_llama_base"  # the base alone: shared by experiments
+)
 PEFT_ADAPTER = f"{RESULTS}/peft_adapter"
 PEFT_ADAPTER_W_PACK = f"{RESULTS}/peft_adapter_w_pack"
 # GGUF for llama.cpp (llama-cli, llama-server, Ollama, LM Studio): lorapipe/exports/gguf.py.

@@ -102,12 +102,12 @@ rule eval_task:
         ),
         samples=f"{RESULTS}/evaluate/{{task}}.samples.jsonl",
         manifest=f"{RESULTS}/evaluate/{{task}}.json.manifest.json",
-    wildcard_constraints:
-        task="ceval|cmmlu|mmlu",
     log:
         f"{RESULTS}/logs/eval_task_{{task}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/eval_task_{{task}}.tsv"
+    wildcard_constraints:
+        task="ceval|cmmlu|mmlu",
     conda:
         "../envs/lorapipe.yaml"
     resources:

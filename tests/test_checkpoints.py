@@ -262,7 +262,11 @@ def test_a_changed_base_or_setting_starts_a_fresh_state_and_says_why(tmp_path, c
 def test_a_truncated_or_corrupt_safetensors_checkpoint_is_named(tmp_path):
     """Issue 32: a safetensors checkpoint cut short, or with a damaged header, is one line naming it (as a .ckpt
     is), and a resume moves it aside like a damaged .ckpt (lorapipe.train.resume reads both)."""
-    from lorapipe.formats.checkpoint_file import checkpoint_index, checkpoint_writer, iter_checkpoint
+    from lorapipe.formats.checkpoint_file import (
+        checkpoint_index,
+        checkpoint_writer,
+        iter_checkpoint,
+    )
 
     path = tmp_path / "x.safetensors"
     tensors = [("a", np.arange(6, dtype=np.float32).reshape(2, 3)), ("b", np.ones(4, np.float16))]

@@ -8,7 +8,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "lorapipe"
 # docs/architecture.md, "The package by stage": each group imports only groups below it.
-LAYERS = [{"cli"}, {"config", "report", "infer"}, {"train", "weights", "exports"}, {"data"}, {"model"}, {"formats"},
+LAYERS = [{"cli", "experiments"}, {"config", "report", "infer"}, {"train", "weights", "exports"}, {"data"}, {"model"}, {"formats"},
           {"outputs", "provenance"}, {"errors", "digests", "progress"}]
 LAYER_OF = {group: depth for depth, groups in enumerate(LAYERS) for group in groups}
 

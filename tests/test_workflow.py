@@ -480,11 +480,14 @@ def test_every_readme_command_runs(built, tmp_path):
     rank4["lora"]["rank"] = 4
     tiny_13b = yaml.safe_load((REPO / "config" / "tiny_13b.yaml").read_text())
     tiny_13b["data"]["train"] = str(SAMPLE_DATA)
+    experiments = yaml.safe_load((REPO / "config" / "tiny_experiments.yaml").read_text())
+    experiments["data"]["train"] = str(SAMPLE_DATA)
     mine = yaml.safe_load(configfile.read_text())
     mine["results"] = "results/my_run"  # README "Your own data": a copy of the tiny config with a folder of its own
     files = {"my_910b.yaml": write_config(tmp_path / "my_910b.yaml", real), "my.yaml": write_config(tmp_path / "my.yaml", mine),
              "rank4.yaml": write_config(tmp_path / "rank4.yaml", rank4),
-             "config/tiny_13b.yaml": write_config(tmp_path / "tiny_13b.yaml", tiny_13b)}
+             "config/tiny_13b.yaml": write_config(tmp_path / "tiny_13b.yaml", tiny_13b),
+             "config/tiny_experiments.yaml": write_config(tmp_path / "tiny_experiments.yaml", experiments)}
     commands = readme_commands()
     assert sum(c[0] == "snakemake" for c in commands) >= 10 and sum(c[0] == "python" for c in commands) >= 4
     for words in commands:
@@ -662,7 +665,7 @@ def test_benchmark_tasks_score_base_and_finetuned_and_rerun_alone(built, tmp_pat
     workdir, configfile = built
     release = write_release(tmp_path / "mmlu", "mmlu", ["anatomy", "astronomy"], rows=5)
     cfg = yaml.safe_load(configfile.read_text())
-    cfg["evaluate"] = {"tasks": [{"name": "mmlu", "path": str(release), "shots": 2}]}
+    cfg["evaluate"] = {"tasks": [{"name": "mmlu", "path": str(release), "shots": 2, "subjects": ["anatomy", "astronomy"]}]}
     tasks = write_config(tmp_path / "tasks.yaml", cfg)
     results = workdir / "results/tiny"
     try:
@@ -702,7 +705,7 @@ def test_both_checkpoint_kinds_give_the_same_model(built, tmp_path):
     shutil.copytree(workdir / "results", copy / "results", symlinks=True)
     cfg = yaml.safe_load(make_run_workdir(copy).read_text())
     cfg["train"]["checkpoint_params"] = "all"
-    snakemake(copy, "--cores", "2", "--forcerun", "mf_config", "merged_lora",
+    snakemake(copy, "--cores", "2", "--forcerun", "mf_config", "fold_lora",
               configfile=write_config(copy / "all.yaml", cfg))
     rank_0 = "results/tiny/finetune/checkpoint_network/rank_0"
     whole, trainable = (root / rank_0 / "baichuan2_tiny_lora.ckpt" for root in (copy, workdir))

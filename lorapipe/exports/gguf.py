@@ -45,6 +45,7 @@ import numpy as np
 
 from lorapipe.errors import InputError
 from lorapipe.exports.llama import llama_tensors
+from lorapipe.formats.checkpoint_file import checkpoint_index, iter_checkpoint
 from lorapipe.formats.gguf import (
     TYPES,
     Stored,
@@ -55,7 +56,6 @@ from lorapipe.formats.gguf import (
     writer_class,
 )
 from lorapipe.formats.hf_io import read_json
-from lorapipe.formats.checkpoint_file import checkpoint_index, iter_checkpoint
 from lorapipe.formats.msckpt import numpy_dtype
 from lorapipe.model.architecture import require_rope
 from lorapipe.model.baichuan2 import (

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorapipe.formats.hf_io import SafetensorsWriter, read_json
 from lorapipe.formats.checkpoint_file import checkpoint_index, iter_checkpoint
+from lorapipe.formats.hf_io import SafetensorsWriter, read_json
 from lorapipe.formats.msckpt import numpy_dtype
 from lorapipe.model.architecture import require_rope
 from lorapipe.model.baichuan2 import (

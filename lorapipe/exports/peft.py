@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.errors import InputError
-from lorapipe.formats.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.formats.checkpoint_file import checkpoint_index, iter_checkpoint
+from lorapipe.formats.hf_io import SafetensorsWriter, read_json, tensor_refs
 from lorapipe.formats.msckpt import CheckpointWriter
 from lorapipe.model.architecture import require_rope
 from lorapipe.model.baichuan2 import (

@@ -224,7 +224,8 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
             if point:
                 args += ["--resume", str(ckpt_dir.resolve()), "--resume_checkpoint", point.file_name]
             elif rendered["load_ckpt_format"] == "safetensors":
-                args += ["--load_checkpoint", str(_base_per_rank(rendered["load_checkpoint"], state, ranks).resolve())]
+                folder = _base_per_rank(rendered["load_checkpoint"], ".safetensors", state, ranks)
+                args += ["--load_checkpoint", str(folder.resolve())]
             # MindFormers and its LoRA library log under LOCAL_DEFAULT_PATH and $HOME: keep both in the state.
             env = {"LOCAL_DEFAULT_PATH": str((state / "output").resolve()), "HOME": str((state / "home").resolve())}
             if device_target == "Ascend" and launcher == "msrun":
@@ -240,11 +241,11 @@ def run_finetune(config_path, worker, state_root, out_dir, *, workers, launcher=
                                adapter_config(rendered, base_model), run, [config_path, *inputs])
 
 
-def _base_per_rank(base_dir, state, ranks):
+def _base_per_rank(base_dir, suffix, state, ranks):
     """<state>/base/rank_<r>/<the base's file> for every rank, links to the one file: MindFormers 1.9 loads a
     safetensors checkpoint into a data-parallel run from a folder per rank (utils/load_checkpoint_utils.py:
     379-403, 228-262) unless auto_trans_ckpt reslices it, which needs strategy files."""
-    files = [p for p in Path(base_dir).iterdir() if p.suffix in SUFFIXES]
+    files = [p for p in Path(base_dir).iterdir() if p.suffix == suffix]
     if len(files) != 1:
         raise StepError(f"{base_dir}: expected the base model's one checkpoint, found {[p.name for p in files]}")
     folder = state / "base"

@@ -30,7 +30,7 @@ from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
 
 import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
-from lorapipe.formats.checkpoint_file import SUFFIXES, checkpoint_index
+from lorapipe.formats.checkpoint_file import checkpoint_index
 from lorapipe.formats.msckpt import PARAMETER_ORDER
 from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
 from lorapipe.train.mindformers_yaml import CHECKPOINT_PARAMS
@@ -153,9 +153,9 @@ def resume_over_base(base_ckpt):
     mf_load_utils.load_safetensors_checkpoint = load_safetensors_with_base
 
 
-def base_checkpoint(load_checkpoint):
-    """The base's checkpoint in the folder the YAML's load_checkpoint names (<R>/ckpt/rank_0)."""
-    found = sorted(f for f in glob.glob(os.path.join(load_checkpoint, "*")) if f.endswith(SUFFIXES))
+def base_checkpoint(load_checkpoint, ckpt_format):
+    """The base's checkpoint, in the YAML's load_ckpt_format, in the folder its load_checkpoint names (<R>/ckpt/rank_0)."""
+    found = sorted(glob.glob(os.path.join(load_checkpoint, f"*.{ckpt_format}")))
     if len(found) != 1:
         raise RuntimeError(f"{load_checkpoint}: expected the base model's one .ckpt, found {found}")
     return found[0]
@@ -177,7 +177,7 @@ def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpo
         if callback["type"] == "TsvLossMonitor":
             callback["path"] = os.path.abspath(tsv_path)
     if cfg.get(CHECKPOINT_PARAMS, "all") == "trainable":
-        base = base_checkpoint(cfg.load_checkpoint)
+        base = base_checkpoint(cfg.load_checkpoint, cfg.load_ckpt_format)
         save_only_trainable({name for name, _, _ in checkpoint_index(base)})
         if resume_from:
             resume_over_base(base)

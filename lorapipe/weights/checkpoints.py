@@ -14,7 +14,12 @@ import numpy as np
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import InputError
-from lorapipe.formats.checkpoint_file import SUFFIXES, checkpoint_index, checkpoint_writer, iter_checkpoint
+from lorapipe.formats.checkpoint_file import (
+    SUFFIXES,
+    checkpoint_index,
+    checkpoint_writer,
+    iter_checkpoint,
+)
 from lorapipe.formats.msckpt import PARAMETER_ORDER, numpy_dtype
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.model.lora import (
@@ -74,7 +79,7 @@ def merge_data_parallel(rank_ckpts, dst, run=None):
         link_or_copy(rank_ckpts[0], tmp)
 
 
-def complete_with_base(trained, order_file, base, dst, run=None, inputs=()):
+def complete_with_base(trained, order_file, base, dst, run=None, inputs=None):
     """The complete model from a checkpoint of the trainable parameters only (train.checkpoint_params:
     trainable) and the base they were trained on: every network parameter in the order, and with the
     dtype, of the network that saved them (PARAMETER_ORDER), the trained ones from `trained`, the frozen
@@ -94,7 +99,8 @@ def complete_with_base(trained, order_file, base, dst, run=None, inputs=()):
     trained_arrays = dict(iter_checkpoint(trained, select=trained_names.__contains__))  # small: LoRA tensors
     base_arrays = iter_checkpoint(base, select=lambda n: n not in trained_names, hashed=True)
     progress = Progress("add the base", len(order), unit="tensors")
-    with atomic_outputs([dst], run=run, inputs=[*inputs, trained, order_file, base], hashed_inline=[base],
+    # `inputs`: what the manifest names for `trained` (the rank files it was merged from; default itself)
+    with atomic_outputs([dst], run=run, inputs=[*(inputs or [trained]), order_file, base], hashed_inline=[base],
                         need_bytes=2 * os.path.getsize(base)) as (tmp,), \
             checkpoint_writer(tmp, [(name, numpy_dtype(dtype), trained_index.get(name, base_index.get(name)))
                                     for name, dtype in order]) as writer:

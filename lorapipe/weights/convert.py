@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from lorapipe.errors import InputError
+from lorapipe.formats.checkpoint_file import (
+    checkpoint_index,
+    checkpoint_writer,
+    iter_checkpoint,
+)
 from lorapipe.formats.hf_io import (
     SafetensorsWriter,
     TorchZipWriter,
@@ -19,7 +24,6 @@ from lorapipe.formats.hf_io import (
     tensor_refs,
     weight_files,
 )
-from lorapipe.formats.checkpoint_file import checkpoint_index, checkpoint_writer, iter_checkpoint
 from lorapipe.formats.msckpt import bfloat16, numpy_dtype
 from lorapipe.model.baichuan2 import (
     check_tensors,
