@@ -42,6 +42,12 @@ if config.get("experiments"):
 
     include: "rules/experiments.smk"
 
+    workflow.default_target = (
+        "all_experiments"  # (an included file's default_target does not last)
+    )
+
 else:
 
     include: "rules/run.smk"
+
+    workflow.default_target = "all"

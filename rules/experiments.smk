@@ -8,7 +8,6 @@ COMPARE = f"{config['results']}/compare"
 
 rule all_experiments:
     """Every experiment's `all`."""
-    default_target: True
     input:
         [getattr(rules, f"{name}_all").input for name in EXPERIMENTS],
 
