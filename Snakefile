@@ -27,6 +27,15 @@ if config.get("experiments"):
 
     EXPERIMENTS = experiment_configs(config)
     _excluded = excluded_rules(EXPERIMENTS)
+    # A profile's set-resources and set-threads name the plain rules (profiles/slurm: finetune on the NPU
+    # partition); they hold for each experiment's copy too. Read when each rule is declared, so set first.
+    for _settings in (
+        workflow.resource_settings._parsed_overwrite_resources,
+        workflow.resource_settings._parsed_overwrite_threads,
+    ):
+        for _rule, _value in list(_settings.items()):
+            for _name in EXPERIMENTS:
+                _settings.setdefault(f"{_name}_{_rule}", _value)
     for _name, _config in EXPERIMENTS.items():
         workflow.module(
             snakefile=f"{workflow.basedir}/rules/run.smk",
@@ -42,9 +51,8 @@ if config.get("experiments"):
 
     include: "rules/experiments.smk"
 
-    workflow.default_target = (
-        "all_experiments"  # (an included file's default_target does not last)
-    )
+    # (an included file's default_target does not last)
+    workflow.default_target = "all_experiments"
 
 else:
 

@@ -119,3 +119,18 @@ def _csv(path):
 
     with open(path, encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def test_under_the_slurm_profile_each_experiments_finetune_is_an_npu_job(tmp_path):
+    """profiles/slurm names the plain rules; each experiment's copy gets the same resources: its finetune is a
+    job of its own on the NPU partition (so a cluster runs them side by side), the shared steps on CPU."""
+    from conftest import REPO
+    from test_workflow import job_resources
+
+    cfg = default_config() | {"experiments": THREE}
+    out = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"),
+                    configfile=write_config(tmp_path / "c.yaml", cfg)).stdout
+    resources = job_resources(out)
+    for name in THREE:
+        assert "slurm_partition=ascend" in resources[f"{name}_finetune"], resources[f"{name}_finetune"]
+    assert "slurm_partition=cpu" in resources["packed_ckpt"] and "slurm_partition=cpu" in resources["r16_mindrecord"]
