@@ -13,8 +13,8 @@ its own process:
 
 With --saves (issue 32): what one save point writes per rank, train.checkpoint_params all against trainable,
 at Baichuan2-7B widths (hidden 4096, FFN 11008, vocab 125696), fp16 weights, LoRA rank --rank on wq, wk, wv
-with fp32 Adam moments (the 910B config), measured with 2 and 4 layers and scaled to 32 (the layers' share
-grows linearly): mindspore.save_checkpoint of exactly what a rank saves, each in its own process; and the
+with fp32 Adam moments (the 910B config), measured with 2 and 4 layers and scaled to 32 (bytes: the layers'
+share grows linearly; seconds: the 4-layer time, scaled by bytes): mindspore.save_checkpoint of exactly what a rank saves, each in its own process; and the
 base's load at the start of training (mindspore.load_checkpoint).
 
     .venv/bin/python benchmarks/checkpoints.py --saves [--rank 1]
@@ -107,7 +107,8 @@ print(time.perf_counter() - start, os.path.getsize(out), resource.getrusage(reso
 LOAD = r"""
 import resource, sys, time, mindspore as ms
 start = time.perf_counter()
-ms.load_checkpoint(sys.argv[1], format=sys.argv[1].rsplit(".", 1)[1])
+params = ms.load_checkpoint(sys.argv[1], format=sys.argv[1].rsplit(".", 1)[1])
+touched = sum(float(p.asnumpy().reshape(-1)[-1]) for p in params.values())  # every tensor in memory, as training needs
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
@@ -134,8 +135,12 @@ def saves(args):
             loads[fmt, layers] = child(LOAD, str(base))[-2:]
             base.unlink()
 
-    def at_32(two, four):
+    def at_32(two, four):  # the layers' share grows linearly
         return two + (four - two) / 2 * 30
+
+    def seconds_at_32(kind, fmt):  # the time of the larger measurement, scaled by bytes
+        (_, b2, _), (s4, b4, _) = figures[kind, fmt, 2], figures[kind, fmt, 4]
+        return s4 * at_32(b2, b4) / b4
 
     print(f"Baichuan2-7B widths, fp16 weights, LoRA rank {args.rank} on wq, wk, wv, fp32 Adam moments; one rank's "
           f"save point, measured at 2 and 4 layers, scaled to 32\n")
@@ -145,13 +150,14 @@ def saves(args):
     small = at_32(figures["trainable", "ckpt", 2][1], figures["trainable", "ckpt", 4][1])
     for fmt in ("ckpt", "safetensors"):
         for kind in ("all", "trainable"):
-            (s2, b2, _), (s4, b4, rss) = figures[kind, fmt, 2], figures[kind, fmt, 4]
+            (_, b2, _), (_, b4, rss) = figures[kind, fmt, 2], figures[kind, fmt, 4]
             print(f"| {kind} | {fmt} | {at_32(b2, b4) / 1e6:,.1f} MB | {at_32(b2, b4) / small:,.0f} | "
-                  f"{at_32(s2, s4):.2f} | {rss:.0f} |")
+                  f"{seconds_at_32(kind, fmt):.2f} | {rss:.0f} |")
     print("\n| base load at the start of training | seconds (32 layers) | peak RSS MiB (4 layers) |\n|---|---|---|")
+    base_bytes = {layers: figures["all", "ckpt", layers][1] - figures["trainable", "ckpt", layers][1] for layers in (2, 4)}
     for fmt in ("ckpt", "safetensors"):
-        print(f"| mindspore.load_checkpoint, {fmt} | {at_32(loads[fmt, 2][0], loads[fmt, 4][0]):.1f} | "
-              f"{loads[fmt, 4][1]:.0f} |")
+        scaled = loads[fmt, 4][0] * at_32(base_bytes[2], base_bytes[4]) / base_bytes[4]
+        print(f"| mindspore.load_checkpoint, {fmt}, every tensor read | {scaled:.1f} | {loads[fmt, 4][1]:.0f} |")
 
 
 def main():

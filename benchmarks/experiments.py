@@ -34,7 +34,7 @@ SHARED = ("tiny_base", "ckpt", "export_llama_base", "mindrecord")
 def snakemake(workdir, configfile, *targets):
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores",
-                    "2", "--configfile", str(configfile), *targets], check=True, capture_output=True,
+                    "2", *targets, f"--configfile={configfile}"], check=True, capture_output=True,
                    env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
     return time.perf_counter() - start
 
