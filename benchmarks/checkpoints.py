@@ -53,7 +53,14 @@ print(max(int(np.prod(s)) * 4 for s in shapes.values()))
 """
 
 OURS_FILTER = "import sys; from lorapipe.weights.checkpoints import filter_checkpoint as f; f(sys.argv[1], sys.argv[2])"
-OURS_FOLD = "import sys; from lorapipe.weights.checkpoints import fold_lora as f; f(sys.argv[1], sys.argv[2], 16, 8)"
+OURS_FOLD = r"""
+import json, sys
+from pathlib import Path
+from lorapipe.weights.checkpoints import fold_lora
+adapter = Path(sys.argv[2]).with_name("adapter_config.json")  # the trained run's rank and alpha
+adapter.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ".*wq|.*wk|.*wv"}))
+fold_lora(sys.argv[1], sys.argv[2], adapter)
+"""
 NAIVE_FILTER = r"""
 import sys, mindspore as ms
 from lorapipe.weights.checkpoints import is_model_parameter
@@ -108,7 +115,8 @@ LOAD = r"""
 import resource, sys, time, mindspore as ms
 start = time.perf_counter()
 params = ms.load_checkpoint(sys.argv[1], format=sys.argv[1].rsplit(".", 1)[1])
-touched = sum(float(p.asnumpy().reshape(-1)[-1]) for p in params.values())  # every tensor in memory, as training needs
+# every byte read, as loading it into a network does (a safetensors load maps the file and reads it lazily)
+total = sum(float(p.asnumpy().sum(dtype="float32")) for p in params.values())
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 

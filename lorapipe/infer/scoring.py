@@ -150,7 +150,7 @@ def score_prompts(scorer, prompts, progress=None, done=0):
             hidden = scorer.hidden([list(rows[i][1]) for i in batch], start)
             for b, i in enumerate(batch):
                 new = rows[i][1]
-                for p, j in unique[keys[members[i]]]:
+                for p, j in unique[rows[i]]:
                     cont = prompts[p].continuations[j]
                     at = len(new) - len(cont) + np.arange(len(cont))
                     lp = scorer.log_probs(hidden[b, at])
