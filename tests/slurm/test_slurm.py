@@ -326,3 +326,25 @@ def test_a_rerun_after_snakemake_was_killed_cancels_the_orphaned_job_and_resumes
                                   text=True).stdout.split()
     assert state_of_old and state_of_old[0].startswith("CANCELLED"), state_of_old
     assert not processes_of(tmp_path)
+
+
+def test_two_experiments_finetune_side_by_side(cluster, tmp_path):
+    """Issue 34: with experiments, each experiment's finetune is a Slurm job of its own on the ascend
+    partition (profiles/slurm-local's set-resources name the plain rule), the shared steps run once, and the
+    cluster runs the two finetunes at the same time, one on each node."""
+    cfg = default_config() | {"experiments": {"r8": {}, "r16": {"lora": {"rank": 16, "alpha": 32}}}}
+    configfile = write_config(tmp_path / "experiments.yaml", cfg)
+    proc = run(tmp_path, configfile, *(f"results/tiny/experiments/{n}/finetune/loss.tsv" for n in ("r8", "r16")))
+    out = subprocess.run(["sacct", "-a", "-X", "-n", "-P", f"--name={run_id(proc.stdout + proc.stderr)}",
+                          "--starttime=now-1days", "--format=Comment,Partition,NodeList,State,Start,End"],
+                         capture_output=True, text=True, check=True).stdout
+    jobs = [dict(zip(("rule", "partition", "node", "state", "start", "end"), line.split("|")))
+            for line in out.splitlines() if line]
+    rules = [j["rule"].removeprefix("rule_") for j in jobs]
+    assert sorted(r.split("_", 1)[1] for r in rules if r.endswith(("_ckpt", "_mindrecord", "_tiny_base"))) == \
+        ["ckpt", "mindrecord", "tiny_base"], rules  # the shared steps once
+    finetunes = [j for j in jobs if j["rule"] in ("rule_r8_finetune", "rule_r16_finetune")]
+    assert len(finetunes) == 2 and all(j["partition"] == "ascend" and j["state"] == "COMPLETED" for j in finetunes), jobs
+    assert {j["node"] for j in finetunes} == {"n1", "n2"}, finetunes
+    (a, b) = ((datetime.fromisoformat(j["start"]), datetime.fromisoformat(j["end"])) for j in finetunes)
+    assert a[0] < b[1] and b[0] < a[1], finetunes  # their times overlap: side by side
