@@ -36,6 +36,8 @@ if config.get("experiments"):
         for _rule, _value in list(_settings.items()):
             for _name in EXPERIMENTS:
                 _settings.setdefault(f"{_name}_{_rule}", _value)
+    # What Snakemake's `module` and `use rule * from ... as <name>_*` statements compile to, called directly
+    # because the names come from the config (Snakemake 9.27, envs/common.txt).
     for _name, _config in EXPERIMENTS.items():
         workflow.module(
             snakefile=f"{workflow.basedir}/rules/run.smk",
