@@ -44,6 +44,15 @@ def add_generation_flags(group):
     group.add_argument("--repetition_penalty", type=float, default=None)
 
 
+def add_trained_model_flags(p):
+    """The flags that name a trained model and the one to compare it with (lorapipe.infer.loader.trained_model)."""
+    p.add_argument("--config", required=True, help="rendered MindFormers YAML (the finetune's: model settings)")
+    p.add_argument("--load_checkpoint", required=True, help="complete checkpoint (or a folder with rank_0/)")
+    p.add_argument("--compare_checkpoint", default=None, help="a second model, e.g. the base")
+    p.add_argument("--adapter_config", default=None,
+                   help="adapter_config.json of the run that trained LoRA tensors in the checkpoint")
+
+
 def add_position_embedding_flag(p):
     """--position_embedding: the run's architecture as the workflow decided it (lorapipe.config
     run_position_embedding); a job uses the value it is handed and never derives it again."""

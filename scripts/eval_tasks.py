@@ -6,14 +6,8 @@ import json
 from pathlib import Path
 
 from lorapipe import cli
-from lorapipe.infer.loader import load_model, load_weights, trained_model, use_device
-from lorapipe.infer.scoring import (
-    HostScorer,
-    NetworkScorer,
-    lm_eval_max_length,
-    score_task,
-    write_results,
-)
+from lorapipe.infer.loader import trained_model
+from lorapipe.infer.scoring import lm_eval_max_length, score_task, scorers, write_results
 from lorapipe.infer.tasks import load_task
 from lorapipe.model.tokenizer import ChatTokenizer
 from lorapipe.outputs import atomic_outputs
@@ -21,11 +15,7 @@ from lorapipe.outputs import atomic_outputs
 
 def main():
     p = cli.parser(__doc__)
-    p.add_argument("--config", required=True, help="rendered MindFormers YAML (the finetune's: model settings)")
-    p.add_argument("--load_checkpoint", required=True, help="complete checkpoint (or a folder with rank_0/)")
-    p.add_argument("--compare_checkpoint", default=None, help="a second model, e.g. the base")
-    p.add_argument("--adapter_config", default=None,
-                   help="adapter_config.json of the run that trained LoRA tensors in the checkpoint")
+    cli.add_trained_model_flags(p)
     p.add_argument("--hf_config", required=True,
                    help="the base model's config.json: its positions are the prompts' maximum length, as in lm-eval")
     p.add_argument("--task", required=True, help="one evaluate.tasks entry, as JSON")
@@ -36,16 +26,8 @@ def main():
     run = cli.start(args, {"task": entry})
     model = trained_model(args.config, args.load_checkpoint, args.compare_checkpoint, args.adapter_config)
     max_length = lm_eval_max_length(json.loads(Path(args.hf_config).read_text()))
-    config = {**model.model_config, "seq_length": max_length}
-    if use_device(model.rendered) == "CPU":  # the host computes in fp32, with each subject's prefix reused
-        config.update(compute_dtype="float32", param_init_type="float32")
-        scorers = {label: (lambda ckpt=ckpt: HostScorer(load_weights(config, ckpt, model.adapter), config,
-                                                        max_length)) for label, ckpt in model.checkpoints.items()}
-    else:  # one device, in the dtypes the model trained in
-        scorers = {label: (lambda ckpt=ckpt: NetworkScorer(load_model(config, ckpt, model.adapter),
-                                                           config["num_heads"])) for label, ckpt in model.checkpoints.items()}
     task = load_task(entry)
-    samples, summary = score_task(task, ChatTokenizer(model.tokenizer), scorers, max_length)
+    samples, summary = score_task(task, ChatTokenizer(model.tokenizer), scorers(model, max_length), max_length)
     summary["models"] = {label: str(path) for label, path in model.checkpoints.items()}
     with atomic_outputs([args.output, args.samples], run=run,
                         inputs=[*model.checkpoints.values(), entry["path"], args.hf_config]) as (out, out_samples):

@@ -22,6 +22,20 @@ SUFFIXES = (CKPT, SAFETENSORS)
 SUFFIX = {"ckpt": CKPT, "safetensors": SAFETENSORS}  # checkpoint.format -> file suffix
 
 
+def checkpoint_files(folder, suffixes=SUFFIXES):
+    """The checkpoint files directly in `folder`, by name (none where there is no such folder)."""
+    return sorted(p for p in Path(folder).glob("*") if p.suffix in suffixes)
+
+
+def the_checkpoint(folder, suffixes=SUFFIXES):
+    """The one checkpoint file in `folder`; an InputError naming the folder when there is none, or several."""
+    found = checkpoint_files(folder, suffixes)
+    if len(found) != 1:
+        raise InputError(f"{folder}: expected one {' or '.join(suffixes)} checkpoint, found "
+                         f"{[p.name for p in found] or 'none'}")
+    return found[0]
+
+
 def is_safetensors(path):
     return str(path).endswith(SAFETENSORS)
 

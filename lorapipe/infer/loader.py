@@ -137,6 +137,16 @@ def use_device(rendered, mode=None, device_id=None):
     return target
 
 
+def on_device(model, **overrides):
+    """(device target, the model_config to compute with) on the device the rendered YAML's context names
+    (use_device): on the host in fp32, whatever dtypes it trained in; on a device in those dtypes.
+    `overrides` replace model_config keys."""
+    target, config = use_device(model.rendered), {**model.model_config, **overrides}
+    if target == "CPU":
+        config.update(compute_dtype="float32", param_init_type="float32")
+    return target, config
+
+
 def build_decoder(model_config, ckpt, adapter=None, use_past=True, device_target="CPU"):
     """What predict and chat decode with: on the host with use_past, the KV-cache decoder; on Ascend,
     MindFormers' use_past network; without use_past, the plain network (full recompute). An ALiBi model

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorapipe.infer.loader import load_model, load_weights, on_device
 from lorapipe.infer.tasks import BENCHMARKS, LETTERS, question_text
 from lorapipe.progress import Progress
 
@@ -106,6 +107,18 @@ class NetworkScorer:
 
     def log_probs(self, logits):
         return _log_softmax(logits)
+
+
+def scorers(model, max_length):
+    """{label: a function that loads it as a scorer} for each checkpoint of a trained model
+    (lorapipe.infer.loader.trained_model), on its device: on the host in fp32, each subject's prefix reused;
+    on one NPU, MindFormers' network in the dtypes the model trained in. score_task loads one at a time."""
+    target, config = on_device(model, seq_length=max_length)
+    if target == "CPU":
+        return {label: (lambda ckpt=ckpt: HostScorer(load_weights(config, ckpt, model.adapter), config, max_length))
+                for label, ckpt in model.checkpoints.items()}
+    return {label: (lambda ckpt=ckpt: NetworkScorer(load_model(config, ckpt, model.adapter), config["num_heads"]))
+            for label, ckpt in model.checkpoints.items()}
 
 
 def _log_softmax(logits):

@@ -84,14 +84,12 @@ class Release:
             raise InputError(f"{self.path}: neither a zip nor a folder; expected the {self.benchmark.title} release")
         self.root = self._root()
 
-    def _names(self):
+    @cached_property
+    def _files(self):
+        """The release's file names, relative to the zip or folder."""
         if self.zip:
             return {n for n in self.zip.namelist() if not n.endswith("/")}
         return {str(p.relative_to(self.path)) for p in self.path.rglob("*.csv")}
-
-    @cached_property
-    def _files(self):
-        return self._names()
 
     def _root(self):
         """'' or the one top folder the release's files are under: where a subject's dev CSV is."""

@@ -27,7 +27,7 @@ import yaml
 
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import StepError
-from lorapipe.formats.checkpoint_file import SUFFIXES
+from lorapipe.formats.checkpoint_file import checkpoint_files, the_checkpoint
 from lorapipe.formats.msckpt import PARAMETER_ORDER
 from lorapipe.outputs import atomic_outputs, remove_path
 from lorapipe.progress import Progress
@@ -103,7 +103,7 @@ def _differences(a, b, path=""):
 
 def last_checkpoint(rank_dir):
     """The newest checkpoint of one rank (by the global step stored in it), or None."""
-    ckpts = sorted(p for p in Path(rank_dir).glob("*") if p.suffix in SUFFIXES)
+    ckpts = checkpoint_files(rank_dir)
     return max(ckpts, key=global_step) if ckpts else None
 
 
@@ -245,14 +245,12 @@ def _base_per_rank(base_dir, suffix, state, ranks):
     """<state>/base/rank_<r>/<the base's file> for every rank, links to the one file: MindFormers 1.9 loads a
     safetensors checkpoint into a data-parallel run from a folder per rank (utils/load_checkpoint_utils.py:
     379-403, 228-262) unless auto_trans_ckpt reslices it, which needs strategy files."""
-    files = [p for p in Path(base_dir).iterdir() if p.suffix == suffix]
-    if len(files) != 1:
-        raise StepError(f"{base_dir}: expected the base model's one checkpoint, found {[p.name for p in files]}")
+    base = the_checkpoint(base_dir, (suffix,))
     folder = state / "base"
     remove_path(folder)
     for rank in ranks:
         (folder / f"rank_{rank}").mkdir(parents=True)
-        link_or_copy(files[0], folder / f"rank_{rank}" / files[0].name)
+        link_or_copy(base, folder / f"rank_{rank}" / base.name)
     return folder
 
 

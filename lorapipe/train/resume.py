@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.errors import InputError, StepError
-from lorapipe.formats.checkpoint_file import SUFFIXES, checkpoint_index, iter_checkpoint
+from lorapipe.formats.checkpoint_file import (
+    checkpoint_files,
+    checkpoint_index,
+    iter_checkpoint,
+)
 
 log = logging.getLogger("lorapipe")
 
@@ -76,7 +80,7 @@ def resume_point(checkpoint_dir, ranks, restart_if_damaged=False):
     checkpoint yet, or none complete on every rank and `restart_if_damaged`). Incomplete checkpoints are
     moved aside first; with none complete on every rank and no `restart_if_damaged`, a StepError says why
     and what to do."""
-    found = {r: sorted(p for p in Path(checkpoint_dir, f"rank_{r}").glob("*") if p.suffix in SUFFIXES) for r in ranks}
+    found = {r: checkpoint_files(Path(checkpoint_dir, f"rank_{r}")) for r in ranks}
     if not any(found.values()):
         return None
     contents = {ckpt: _contents(ckpt) for ckpts in found.values() for ckpt in ckpts}

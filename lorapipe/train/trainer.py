@@ -11,7 +11,6 @@ checkpoints hold to what is not frozen, and has a resume load the frozen base un
 (save_only_trainable, resume_over_base).
 """
 
-import glob
 import json
 import os
 import time
@@ -30,7 +29,7 @@ from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
 
 import lorapipe.model.network  # noqa: F401  registers Baichuan2ForCausalLM
-from lorapipe.formats.checkpoint_file import checkpoint_index
+from lorapipe.formats.checkpoint_file import checkpoint_index, the_checkpoint
 from lorapipe.formats.msckpt import PARAMETER_ORDER
 from lorapipe.train.losslog import RANK_LOG_HEADER, rank_log_row
 from lorapipe.train.mindformers_yaml import CHECKPOINT_PARAMS
@@ -153,14 +152,6 @@ def resume_over_base(base_ckpt):
     mf_load_utils.load_safetensors_checkpoint = load_safetensors_with_base
 
 
-def base_checkpoint(load_checkpoint, ckpt_format):
-    """The base's checkpoint, in the YAML's load_ckpt_format, in the folder its load_checkpoint names (<R>/ckpt/rank_0)."""
-    found = sorted(glob.glob(os.path.join(load_checkpoint, f"*.{ckpt_format}")))
-    if len(found) != 1:
-        raise RuntimeError(f"{load_checkpoint}: expected the base model's one .ckpt, found {found}")
-    return found[0]
-
-
 def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpoint=None, only_save_strategy=False,
              load_checkpoint=None):
     """Run MindFormers' finetune for the rendered YAML in this rank.
@@ -177,7 +168,8 @@ def finetune(config_path, output_dir, tsv_path, resume_from=None, resume_checkpo
         if callback["type"] == "TsvLossMonitor":
             callback["path"] = os.path.abspath(tsv_path)
     if cfg.get(CHECKPOINT_PARAMS, "all") == "trainable":
-        base = base_checkpoint(cfg.load_checkpoint, cfg.load_ckpt_format)
+        # the base, in the YAML's load_ckpt_format, in the folder its load_checkpoint names (<R>/ckpt/rank_0)
+        base = str(the_checkpoint(cfg.load_checkpoint, (f".{cfg.load_ckpt_format}",)))
         save_only_trainable({name for name, _, _ in checkpoint_index(base)})
         if resume_from:
             resume_over_base(base)

@@ -15,10 +15,10 @@ import numpy as np
 from lorapipe.digests import copy_bytes, link_or_copy
 from lorapipe.errors import InputError
 from lorapipe.formats.checkpoint_file import (
-    SUFFIXES,
     checkpoint_index,
     checkpoint_writer,
     iter_checkpoint,
+    the_checkpoint,
 )
 from lorapipe.formats.msckpt import PARAMETER_ORDER, numpy_dtype
 from lorapipe.model.baichuan2 import LORA_A, LORA_B
@@ -154,10 +154,7 @@ def rank_checkpoints(src_dir, ranks=None):
     found = {}
     for folder in src_dir.glob("rank_*"):
         if folder.name[5:].isdigit():
-            ckpts = sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES)
-            if len(ckpts) != 1:
-                raise InputError(f"{folder}: expected one .ckpt or .safetensors, found {len(ckpts)}")
-            found[int(folder.name[5:])] = ckpts[0]
+            found[int(folder.name[5:])] = the_checkpoint(folder)
     count = ranks if ranks is not None else (max(found) + 1 if found else 0)
     missing = [f"rank_{r}" for r in range(count) if r not in found]
     if not found or missing:
