@@ -1,6 +1,7 @@
 """Figures and tables for `snakemake --report`: loss curve, data statistics, evaluation, predictions."""
 
 import base64
+import csv
 import html
 import json
 import math
@@ -11,7 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lorapipe.formats.checkpoint_file import SUFFIXES, checkpoint_files, checkpoint_index
+from lorapipe.model.baichuan2 import LORA_A, LORA_B
 from lorapipe.train.losslog import read_loss_tsv
+from lorapipe.train.mindformers_yaml import read_mindformers_yaml
 
 
 def plot_loss(loss_tsv, png):
@@ -122,9 +126,10 @@ def summary_html(metrics_json, stats_json, predictions_jsonl, out_html, figures=
                               encoding="utf-8")
 
 
-# What the end-of-run summary points at: (path under results, what it is), listed where it exists.
+# What the end-of-run summary points at: (path under results, what it is), listed where it exists; {suffix}
+# stands for the checkpoint format's (checkpoint.format: .ckpt or .safetensors).
 RUN_OUTPUTS = [
-    ("merged_lora/rank_0/merged_lora.ckpt", "the finetuned model, LoRA folded (merged_ckpt/ holds it unfolded)"),
+    ("merged_lora/rank_0/merged_lora{suffix}", "the finetuned model, LoRA folded (merged_ckpt/ holds it unfolded)"),
     ("hf_llama", "for transformers and vLLM (hf/: Baichuan2's own layout, with its remote code)"),
     ("peft_adapter", "the LoRA adapter for PEFT, on hf_llama_base/"),
     ("gguf", "for llama.cpp and Ollama (ollama create <name> -f gguf/Modelfile)"),
@@ -138,7 +143,8 @@ def run_summary(results, tasks=()):
     the held-out loss, base -> finetuned, and the accuracy of each benchmark in `tasks`."""
     results = Path(results)
     lines = [f"lorapipe: done; in {results}/:"]
-    lines += [f"  {path:38} {what}" for path, what in RUN_OUTPUTS if (results / path).exists()]
+    lines += [f"  {path:42} {what}" for pattern, what in RUN_OUTPUTS
+              for path in dict.fromkeys(pattern.format(suffix=s) for s in SUFFIXES) if (results / path).exists()]
     metrics = results / "evaluate" / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
@@ -163,16 +169,9 @@ def run_summary(results, tasks=()):
 def experiment_row(name, results, tasks=()):
     """One experiment's figures: held-out loss and perplexity, the benchmarks' accuracy, trainable parameters,
     training wall time and tokens per second (padded rows and real tokens), and checkpoint bytes."""
-    import csv
-
-    import yaml
-
-    from lorapipe.formats.checkpoint_file import checkpoint_index
-    from lorapipe.model.baichuan2 import LORA_A, LORA_B
-
     results = Path(results)
     metrics = json.loads((results / "evaluate/metrics.json").read_text())
-    rendered = yaml.safe_load((results / "finetune/run_baichuan2_lora.yaml").read_text())
+    rendered = read_mindformers_yaml(results / "finetune/run_baichuan2_lora.yaml")
     steps = len(read_loss_tsv(results / "finetune/loss.tsv"))
     rows_per_step = rendered["runner_config"]["batch_size"] * rendered["parallel_config"]["data_parallel"]
     seq = rendered["model"]["model_config"]["seq_length"]
@@ -180,8 +179,7 @@ def experiment_row(name, results, tasks=()):
     stats = json.loads((Path(rendered["train_dataset"]["data_loader"]["dataset_dir"]).parent
                         / f"belle_{seq}.stats.json").read_text())
     real_tokens = stats["train"]["tokens"] * rendered["runner_config"]["epochs"]
-    rank_0 = sorted((results / "filter_out/rank_0").iterdir())
-    trainable = sum(math.prod(shape) for ckpt in rank_0 if ckpt.suffix in (".ckpt", ".safetensors")
+    trainable = sum(math.prod(shape) for ckpt in checkpoint_files(results / "filter_out/rank_0")
                     for name, _, shape in checkpoint_index(ckpt) if name.endswith((LORA_A, LORA_B)))
     bench = results / "benchmarks/finetune.tsv"  # Snakemake's record of the finetune job
     wall = float(next(csv.DictReader(bench.open(), delimiter="\t"))["s"]) if bench.is_file() else None
@@ -190,8 +188,8 @@ def experiment_row(name, results, tasks=()):
     for task in tasks:
         result = json.loads((results / "evaluate" / f"{task}.json").read_text())["overall"]
         row[f"{task}_accuracy"], row[f"{task}_delta"] = result.get("finetuned"), result.get("delta")
-    ckpt_bytes = sum(f.stat().st_size for f in (results / "finetune/checkpoint_network").rglob("*")
-                     if f.suffix in (".ckpt", ".safetensors"))
+    ckpt_bytes = sum(f.stat().st_size for rank in (results / "finetune/checkpoint_network").glob("rank_*")
+                     for f in checkpoint_files(rank))
     row |= {"trainable_parameters": trainable, "steps": steps, "train_seconds": wall,
             "tokens_per_s": steps * rows_per_step * seq / wall if wall else None,
             "real_tokens_per_s": real_tokens / wall if wall else None,
@@ -212,8 +210,6 @@ def plot_loss_curves(named_loss_tsvs, png):
 def compare_experiments(experiments, out_csv, out_html, out_png):
     """The table (CSV and HTML, one row per experiment) and the loss curves of `experiments`
     {name: (results folder, [benchmark task names])}."""
-    import csv
-
     rows = [experiment_row(name, results, tasks) for name, (results, tasks) in experiments.items()]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(out_csv, "w", newline="", encoding="utf-8") as f:

@@ -742,7 +742,8 @@ def test_safetensors_gives_the_same_tensors_and_resumes_exactly(built, tmp_path)
     cfg["checkpoint"] = {"format": "safetensors"}
     configfile = write_config(copy / "safetensors.yaml", cfg)
     # (the copy has no .snakemake metadata, which would tell Snakemake that mf_config's params changed)
-    snakemake(copy, "--cores", "2", "--forcerun", "mf_config", configfile=configfile)
+    out = snakemake(copy, "--cores", "2", "--forcerun", "mf_config", configfile=configfile).stdout
+    assert "merged_lora/rank_0/merged_lora.safetensors" in out.split("lorapipe: done")[1]  # the run's summary
     ours, theirs = copy / "results/tiny", workdir / "results/tiny"
     for name in ("ckpt/rank_0/baichuan2_tiny", "finetune/checkpoint_network/rank_1/baichuan2_tiny_lora",
                  "filter_out/rank_0/baichuan2_tiny_lora", "merged_ckpt/rank_0/checkpoint_0",
